@@ -1,0 +1,39 @@
+# Two commands on a fresh machine: `make serve` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+CHECKPOINT ?= .build/demo-checkpoint
+HTTP_PORT ?= 8000
+GRPC_PORT ?= 8001
+METRICS_PORT ?= 8002
+PYTEST_ARGS ?=
+
+.PHONY: setup serve test lint format bench clean
+
+setup: $(VENV)/.installed $(CHECKPOINT)/model.safetensors ## virtualenv, dependencies, demo checkpoint
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	touch $@
+
+$(CHECKPOINT)/model.safetensors: build/demo_checkpoint.py build/llama31_chat_template.jinja $(VENV)/.installed
+	$(PY) build/demo_checkpoint.py --out $(CHECKPOINT)
+
+serve: setup ## start tritonserver on the model repository (HTTP 8000, gRPC 8001, metrics 8002)
+	@echo "Try: $(PY) -c \"from reward_client import RewardClient; print(RewardClient('localhost:$(GRPC_PORT)').score([{'role':'user','content':'What is 1+1?'},{'role':'assistant','content':'1+1=2'}]))\""
+	$(PY) build/serve.py --http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT) --metrics-port $(METRICS_PORT)
+
+test: setup ## the whole suite; end-to-end tests start their own tritonserver on free ports
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: $(VENV)/.installed
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+clean:
+	rm -rf .build

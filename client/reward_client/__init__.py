@@ -1,0 +1,28 @@
+"""Client SDK for the Triton reward-model server.
+
+    from reward_client import RewardClient
+    RewardClient("localhost:8001").score([{"role": "user", "content": "What is 1+1?"},
+                                          {"role": "assistant", "content": "1+1=2"}])
+"""
+
+from reward_client.client import RewardClient, Timeout
+from reward_client.conversation import Conversation, Message
+from reward_client.errors import (
+    InvalidConversationError,
+    RequestTimeoutError,
+    RewardClientError,
+    ServerError,
+    ServerUnavailableError,
+)
+
+__all__ = [
+    "Conversation",
+    "InvalidConversationError",
+    "Message",
+    "RequestTimeoutError",
+    "RewardClient",
+    "RewardClientError",
+    "ServerError",
+    "ServerUnavailableError",
+    "Timeout",
+]

@@ -1,0 +1,132 @@
+"""Conversations: the two accepted shapes, validated and normalised to chat messages.
+
+Accepted:
+- OpenAI style: ``[{"role": "system"|"user"|"assistant", "content": str}, ...]``;
+- the NeMo-Aligner record: ``{"conversations": [{"from": "User"|"Assistant", "value": str,
+  "label": ...}], "system": str, "mask": "User"}`` (other top-level keys, such as ids, are ignored).
+
+Rules: an optional system turn first, then user and assistant turns alternating, starting with
+the user and ending with the assistant (the turn that is scored). The server runs the same
+checks; the client runs them first so that a bad conversation fails before it is sent.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal, TypedDict
+
+from reward_client.errors import InvalidConversationError
+
+
+class Message(TypedDict):
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+Conversation = Sequence[Mapping[str, Any]] | Mapping[str, Any]
+
+MESSAGE_KEYS = {"role", "content"}
+NEMO_TURN_KEYS = {"from", "value", "label", "canonical_form"}
+NEMO_ROLES = {"User": "user", "Assistant": "assistant"}
+
+
+def normalize(conversation: Any) -> list[Message]:
+    """Validate either accepted shape and return OpenAI-style messages.
+
+    Raises InvalidConversationError naming the first problem and where it is.
+    """
+    if isinstance(conversation, Mapping):
+        if "conversations" not in conversation:
+            raise InvalidConversationError(
+                "conversation: an object must be a NeMo-Aligner record with a 'conversations' list; "
+                "otherwise send a list of {'role', 'content'} messages"
+            )
+        messages = _from_nemo(conversation)
+    elif isinstance(conversation, Sequence) and not isinstance(conversation, (str, bytes)):
+        messages = [_message(item, f"conversation[{i}]") for i, item in enumerate(conversation)]
+    else:
+        raise InvalidConversationError(
+            f"conversation: expected a list of messages or a NeMo-Aligner record, got {type(conversation).__name__}"
+        )
+    _check_order(messages)
+    return messages
+
+
+def parse_json(payload: bytes) -> list[Message]:
+    """Decode one UTF-8 JSON conversation as sent over the wire, then normalize it."""
+    try:
+        text = payload.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InvalidConversationError(f"conversation: not valid UTF-8 (byte {exc.start})") from None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InvalidConversationError(f"conversation: not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})") from None
+    return normalize(value)
+
+
+def to_json(conversation: Any) -> bytes:
+    """Validate a conversation and encode it as the server expects it."""
+    return json.dumps(normalize(conversation), ensure_ascii=False).encode("utf-8")
+
+
+def _message(item: Any, where: str) -> Message:
+    if not isinstance(item, Mapping):
+        raise InvalidConversationError(f"{where}: expected an object with 'role' and 'content', got {type(item).__name__}")
+    unknown = set(item) - MESSAGE_KEYS
+    if unknown:
+        raise InvalidConversationError(f"{where}: unknown key(s) {sorted(unknown)}; a message has only 'role' and 'content'")
+    role = item.get("role")
+    if role not in ("system", "user", "assistant"):
+        raise InvalidConversationError(f"{where}.role: {role!r} is not one of 'system', 'user', 'assistant'")
+    content = item.get("content")
+    if not isinstance(content, str):
+        raise InvalidConversationError(f"{where}.content: expected a string, got {type(content).__name__}")
+    return Message(role=role, content=content)
+
+
+def _from_nemo(record: Mapping[str, Any]) -> list[Message]:
+    turns = record["conversations"]
+    if not isinstance(turns, list):
+        raise InvalidConversationError(f"conversations: expected a list of turns, got {type(turns).__name__}")
+    mask = record.get("mask", "User")
+    if mask != "User":
+        raise InvalidConversationError(f"mask: only 'User' is supported (the assistant turns are scored), got {mask!r}")
+    messages: list[Message] = []
+    system = record.get("system", "")
+    if not isinstance(system, str):
+        raise InvalidConversationError(f"system: expected a string, got {type(system).__name__}")
+    if system:
+        messages.append(Message(role="system", content=system))
+    for i, turn in enumerate(turns):
+        where = f"conversations[{i}]"
+        if not isinstance(turn, Mapping):
+            raise InvalidConversationError(f"{where}: expected an object with 'from' and 'value', got {type(turn).__name__}")
+        unknown = set(turn) - NEMO_TURN_KEYS
+        if unknown:
+            raise InvalidConversationError(f"{where}: unknown key(s) {sorted(unknown)}")
+        speaker = turn.get("from")
+        if speaker not in NEMO_ROLES:
+            raise InvalidConversationError(f"{where}.from: {speaker!r} is not 'User' or 'Assistant'")
+        value = turn.get("value")
+        if not isinstance(value, str):
+            raise InvalidConversationError(f"{where}.value: expected a string, got {type(value).__name__}")
+        messages.append(Message(role=NEMO_ROLES[speaker], content=value))
+    return messages
+
+
+def _check_order(messages: list[Message]) -> None:
+    if not messages:
+        raise InvalidConversationError("conversation: empty; it needs at least a user turn and an assistant turn")
+    turns = messages[1:] if messages[0]["role"] == "system" else messages
+    offset = len(messages) - len(turns)
+    for i, message in enumerate(turns):
+        expected = "user" if i % 2 == 0 else "assistant"
+        if message["role"] != expected:
+            raise InvalidConversationError(
+                f"conversation[{i + offset}].role: expected {expected!r}, got {message['role']!r} "
+                "(an optional system turn first, then user and assistant alternating)"
+            )
+    if not turns or turns[-1]["role"] != "assistant":
+        raise InvalidConversationError("conversation: the last turn must be the assistant's (it is the turn that is scored)")

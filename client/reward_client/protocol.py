@@ -1,0 +1,63 @@
+"""The wire contract: model and tensor names, and how model-config parameters are read.
+
+Defined once here and used by the Triton models, the tests and the client. The names must
+match the `config.pbtxt` files under model_repository/ (a test checks that they do).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+ENSEMBLE_MODEL = "reward_model"
+PREPROCESSING_MODEL = "preprocessing"
+ENGINE_MODEL = "reward_engine"
+
+CONVERSATION = "CONVERSATION"  # BYTES [1]: one JSON conversation
+INPUT_IDS = "INPUT_IDS"  # INT32 [-1]: the templated token ids
+NUM_TOKENS = "NUM_TOKENS"  # INT32 [1]: how many tokens were scored
+REWARD = "REWARD"  # FP32 [1]: the reward of the final assistant turn
+
+TRUE_STRINGS = {"1", "true", "yes", "on"}
+FALSE_STRINGS = {"0", "false", "no", "off", ""}
+
+
+def read_parameters(model_config: Mapping[str, Any]) -> dict[str, str]:
+    """`parameters` of a model config (as JSON: {key: {"string_value": v}}) as a plain dict."""
+    return {key: value.get("string_value", "") for key, value in model_config.get("parameters", {}).items()}
+
+
+def parse_bool(value: str, name: str) -> bool:
+    """The one meaning of a boolean parameter string."""
+    lowered = value.strip().lower()
+    if lowered in TRUE_STRINGS:
+        return True
+    if lowered in FALSE_STRINGS:
+        return False
+    raise ValueError(f"parameter {name}: {value!r} is not a boolean (use true or false)")
+
+
+def parse_int(value: str, name: str, minimum: int = 1) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise ValueError(f"parameter {name}: {value!r} is not an integer") from None
+    if number < minimum:
+        raise ValueError(f"parameter {name}: {number} is below the minimum {minimum}")
+    return number
+
+
+CHECKPOINT_ENV = "REWARD_CHECKPOINT"
+
+
+def resolve_checkpoint(parameter: str, model_dir: str) -> str:
+    """The checkpoint to serve: $REWARD_CHECKPOINT if set, else the config parameter (relative to the model folder)."""
+    chosen = os.environ.get(CHECKPOINT_ENV) or parameter
+    if not chosen:
+        raise ValueError(f"no checkpoint: set the 'checkpoint' parameter or ${CHECKPOINT_ENV}")
+    path = Path(model_dir, chosen).resolve()
+    if not path.is_dir():
+        raise ValueError(f"checkpoint folder {path} does not exist (run `make setup`, or set ${CHECKPOINT_ENV})")
+    return str(path)

@@ -1,0 +1,45 @@
+"""Triton python model: JSON conversation -> chat-templated token ids.
+
+Input  CONVERSATION [B, 1] BYTES  one UTF-8 JSON conversation per row
+Output INPUT_IDS    [B, L] INT32  token ids, rows right-padded to the longest
+       NUM_TOKENS   [B, 1] INT32  each row's real length
+"""
+
+import json
+import traceback
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+from reward_client import protocol
+from reward_client.errors import InvalidConversationError
+from templating import ChatTokenizer
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        parameters = protocol.read_parameters(json.loads(args["model_config"]))
+        checkpoint = protocol.resolve_checkpoint(parameters.get("checkpoint", ""), args["model_repository"])
+        max_tokens = protocol.parse_int(parameters.get("max_tokens", "4096"), "max_tokens")
+        self.tokenizer = ChatTokenizer(checkpoint, max_tokens)
+        self.pad_id = self.tokenizer.tokenizer.pad_token_id or 0
+
+    def execute(self, requests):
+        return [self._respond(request) for request in requests]
+
+    def _respond(self, request):
+        try:
+            payloads = pb_utils.get_input_tensor_by_name(request, protocol.CONVERSATION).as_numpy().reshape(-1)
+            rows = [self.tokenizer.encode(payload) for payload in payloads]
+        except InvalidConversationError as exc:
+            return pb_utils.InferenceResponse(error=pb_utils.TritonError(str(exc), pb_utils.TritonError.INVALID_ARG))
+        except Exception as exc:
+            pb_utils.Logger.log_error(f"preprocessing failed: {traceback.format_exc()}")
+            return pb_utils.InferenceResponse(error=pb_utils.TritonError(f"preprocessing failed: {type(exc).__name__}"))
+        lengths = np.array([[len(row)] for row in rows], dtype=np.int32)
+        ids = np.full((len(rows), int(lengths.max())), self.pad_id, dtype=np.int32)
+        for i, row in enumerate(rows):
+            ids[i, : len(row)] = row
+        return pb_utils.InferenceResponse(
+            output_tensors=[pb_utils.Tensor(protocol.INPUT_IDS, ids), pb_utils.Tensor(protocol.NUM_TOKENS, lengths)]
+        )

@@ -1,0 +1,59 @@
+"""Triton python model: token ids -> LM trunk -> reward head -> REWARD.
+
+Input  INPUT_IDS  [B, L] INT32  (ragged across requests: each request keeps its own length)
+       NUM_TOKENS [B, 1] INT32  real length of each row
+Output REWARD     [B, 1] FP32
+
+All sequences of all requests in a dynamic batch are scored together (packed, no padding),
+then each request gets its own response.
+"""
+
+import json
+import traceback
+
+import numpy as np
+import torch
+import triton_python_backend_utils as pb_utils
+
+from reward_client import protocol
+from torch_runtime import TorchRewardEngine
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        parameters = protocol.read_parameters(json.loads(args["model_config"]))
+        checkpoint = protocol.resolve_checkpoint(parameters.get("checkpoint", ""), args["model_repository"])
+        runtime = parameters.get("runtime", "torch")
+        if runtime != "torch":
+            raise ValueError(f"parameter runtime: {runtime!r} is not supported by this build (use torch)")
+        device = parameters.get("device", "auto")
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.engine = TorchRewardEngine(
+            checkpoint,
+            device=device,
+            dtype=parameters.get("dtype", "fp32"),
+            max_step_tokens=protocol.parse_int(parameters.get("max_step_tokens", "16384"), "max_step_tokens"),
+        )
+
+    def execute(self, requests):
+        rows_per_request = [self._rows(request) for request in requests]
+        sequences = [row for rows in rows_per_request for row in rows]
+        try:
+            rewards = self.engine.score(sequences)
+        except Exception as exc:
+            pb_utils.Logger.log_error(f"reward engine failed: {traceback.format_exc()}")
+            error = pb_utils.TritonError(f"reward engine failed: {type(exc).__name__}")
+            return [pb_utils.InferenceResponse(error=error) for _ in requests]
+        responses, start = [], 0
+        for rows in rows_per_request:
+            scores = rewards[start : start + len(rows), :1].astype(np.float32)
+            start += len(rows)
+            responses.append(pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(protocol.REWARD, scores)]))
+        return responses
+
+    @staticmethod
+    def _rows(request):
+        ids = pb_utils.get_input_tensor_by_name(request, protocol.INPUT_IDS).as_numpy()
+        lengths = pb_utils.get_input_tensor_by_name(request, protocol.NUM_TOKENS).as_numpy().reshape(-1)
+        return [ids[b, : lengths[b]] for b in range(ids.shape[0])]
