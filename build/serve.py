@@ -52,7 +52,9 @@ def server_environment() -> dict[str, str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model-repository", type=Path, default=REPO / "model_repository", help="model repository (default: ./model_repository)")
+    parser.add_argument(
+        "--model-repository", type=Path, default=REPO / "model_repository", help="model repository (default: ./model_repository)"
+    )
     parser.add_argument("--backend-directory", type=Path, default=DEFAULT_BACKENDS, help="where the python backend is laid out")
     parser.add_argument("--address", default="0.0.0.0", help="address all endpoints bind to (default: 0.0.0.0)")
     parser.add_argument("--http-port", type=int, default=8000, help="HTTP/REST port (default: 8000)")

@@ -39,7 +39,11 @@ def layout_backend(out: Path = DEFAULT_BACKENDS) -> Path:
         raise SystemExit(f"nvidia-pytriton has no python-backend stub for Python {version}")
     target = out / "python"
     target.mkdir(parents=True, exist_ok=True)
-    for path in (source / "backends" / "python" / "libtriton_python.so", source / "backends" / "python" / "triton_python_backend_utils.py", stub):
+    for path in (
+        source / "backends" / "python" / "libtriton_python.so",
+        source / "backends" / "python" / "triton_python_backend_utils.py",
+        stub,
+    ):
         link = target / path.name
         link.unlink(missing_ok=True)
         link.symlink_to(path)

@@ -1,8 +1,8 @@
 """Client SDK for the Triton reward-model server.
 
-    from reward_client import RewardClient
-    RewardClient("localhost:8001").score([{"role": "user", "content": "What is 1+1?"},
-                                          {"role": "assistant", "content": "1+1=2"}])
+from reward_client import RewardClient
+RewardClient("localhost:8001").score([{"role": "user", "content": "What is 1+1?"},
+                                      {"role": "assistant", "content": "1+1=2"}])
 """
 
 from reward_client.client import RewardClient, Timeout

@@ -164,7 +164,9 @@ class RewardClient(_BaseRewardClient):
     def is_ready(self) -> bool:
         """Whether the server and the reward model are ready to score."""
         try:
-            return bool(self._client.is_server_ready(headers=self.headers) and self._client.is_model_ready(self.model, headers=self.headers))
+            return bool(
+                self._client.is_server_ready(headers=self.headers) and self._client.is_model_ready(self.model, headers=self.headers)
+            )
         except Exception:
             return False
 

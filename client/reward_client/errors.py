@@ -1,10 +1,10 @@
 """Exceptions raised by reward_client.
 
-    RewardClientError
-    ├── InvalidConversationError   the conversation is malformed (checked locally or by the server)
-    ├── ServerUnavailableError     no server answered: connection refused, reset, or not ready
-    ├── RequestTimeoutError        the server did not answer within the timeout
-    └── ServerError                the server answered with any other error
+RewardClientError
+├── InvalidConversationError   the conversation is malformed (checked locally or by the server)
+├── ServerUnavailableError     no server answered: connection refused, reset, or not ready
+├── RequestTimeoutError        the server did not answer within the timeout
+└── ServerError                the server answered with any other error
 """
 
 from __future__ import annotations

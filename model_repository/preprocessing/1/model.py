@@ -13,6 +13,7 @@ import triton_python_backend_utils as pb_utils
 
 from reward_client import protocol
 from reward_client.errors import InvalidConversationError
+
 from templating import ChatTokenizer
 
 

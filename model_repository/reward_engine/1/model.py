@@ -16,6 +16,7 @@ import torch
 import triton_python_backend_utils as pb_utils
 
 from reward_client import protocol
+
 from torch_runtime import TorchRewardEngine
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import pairwise
 
 import numpy as np
 import torch
@@ -33,7 +34,7 @@ def packed_attention(module, query, key, value, attention_mask, scaling=None, dr
         F.scaled_dot_product_attention(
             query[:, :, start:end], key[:, :, start:end], value[:, :, start:end], is_causal=True, scale=scaling, enable_gqa=gqa
         )
-        for start, end in zip(bounds[:-1], bounds[1:])
+        for start, end in pairwise(bounds)
     ]
     output = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=2)
     return output.transpose(1, 2).contiguous(), None
@@ -70,7 +71,9 @@ class TorchRewardEngine:
         self.max_step_tokens = max_step_tokens
         model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=DTYPES[dtype], attn_implementation=PACKED_ATTENTION)
         # -HF convention: the reward is the logit of token id 0, i.e. row 0 of lm_head.
-        self.head = RewardHead(weight=model.get_output_embeddings().weight[:1].detach().clone().to(self.device), bias=None, names=["reward"])
+        self.head = RewardHead(
+            weight=model.get_output_embeddings().weight[:1].detach().clone().to(self.device), bias=None, names=["reward"]
+        )
         self.trunk = model.get_decoder().to(self.device).eval()
         del model  # drops the full-vocabulary lm_head
 

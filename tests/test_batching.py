@@ -1,0 +1,34 @@
+"""Token-budget step planning (no server)."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from batching import plan_steps
+
+
+def test_every_index_once_and_budget_respected():
+    rng = random.Random(0)
+    for _ in range(200):
+        lengths = [rng.randint(1, 5000) for _ in range(rng.randint(1, 40))]
+        budget = rng.randint(1, 8000)
+        steps = plan_steps(lengths, budget)
+        assert sorted(i for step in steps for i in step) == list(range(len(lengths)))
+        for step in steps:
+            assert len(step) == 1 or sum(lengths[i] for i in step) <= budget
+
+
+def test_short_sequences_fill_around_long_ones():
+    assert plan_steps([3000, 100, 900, 50], 4000) == [[0, 2, 1], [3]] or plan_steps([3000, 100, 900, 50], 4000) == [[0, 2, 3], [1]]
+    assert plan_steps([10, 10, 10], 30) == [[0, 1, 2]]
+
+
+def test_oversized_sequence_runs_alone():
+    assert plan_steps([50, 5], 10) == [[0], [1]]
+
+
+def test_budget_must_be_positive():
+    with pytest.raises(ValueError):
+        plan_steps([1], 0)

@@ -1,0 +1,43 @@
+"""Client behaviour that needs no model: URL parsing, error mapping, unreachable servers."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import free_port
+
+from reward_client import RewardClient, ServerUnavailableError, Timeout
+from reward_client.client import Endpoint
+
+GOOD = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("localhost:8001", Endpoint("grpc", "localhost:8001", False)),
+        ("grpc://10.0.0.1:9000", Endpoint("grpc", "10.0.0.1:9000", False)),
+        ("grpcs://host:443", Endpoint("grpc", "host:443", True)),
+        ("http://localhost:8000", Endpoint("http", "localhost:8000", False)),
+        ("https://rm.example:8443/", Endpoint("http", "rm.example:8443", True)),
+        ("http://[::1]:8000", Endpoint("http", "[::1]:8000", False)),
+    ],
+)
+def test_endpoint_parsing(url, expected):
+    assert Endpoint.parse(url) == expected
+
+
+@pytest.mark.parametrize("url", ["ftp://host:1", "localhost", "http://host", "http://host:1/v2/models"])
+def test_bad_urls_are_rejected(url):
+    with pytest.raises(ValueError):
+        Endpoint.parse(url)
+
+
+@pytest.mark.parametrize("scheme", ["", "http://"])
+def test_unreachable_server_raises_server_unavailable(scheme):
+    url = f"{scheme}127.0.0.1:{free_port()}"
+    with RewardClient(url, timeout=Timeout(connect=2, request=5)) as client:
+        assert not client.is_ready()
+        with pytest.raises(ServerUnavailableError):
+            client.score(GOOD)
+        with pytest.raises(ServerUnavailableError):
+            client.score_batch([GOOD, GOOD])

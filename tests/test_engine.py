@@ -1,0 +1,59 @@
+"""The torch runtime in-process: reference parity, the model card's recipe, batch invariance."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from corpus import conversations
+
+from torch_runtime import TorchRewardEngine
+
+
+@pytest.fixture(scope="module")
+def engine(checkpoint):
+    return TorchRewardEngine(str(checkpoint), max_step_tokens=8192)
+
+
+@pytest.fixture(scope="module")
+def token_ids(tokenizer):
+    return [np.array(tokenizer.apply_chat_template(c, tokenize=True, return_dict=False)) for c in conversations()]
+
+
+def test_reference_equals_model_card_recipe(reference_model, tokenizer):
+    """generate(max_new_tokens=1, output_scores=True).scores[0][0][0] is the logit we compare with."""
+    messages = conversations()[3]
+    ids = torch.tensor([tokenizer.apply_chat_template(messages, tokenize=True, return_dict=False)])
+    with torch.inference_mode():
+        generated = reference_model.generate(
+            ids, attention_mask=torch.ones_like(ids), max_new_tokens=1, return_dict_in_generate=True, output_scores=True, do_sample=False
+        )
+        forward = reference_model(ids).logits[0, -1, 0].item()
+    assert generated.scores[0][0][0].item() == pytest.approx(forward, abs=1e-6)
+
+
+def test_engine_matches_reference(engine, token_ids, reference_model):
+    got = engine.score(token_ids)[:, 0]
+    with torch.inference_mode():
+        expected = np.array([reference_model(torch.from_numpy(ids)[None]).logits[0, -1, 0].item() for ids in token_ids])
+    assert np.abs(got - expected).max() <= 1e-4
+
+
+def test_engine_never_holds_the_vocabulary_projection(engine, checkpoint):
+    assert engine.head.weight.shape == (1, 256)
+    assert not any(p.shape[0] == 128256 and p is engine.head.weight for p in engine.trunk.parameters())
+    assert engine.head.names == ["reward"]
+
+
+def test_batch_invariance(engine, token_ids):
+    """One conversation scored alone and inside a packed batch of 16 of different lengths."""
+    batch = token_ids[:16]
+    assert len({len(ids) for ids in batch}) > 8
+    together = engine.score(batch)[:, 0]
+    alone = np.array([engine.score([ids])[0, 0] for ids in batch])
+    assert np.abs(together - alone).max() <= 1e-5
+
+
+def test_steps_split_by_token_budget_give_same_scores(checkpoint, engine, token_ids):
+    small_steps = TorchRewardEngine(str(checkpoint), max_step_tokens=512)
+    assert np.abs(small_steps.score(token_ids) - engine.score(token_ids)).max() <= 1e-5

@@ -1,0 +1,102 @@
+"""Bad input gets an error naming the problem; batchmates are unaffected; the server stays ready."""
+
+from __future__ import annotations
+
+import json
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+import tritonclient.http as httpclient
+from tritonclient.utils import InferenceServerException
+
+from reward_client import InvalidConversationError, RewardClient, protocol
+
+GOOD = [{"role": "user", "content": "What is 1+1?"}, {"role": "assistant", "content": "1+1=2"}]
+
+# raw wire payload -> words the error must contain
+BAD_PAYLOADS = {
+    "not json": (b"this is not json", "not valid JSON"),
+    "invalid utf-8": (b'[{"role": "user", "content": "\xff\xfe"}]', "not valid UTF-8"),
+    "wrong shape": (b'{"role": "user", "content": "hi"}', "'conversations' list"),
+    "number": (b"42", "expected a list of messages"),
+    "unknown role": (b'[{"role": "bot", "content": "hi"}, {"role": "assistant", "content": "x"}]', "conversation[0].role: 'bot'"),
+    "last turn not assistant": (b'[{"role": "user", "content": "hi"}]', "last turn must be the assistant's"),
+    "empty": (b"[]", "empty"),
+    "not alternating": (
+        b'[{"role": "user", "content": "a"}, {"role": "user", "content": "b"}, {"role": "assistant", "content": "c"}]',
+        "conversation[1].role: expected 'assistant'",
+    ),
+    "content not a string": (b'[{"role": "user", "content": 1}, {"role": "assistant", "content": "x"}]', "conversation[0].content"),
+    "over the token limit": (
+        json.dumps([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "word " * 5000}]).encode(),
+        "over the limit of 4096 tokens",
+    ),
+}
+
+
+def raw_infer(module, url: str, payload: bytes):
+    client = module.InferenceServerClient(url)
+    tensor = module.InferInput(protocol.CONVERSATION, [1, 1], "BYTES")
+    tensor.set_data_from_numpy(np.array([[payload]], dtype=np.object_))
+    try:
+        return client.infer(protocol.ENSEMBLE_MODEL, [tensor])
+    finally:
+        client.close()
+
+
+@pytest.mark.parametrize("case", sorted(BAD_PAYLOADS))
+@pytest.mark.parametrize("transport", ["grpc", "http"])
+def test_bad_payload_is_named(server, case, transport):
+    payload, words = BAD_PAYLOADS[case]
+    module, url = (grpcclient, server.grpc_url) if transport == "grpc" else (httpclient, f"localhost:{server.http_port}")
+    with pytest.raises(InferenceServerException) as caught:
+        raw_infer(module, url, payload)
+    assert words in caught.value.message()
+    assert caught.value.status() in ("StatusCode.INVALID_ARGUMENT", "400")
+    assert "Traceback" not in caught.value.message()
+
+
+def test_client_maps_server_rejection_to_invalid_conversation(client):
+    too_long = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "word " * 5000}]
+    with pytest.raises(InvalidConversationError, match="over the limit"):
+        client.score(too_long)
+
+
+def test_client_rejects_locally_before_sending(client):
+    with pytest.raises(InvalidConversationError, match=r"conversation\[1\]\.content"):
+        client.score([{"role": "user", "content": "hi"}, {"role": "assistant", "content": None}])
+
+
+def test_bad_requests_do_not_fail_their_batchmates(server, reference_reward):
+    """Good and bad requests interleaved under concurrency: every good one gets its right score."""
+    expected = reference_reward(GOOD)
+    bad = BAD_PAYLOADS["unknown role"][0]
+    good = json.dumps(GOOD).encode()
+    payloads = [bad if i % 3 == 0 else good for i in range(48)]
+
+    def send(payload):
+        try:
+            return float(raw_infer(grpcclient, server.grpc_url, payload).as_numpy(protocol.REWARD)[0, 0])
+        except InferenceServerException as exc:
+            return exc
+
+    with ThreadPoolExecutor(16) as pool:
+        outcomes = list(pool.map(send, payloads))
+    for payload, outcome in zip(payloads, outcomes, strict=True):
+        if payload is bad:
+            assert isinstance(outcome, InferenceServerException) and "'bot'" in outcome.message()
+        else:
+            assert outcome == pytest.approx(expected, abs=1e-4)
+    with RewardClient(server.grpc_url) as client:
+        assert client.is_ready()
+
+
+def test_server_stays_ready_after_every_bad_payload(server):
+    for payload, _ in BAD_PAYLOADS.values():
+        with pytest.raises(InferenceServerException):
+            raw_infer(grpcclient, server.grpc_url, payload)
+    with RewardClient(server.http_url) as client:
+        assert client.is_ready()
+        assert isinstance(client.score(GOOD), float)

@@ -1,0 +1,45 @@
+"""Scores through the live server equal the transformers reference (fp32)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from corpus import conversations, nemo_record
+
+from reward_client import RewardClient
+
+TOLERANCE = 1e-4
+
+
+@pytest.fixture(scope="module")
+def corpus_and_reference(reference_reward, tokenizer):
+    convs = conversations()
+    lengths = [len(tokenizer.apply_chat_template(c, tokenize=True, return_dict=False)) for c in convs]
+    assert len(convs) >= 20
+    assert 2500 <= max(lengths) <= 4096, lengths  # the corpus reaches ~3,000 tokens
+    return convs, np.array([reference_reward(c) for c in convs])
+
+
+@pytest.mark.parametrize("transport", ["grpc", "http"])
+def test_score_batch_matches_reference(server, corpus_and_reference, transport):
+    convs, expected = corpus_and_reference
+    url = server.grpc_url if transport == "grpc" else server.http_url
+    with RewardClient(url) as client:
+        got = np.array(client.score_batch(convs))
+    worst = np.abs(got - expected).max()
+    print(f"max |server - reference| over {transport}: {worst:.3e} ({len(convs)} conversations)")
+    assert worst <= TOLERANCE
+    assert np.std(expected) > 1e-3  # the corpus really tells conversations apart
+
+
+def test_score_one_by_one_matches_reference(client, corpus_and_reference):
+    convs, expected = corpus_and_reference
+    got = np.array([client.score(c) for c in convs[:6]])
+    assert np.abs(got - expected[:6]).max() <= TOLERANCE
+
+
+def test_nemo_record_scores_like_its_messages(client, reference_reward):
+    record = nemo_record()
+    messages = [{"role": "system", "content": record["system"]}]
+    messages += [{"role": t["from"].lower(), "content": t["value"]} for t in record["conversations"]]
+    assert client.score(record) == pytest.approx(reference_reward(messages), abs=TOLERANCE)
