@@ -35,5 +35,13 @@ format: $(VENV)/.installed
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
 
+BENCH_CHECKPOINT ?= .build/bench-checkpoint
+BENCH_ARGS ?=
+$(BENCH_CHECKPOINT)/model.safetensors: build/demo_checkpoint.py $(VENV)/.installed
+	$(PY) build/demo_checkpoint.py --preset bench --out $(BENCH_CHECKPOINT)
+
+bench: setup $(BENCH_CHECKPOINT)/model.safetensors ## side-by-side throughput (see tests/benchmark.py)
+	$(PY) tests/benchmark.py --checkpoint $(BENCH_CHECKPOINT) $(BENCH_ARGS)
+
 clean:
 	rm -rf .build

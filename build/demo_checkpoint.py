@@ -7,6 +7,8 @@ The reward is the logit of token id 0 at the last position, as in the -HF checkp
 Scores are meaningless; every code path that reads the checkpoint is real.
 
     python build/demo_checkpoint.py --out .build/demo-checkpoint [--preset bench]
+    # On a GPU machine, the Llama-3.1-8B shape in bf16, reusing an already converted tokenizer:
+    python build/demo_checkpoint.py --preset llama8b --device cuda --dtype bf16 --tokenizer-from .build/demo-checkpoint --out /tmp/rm-8b
 """
 
 from __future__ import annotations
@@ -16,20 +18,17 @@ import json
 from pathlib import Path
 
 import torch
-from llama_models.llama3 import tokenizer as llama3_tokenizer
-from llama_models.llama3.tokenizer import Tokenizer as LlamaTokenizer
-from tokenizers import processors
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-from transformers.convert_slow_tokenizer import TikTokenConverter
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 CHAT_TEMPLATE = Path(__file__).with_name("llama31_chat_template.jinja")
-LLAMA_TOKENIZER_MODEL = Path(llama3_tokenizer.__file__).with_name("tokenizer.model")
 
 # Sizes: "demo" is what `make serve` and the tests use; "bench" has ~27 M non-embedding parameters.
 PRESETS = {
     "demo": dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2),
     "bench": dict(hidden_size=512, intermediate_size=1792, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=2),
+    "llama8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8),
 }
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 # Llama 3.1's own rope settings (config.json of Llama-3.1-70B-Instruct).
 LLAMA31_ROPE = {
@@ -44,9 +43,14 @@ LLAMA31_ROPE = {
 
 def build_tokenizer() -> PreTrainedTokenizerFast:
     """The Llama 3 tiktoken BPE as a transformers fast tokenizer, special tokens at their real ids."""
-    reference = LlamaTokenizer.get_instance()
+    from llama_models.llama3 import tokenizer as llama3_tokenizer
+    from tokenizers import processors
+    from transformers.convert_slow_tokenizer import TikTokenConverter
+
+    reference = llama3_tokenizer.Tokenizer.get_instance()
     specials = sorted(reference.special_tokens, key=reference.special_tokens.get)
-    backend = TikTokenConverter(vocab_file=str(LLAMA_TOKENIZER_MODEL), extra_special_tokens=specials).converted()
+    model_file = Path(llama3_tokenizer.__file__).with_name("tokenizer.model")
+    backend = TikTokenConverter(vocab_file=str(model_file), extra_special_tokens=specials).converted()
     bos = "<|begin_of_text|>"
     # Like Meta's tokenizer.json: encode(..., add_special_tokens=True) prepends <|begin_of_text|>.
     backend.post_processor = processors.Sequence(
@@ -70,7 +74,7 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
     return tokenizer
 
 
-def build_model(preset: str, seed: int) -> LlamaForCausalLM:
+def build_model(preset: str, seed: int, device: str = "cpu", dtype: str = "fp32") -> LlamaForCausalLM:
     config = LlamaConfig(
         vocab_size=128256,
         max_position_embeddings=131072,
@@ -83,7 +87,8 @@ def build_model(preset: str, seed: int) -> LlamaForCausalLM:
     )
     config.architectures = ["LlamaForCausalLM"]
     torch.manual_seed(seed)
-    return LlamaForCausalLM(config).eval()
+    with torch.device(device):
+        return LlamaForCausalLM(config).to(DTYPES[dtype]).eval()
 
 
 def main() -> None:
@@ -91,11 +96,15 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True, help="output folder (created)")
     parser.add_argument("--preset", choices=sorted(PRESETS), default="demo", help="model size (default: demo)")
     parser.add_argument("--seed", type=int, default=0, help="weight seed (default: 0)")
+    parser.add_argument("--device", default="cpu", help="where to initialise the weights (default: cpu)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="saved weight dtype (default: fp32)")
+    parser.add_argument("--tokenizer-from", type=Path, help="copy the tokenizer of this checkpoint instead of converting")
     args = parser.parse_args()
 
     args.out.mkdir(parents=True, exist_ok=True)
-    build_tokenizer().save_pretrained(args.out)
-    model = build_model(args.preset, args.seed)
+    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer_from) if args.tokenizer_from else build_tokenizer()
+    tokenizer.save_pretrained(args.out)
+    model = build_model(args.preset, args.seed, args.device, args.dtype)
     model.save_pretrained(args.out)
     stamp = {"preset": args.preset, "seed": args.seed, "note": "random weights: scores are meaningless"}
     (args.out / "demo_checkpoint.json").write_text(json.dumps(stamp, indent=2) + "\n")

@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from batching import plan_steps
+from batching import plan_steps, shared_prefixes
 
 
 def test_every_index_once_and_budget_respected():
@@ -32,3 +32,19 @@ def test_oversized_sequence_runs_alone():
 def test_budget_must_be_positive():
     with pytest.raises(ValueError):
         plan_steps([1], 0)
+
+
+def test_shared_prefixes_groups_best_of_n():
+    prompt = list(range(100, 200))
+    sequences = [[*prompt, 1, 2], [7] * 50, [*prompt, 3], [*prompt, 1, 2, 3], prompt[:10] + [9] * 40]
+    assert shared_prefixes(sequences, 32) == [(100, [0, 3, 2])]
+
+
+def test_shared_prefix_leaves_every_member_a_token():
+    assert shared_prefixes([[1, 2, 3], [1, 2, 3]], 1) == [(2, [0, 1])]
+    assert shared_prefixes([[1, 2, 3], [1, 2, 3, 4]], 1) == [(2, [0, 1])]
+
+
+def test_no_groups_below_the_minimum():
+    assert shared_prefixes([[1, 2, 3, 4], [1, 2, 5, 6]], 3) == []
+    assert shared_prefixes([], 1) == []

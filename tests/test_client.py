@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import pytest
-from conftest import free_port
 
 from reward_client import RewardClient, ServerUnavailableError, Timeout
 from reward_client.client import Endpoint
+
+from live_server import free_port
 
 GOOD = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
 

@@ -5,10 +5,11 @@ from __future__ import annotations
 import json
 
 import pytest
-from corpus import nemo_record
 
 from reward_client import InvalidConversationError
 from reward_client.conversation import normalize, parse_json, to_json
+
+from corpus import nemo_record
 
 
 def test_openai_messages_pass_through():

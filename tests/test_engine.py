@@ -5,14 +5,24 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from corpus import conversations
 
+from corpus import conversations
 from torch_runtime import TorchRewardEngine
+
+DEVICES = [
+    "cpu",
+    pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")),
+]
+
+
+@pytest.fixture(scope="module", params=DEVICES)
+def device(request) -> str:
+    return request.param
 
 
 @pytest.fixture(scope="module")
-def engine(checkpoint):
-    return TorchRewardEngine(str(checkpoint), max_step_tokens=8192)
+def engine(checkpoint, device):
+    return TorchRewardEngine(str(checkpoint), device=device, dtype="fp32", max_step_tokens=8192)
 
 
 @pytest.fixture(scope="module")
@@ -33,9 +43,11 @@ def test_reference_equals_model_card_recipe(reference_model, tokenizer):
 
 
 def test_engine_matches_reference(engine, token_ids, reference_model):
+    """fp32 on the engine's device against the CPU fp32 reference."""
     got = engine.score(token_ids)[:, 0]
     with torch.inference_mode():
         expected = np.array([reference_model(torch.from_numpy(ids)[None]).logits[0, -1, 0].item() for ids in token_ids])
+    print(f"max |engine({engine.device}) - reference|: {np.abs(got - expected).max():.2e}")
     assert np.abs(got - expected).max() <= 1e-4
 
 
@@ -54,6 +66,19 @@ def test_batch_invariance(engine, token_ids):
     assert np.abs(together - alone).max() <= 1e-5
 
 
-def test_steps_split_by_token_budget_give_same_scores(checkpoint, engine, token_ids):
-    small_steps = TorchRewardEngine(str(checkpoint), max_step_tokens=512)
+def test_steps_split_by_token_budget_give_same_scores(checkpoint, device, engine, token_ids):
+    small_steps = TorchRewardEngine(str(checkpoint), device=device, dtype="fp32", max_step_tokens=512)
     assert np.abs(small_steps.score(token_ids) - engine.score(token_ids)).max() <= 1e-5
+
+
+def test_shared_prefix_reuse_is_exact(checkpoint, device, engine):
+    """Best-of-8 (one 2,000-token prompt) scored with prefix reuse equals scoring each alone (fp32)."""
+    rng = np.random.default_rng(3)
+    prompt = rng.integers(0, 128000, 2000)
+    responses = [np.concatenate([prompt, rng.integers(0, 128000, n)]) for n in rng.integers(100, 300, 8)]
+    unrelated = rng.integers(0, 128000, 700)
+    batch = [*responses, unrelated]
+    no_reuse = TorchRewardEngine(str(checkpoint), device=device, dtype="fp32", min_shared_prefix=0)
+    together = engine.score(batch)[:, 0]
+    alone = np.array([no_reuse.score([s])[0, 0] for s in batch])
+    assert np.abs(together - alone).max() <= 1e-4

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from corpus import conversations, nemo_record
 
 from reward_client import RewardClient
+
+from corpus import conversations, nemo_record
 
 TOLERANCE = 1e-4
 
@@ -43,3 +44,15 @@ def test_nemo_record_scores_like_its_messages(client, reference_reward):
     messages = [{"role": "system", "content": record["system"]}]
     messages += [{"role": t["from"].lower(), "content": t["value"]} for t in record["conversations"]]
     assert client.score(record) == pytest.approx(reference_reward(messages), abs=TOLERANCE)
+
+
+def test_score_responses_equals_scoring_each_conversation(client, reference_reward):
+    """Best-of-n through the server (one request, shared prompt) equals the reference per conversation."""
+    prompt = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Describe the sea. " * 40}]
+    responses = ["Blue.", "Wet and wide.", "It is " + "very " * 30 + "big.", ""]
+    got = client.score_responses(prompt, responses)
+    expected = [reference_reward([*prompt, {"role": "assistant", "content": r}]) for r in responses]
+    assert np.abs(np.array(got) - np.array(expected)).max() <= TOLERANCE
+    assert client.score_responses("Describe the sea.", ["Blue."]) == pytest.approx(
+        [reference_reward([{"role": "user", "content": "Describe the sea."}, {"role": "assistant", "content": "Blue."}])], abs=TOLERANCE
+    )

@@ -5,8 +5,9 @@ from __future__ import annotations
 import random
 
 import pytest
-from corpus import CODE, LOREM
 from llama_models.llama3.tokenizer import Tokenizer as LlamaTokenizer
+
+from corpus import CODE, LOREM
 
 
 def varied_corpus() -> list[str]:

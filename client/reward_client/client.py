@@ -102,15 +102,22 @@ class _BaseRewardClient:
         self.timeout = timeout
         self.headers = dict(headers or {})
 
-    def _inputs(self, conversation: Any, module: Any) -> list[Any]:
-        payload = np.array([[conv.to_json(conversation)]], dtype=np.object_)
+    def _inputs(self, conversations: Sequence[Any], module: Any) -> list[Any]:
+        """One request carrying each conversation as a row."""
+        payload = np.array([[conv.to_json(c)] for c in conversations], dtype=np.object_)
         tensor = module.InferInput(protocol.CONVERSATION, list(payload.shape), "BYTES")
         tensor.set_data_from_numpy(payload)
         return [tensor]
 
     @staticmethod
-    def _reward(result: Any) -> float:
-        return float(result.as_numpy(protocol.REWARD).reshape(-1)[0])
+    def _rewards(result: Any) -> list[float]:
+        return [float(r) for r in result.as_numpy(protocol.REWARD).reshape(-1)]
+
+    @staticmethod
+    def _with_responses(prompt: Any, responses: Sequence[str]) -> list[list[conv.Message]]:
+        """The prompt (a user message string, or messages ending with a user turn) + each response."""
+        messages = [conv.Message(role="user", content=prompt)] if isinstance(prompt, str) else list(prompt)
+        return [conv.normalize([*messages, {"role": "assistant", "content": r}]) for r in responses]
 
 
 class RewardClient(_BaseRewardClient):
@@ -142,11 +149,22 @@ class RewardClient(_BaseRewardClient):
 
     def score(self, conversation: Any) -> float:
         """The reward of the conversation's final assistant turn."""
-        inputs = self._inputs(conversation, self._module)
+        inputs = self._inputs([conversation], self._module)
         try:
-            return self._reward(self._infer(inputs))
+            return self._rewards(self._infer(inputs))[0]
         except Exception as exc:
             raise convert_error(exc) from exc
+
+    def score_responses(self, prompt: Any, responses: Sequence[str]) -> list[float]:
+        """Rewards of several responses to one prompt (best-of-n), in order.
+
+        They travel together (up to 64 per request), so the server computes the shared prompt
+        once and reuses its keys/values for every response.
+        """
+        conversations = self._with_responses(prompt, responses)
+        chunks = [conversations[i : i + protocol.MAX_BATCH_SIZE] for i in range(0, len(conversations), protocol.MAX_BATCH_SIZE)]
+        outcomes = self._infer_many([self._inputs(chunk, self._module) for chunk in chunks])
+        return [reward for outcome in outcomes for reward in self._rewards(_raise_if_error(outcome))]
 
     def score_batch(self, conversations: Iterable[Any]) -> list[float]:
         """Rewards in input order; requests overlap up to `concurrency` so the server can batch them.
@@ -154,12 +172,8 @@ class RewardClient(_BaseRewardClient):
         Every conversation is validated before anything is sent. If any request fails, the first
         error (in input order) is raised after all of them have finished.
         """
-        all_inputs = [self._inputs(c, self._module) for c in conversations]
-        outcomes = self._infer_many(all_inputs)
-        for outcome in outcomes:
-            if isinstance(outcome, BaseException):
-                raise convert_error(outcome) from outcome
-        return [self._reward(outcome) for outcome in outcomes]
+        outcomes = self._infer_many([self._inputs([c], self._module) for c in conversations])
+        return [self._rewards(_raise_if_error(outcome))[0] for outcome in outcomes]
 
     def is_ready(self) -> bool:
         """Whether the server and the reward model are ready to score."""
@@ -210,6 +224,12 @@ class RewardClient(_BaseRewardClient):
         for _ in batch:
             done.acquire()
         return outcomes
+
+
+def _raise_if_error(outcome: Any) -> Any:
+    if isinstance(outcome, BaseException):
+        raise convert_error(outcome) from outcome
+    return outcome
 
 
 def _outcome(call: Any) -> Any:

@@ -20,6 +20,8 @@ INPUT_IDS = "INPUT_IDS"  # INT32 [-1]: the templated token ids
 NUM_TOKENS = "NUM_TOKENS"  # INT32 [1]: how many tokens were scored
 REWARD = "REWARD"  # FP32 [1]: the reward of the final assistant turn
 
+MAX_BATCH_SIZE = 64  # rows one request may carry (max_batch_size of every model)
+
 TRUE_STRINGS = {"1", "true", "yes", "on"}
 FALSE_STRINGS = {"0", "false", "no", "off", ""}
 

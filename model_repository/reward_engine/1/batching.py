@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
+
 
 def plan_steps(lengths: Sequence[int], max_step_tokens: int) -> list[list[int]]:
     """Group sequence indices into steps of at most `max_step_tokens` tokens each.
@@ -27,3 +29,38 @@ def plan_steps(lengths: Sequence[int], max_step_tokens: int) -> list[list[int]]:
             steps.append([index])
             room.append(max(max_step_tokens - length, 0))
     return steps
+
+
+def shared_prefixes(sequences: Sequence[Sequence[int]], min_prefix: int) -> list[tuple[int, list[int]]]:
+    """Groups of at least two sequences that share a token prefix of at least `min_prefix` tokens.
+
+    Returns (prefix_length, member indices) per group (best-of-n: one prompt, n responses).
+    Sequences are sorted, and each run of neighbours whose common prefix stays at least
+    `min_prefix` long becomes a group sharing the run's shortest common prefix. The prefix
+    always leaves each member at least one token of its own, so that every member's last token
+    is computed in its own suffix. Sequences in no group are left out.
+    """
+    arrays = [np.asarray(s) for s in sequences]
+    order = sorted(range(len(arrays)), key=lambda i: tuple(arrays[i].tolist()))
+    groups: list[tuple[int, list[int]]] = []
+    members: list[int] = order[:1]
+    prefix = 0
+    for current in order[1:]:
+        previous = members[-1]
+        common = min(_common_prefix(arrays[previous], arrays[current]), len(arrays[previous]) - 1, len(arrays[current]) - 1)
+        if common >= min_prefix:
+            prefix = common if len(members) == 1 else min(prefix, common)
+            members.append(current)
+            continue
+        if len(members) > 1:
+            groups.append((prefix, members))
+        members, prefix = [current], 0
+    if len(members) > 1:
+        groups.append((prefix, members))
+    return groups
+
+
+def _common_prefix(a: np.ndarray, b: np.ndarray) -> int:
+    n = min(len(a), len(b))
+    differ = np.flatnonzero(a[:n] != b[:n])
+    return int(differ[0]) if len(differ) else n

@@ -12,7 +12,6 @@ import json
 import traceback
 
 import numpy as np
-import torch
 import triton_python_backend_utils as pb_utils
 
 from reward_client import protocol
@@ -27,14 +26,13 @@ class TritonPythonModel:
         runtime = parameters.get("runtime", "torch")
         if runtime != "torch":
             raise ValueError(f"parameter runtime: {runtime!r} is not supported by this build (use torch)")
-        device = parameters.get("device", "auto")
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
+        step_tokens = parameters.get("max_step_tokens", "auto")
         self.engine = TorchRewardEngine(
             checkpoint,
-            device=device,
-            dtype=parameters.get("dtype", "fp32"),
-            max_step_tokens=protocol.parse_int(parameters.get("max_step_tokens", "16384"), "max_step_tokens"),
+            device=parameters.get("device", "auto"),
+            dtype=parameters.get("dtype", "auto"),
+            max_step_tokens=None if step_tokens == "auto" else protocol.parse_int(step_tokens, "max_step_tokens"),
+            min_shared_prefix=protocol.parse_int(parameters.get("min_shared_prefix", "64"), "min_shared_prefix", minimum=0),
         )
 
     def execute(self, requests):

@@ -1,0 +1,79 @@
+"""Start and stop a real tritonserver on free loopback ports (used by the tests and the benchmark)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from reward_client import RewardClient
+
+REPO = Path(__file__).resolve().parent.parent
+START_DEADLINE_S = 240
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class Server:
+    http_port: int
+    grpc_port: int
+    metrics_port: int
+    process: subprocess.Popen
+    log: Path
+
+    @property
+    def grpc_url(self) -> str:
+        return f"localhost:{self.grpc_port}"
+
+    @property
+    def http_url(self) -> str:
+        return f"http://localhost:{self.http_port}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://localhost:{self.metrics_port}/metrics"
+
+
+def start_server(log: Path, *, model_repository: Path | None = None, env: dict[str, str] | None = None) -> Server:
+    """Start tritonserver and wait until the reward model is ready; raise RuntimeError with the log's tail if not."""
+    ports = [free_port() for _ in range(3)]
+    command = [sys.executable, str(REPO / "build" / "serve.py"), "--address", "127.0.0.1"]
+    command += ["--http-port", str(ports[0]), "--grpc-port", str(ports[1]), "--metrics-port", str(ports[2])]
+    if model_repository is not None:
+        command += ["--model-repository", str(model_repository)]
+    with open(log, "wb") as out:
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}, start_new_session=True)
+    server = Server(*ports, process=process, log=log)
+    deadline = time.monotonic() + START_DEADLINE_S
+    with RewardClient(server.grpc_url) as client:
+        while not client.is_ready():
+            if process.poll() is not None or time.monotonic() > deadline:
+                stop_server(server)
+                raise RuntimeError(f"tritonserver did not become ready; log:\n{log.read_text()[-4000:]}")
+            time.sleep(0.5)
+    return server
+
+
+def stop_server(server: Server) -> None:
+    """SIGTERM the server's process group (tritonserver and its stubs), then SIGKILL what is left."""
+    if server.process.poll() is None:
+        os.killpg(server.process.pid, signal.SIGTERM)
+        try:
+            server.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            pass
+    try:
+        os.killpg(server.process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    server.process.wait()
