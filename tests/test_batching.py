@@ -20,13 +20,18 @@ def test_every_index_once_and_budget_respected():
             assert len(step) == 1 or sum(lengths[i] for i in step) <= budget
 
 
-def test_short_sequences_fill_around_long_ones():
-    assert plan_steps([3000, 100, 900, 50], 4000) == [[0, 2, 1], [3]] or plan_steps([3000, 100, 900, 50], 4000) == [[0, 2, 3], [1]]
+def test_short_sequences_go_first():
+    assert plan_steps([3000, 100, 900, 50], 1000) == [[3, 1], [2], [0]]
     assert plan_steps([10, 10, 10], 30) == [[0, 1, 2]]
 
 
+def test_steps_are_filled_before_the_next_opens():
+    steps = plan_steps([100] * 10, 250)
+    assert steps == [[0, 1], [2, 3], [4, 5], [6, 7], [8, 9]]
+
+
 def test_oversized_sequence_runs_alone():
-    assert plan_steps([50, 5], 10) == [[0], [1]]
+    assert plan_steps([50, 5], 10) == [[1], [0]]
 
 
 def test_budget_must_be_positive():

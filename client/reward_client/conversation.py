@@ -71,19 +71,29 @@ def to_json(conversation: Any) -> bytes:
     return json.dumps(normalize(conversation), ensure_ascii=False).encode("utf-8")
 
 
-def _message(item: Any, where: str) -> Message:
+def _object(item: Any, where: str, allowed: set[str], required: str) -> Mapping[str, Any]:
+    """`item` as a mapping with no keys outside `allowed`."""
     if not isinstance(item, Mapping):
-        raise InvalidConversationError(f"{where}: expected an object with 'role' and 'content', got {type(item).__name__}")
-    unknown = set(item) - MESSAGE_KEYS
+        raise InvalidConversationError(f"{where}: expected an object with {required}, got {type(item).__name__}")
+    unknown = set(item) - allowed
     if unknown:
-        raise InvalidConversationError(f"{where}: unknown key(s) {sorted(unknown)}; a message has only 'role' and 'content'")
+        raise InvalidConversationError(f"{where}: unknown key(s) {sorted(unknown)}; allowed: {sorted(allowed)}")
+    return item
+
+
+def _string(item: Mapping[str, Any], key: str, where: str) -> str:
+    value = item.get(key)
+    if not isinstance(value, str):
+        raise InvalidConversationError(f"{where}.{key}: expected a string, got {type(value).__name__}")
+    return value
+
+
+def _message(item: Any, where: str) -> Message:
+    item = _object(item, where, MESSAGE_KEYS, "'role' and 'content'")
     role = item.get("role")
     if role not in ("system", "user", "assistant"):
         raise InvalidConversationError(f"{where}.role: {role!r} is not one of 'system', 'user', 'assistant'")
-    content = item.get("content")
-    if not isinstance(content, str):
-        raise InvalidConversationError(f"{where}.content: expected a string, got {type(content).__name__}")
-    return Message(role=role, content=content)
+    return Message(role=role, content=_string(item, "content", where))
 
 
 def _from_nemo(record: Mapping[str, Any]) -> list[Message]:
@@ -101,18 +111,11 @@ def _from_nemo(record: Mapping[str, Any]) -> list[Message]:
         messages.append(Message(role="system", content=system))
     for i, turn in enumerate(turns):
         where = f"conversations[{i}]"
-        if not isinstance(turn, Mapping):
-            raise InvalidConversationError(f"{where}: expected an object with 'from' and 'value', got {type(turn).__name__}")
-        unknown = set(turn) - NEMO_TURN_KEYS
-        if unknown:
-            raise InvalidConversationError(f"{where}: unknown key(s) {sorted(unknown)}")
+        turn = _object(turn, where, NEMO_TURN_KEYS, "'from' and 'value'")
         speaker = turn.get("from")
         if speaker not in NEMO_ROLES:
             raise InvalidConversationError(f"{where}.from: {speaker!r} is not 'User' or 'Assistant'")
-        value = turn.get("value")
-        if not isinstance(value, str):
-            raise InvalidConversationError(f"{where}.value: expected a string, got {type(value).__name__}")
-        messages.append(Message(role=NEMO_ROLES[speaker], content=value))
+        messages.append(Message(role=NEMO_ROLES[speaker], content=_string(turn, "value", where)))
     return messages
 
 

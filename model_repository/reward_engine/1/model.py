@@ -36,20 +36,37 @@ class TritonPythonModel:
         )
 
     def execute(self, requests):
+        """Scores every row of every request in token-budget steps, shortest first, and answers
+        each request as soon as its last row is scored: short requests do not wait for long ones.
+        A failing step fails only the requests with rows in it."""
         rows_per_request = [self._rows(request) for request in requests]
-        sequences = [row for rows in rows_per_request for row in rows]
-        try:
-            rewards = self.engine.score(sequences)
-        except Exception as exc:
-            pb_utils.Logger.log_error(f"reward engine failed: {traceback.format_exc()}")
-            error = pb_utils.TritonError(f"reward engine failed: {type(exc).__name__}")
-            return [pb_utils.InferenceResponse(error=error) for _ in requests]
-        responses, start = [], 0
-        for rows in rows_per_request:
-            scores = rewards[start : start + len(rows), :1].astype(np.float32)
-            start += len(rows)
-            responses.append(pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(protocol.REWARD, scores)]))
-        return responses
+        sequences, owner = [], []
+        for r, rows in enumerate(rows_per_request):
+            sequences += rows
+            owner += [r] * len(rows)
+        rewards = np.zeros((len(sequences), 1), dtype=np.float32)
+        waiting = [len(rows) for rows in rows_per_request]
+        starts = np.cumsum([0, *waiting[:-1]])
+        for step in self.engine.plan(sequences):
+            try:
+                rewards[step] = self.engine.score_step([sequences[i] for i in step])[:, :1]
+                error = None
+            except Exception as exc:
+                pb_utils.Logger.log_error(f"reward engine failed: {traceback.format_exc()}")
+                error = pb_utils.TritonError(f"reward engine failed: {type(exc).__name__}")
+            for r in sorted({owner[i] for i in step}):
+                if waiting[r] == 0:
+                    continue  # already answered with an error
+                waiting[r] = 0 if error else waiting[r] - sum(owner[i] == r for i in step)
+                if waiting[r] == 0:
+                    scores = rewards[starts[r] : starts[r] + len(rows_per_request[r])]
+                    response = (
+                        pb_utils.InferenceResponse(error=error)
+                        if error
+                        else pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(protocol.REWARD, scores)])
+                    )
+                    requests[r].get_response_sender().send(response, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+        return None
 
     @staticmethod
     def _rows(request):

@@ -119,20 +119,23 @@ class TorchRewardEngine:
         self.trunk = model.get_decoder().to(self.device).eval()
         del model  # drops the full-vocabulary lm_head
 
-    @torch.inference_mode()
     def score(self, sequences: Sequence[np.ndarray]) -> np.ndarray:
         """Rewards [len(sequences), N] for token-id sequences of any lengths."""
         rewards = np.empty((len(sequences), len(self.head.names)), dtype=np.float32)
-        # What each sequence costs a step: a shared prefix is paid once, by its group's first member.
+        for step in self.plan(sequences):
+            rewards[step] = self.score_step([sequences[i] for i in step])
+        return rewards
+
+    def plan(self, sequences: Sequence[np.ndarray]) -> list[list[int]]:
+        """Steps of the token budget, shortest first; a shared prefix is paid once, by its group's first member."""
         cost = [len(s) for s in sequences]
         for length, members in shared_prefixes(sequences, self.min_shared_prefix) if self.min_shared_prefix else []:
             for i in members[1:]:
                 cost[i] -= length
-        for step in plan_steps(cost, self.max_step_tokens):
-            rewards[step] = self._score_step([sequences[i] for i in step])
-        return rewards
+        return plan_steps(cost, self.max_step_tokens)
 
-    def _score_step(self, sequences: list[np.ndarray]) -> np.ndarray:
+    @torch.inference_mode()
+    def score_step(self, sequences: list[np.ndarray]) -> np.ndarray:
         """One packed forward; sequences sharing a long prefix (best-of-n) compute it once."""
         groups = shared_prefixes(sequences, self.min_shared_prefix) if self.min_shared_prefix else []
         owner, starts = [-1] * len(sequences), [0] * len(sequences)
