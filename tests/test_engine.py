@@ -82,3 +82,14 @@ def test_shared_prefix_reuse_is_exact(checkpoint, device, engine):
     together = engine.score(batch)[:, 0]
     alone = np.array([no_reuse.score([s])[0, 0] for s in batch])
     assert np.abs(together - alone).max() <= 1e-4
+
+
+def test_a_shared_prefix_group_stays_in_one_step(checkpoint):
+    """Best-of-8 over a 2,000-token prompt exceeds a 2,048-token budget, yet runs as one step."""
+    rng = np.random.default_rng(5)
+    prompt = rng.integers(0, 128000, 2000)
+    batch = [np.concatenate([prompt, rng.integers(0, 128000, 200)]) for _ in range(8)] + [rng.integers(0, 128000, 100)]
+    small = TorchRewardEngine(str(checkpoint), device="cpu", dtype="fp32", max_step_tokens=2048)
+    steps = small.plan(batch)
+    assert sorted(i for step in steps for i in step) == list(range(9))
+    assert any(set(range(8)) <= set(step) for step in steps)

@@ -127,12 +127,15 @@ class TorchRewardEngine:
         return rewards
 
     def plan(self, sequences: Sequence[np.ndarray]) -> list[list[int]]:
-        """Steps of the token budget, shortest first; a shared prefix is paid once, by its group's first member."""
-        cost = [len(s) for s in sequences]
-        for length, members in shared_prefixes(sequences, self.min_shared_prefix) if self.min_shared_prefix else []:
-            for i in members[1:]:
-                cost[i] -= length
-        return plan_steps(cost, self.max_step_tokens)
+        """Steps of the token budget, shortest first. A group sharing a prefix stays in one step
+        (the prefix is computed once per step, so splitting the group would compute it again)
+        and costs its prefix once plus each member's own suffix."""
+        groups = shared_prefixes(sequences, self.min_shared_prefix) if self.min_shared_prefix else []
+        grouped = {i for _, members in groups for i in members}
+        units = [members for _, members in groups] + [[i] for i in range(len(sequences)) if i not in grouped]
+        cost = [length + sum(len(sequences[i]) - length for i in members) for length, members in groups]
+        cost += [len(sequences[unit[0]]) for unit in units[len(groups) :]]
+        return [[i for unit in step for i in units[unit]] for step in plan_steps(cost, self.max_step_tokens)]
 
     @torch.inference_mode()
     def score_step(self, sequences: list[np.ndarray]) -> np.ndarray:
