@@ -189,16 +189,22 @@ def through_server(url: str, conversations: list[Conversation], concurrency: int
     from reward_client import RewardClient
 
     local = threading.local()
+    clients: list[RewardClient] = []
 
     def one(conversation: Conversation) -> float:
         if not hasattr(local, "client"):
             local.client = RewardClient(url)
+            clients.append(local.client)
         start = time.perf_counter()
         local.client.score(conversation)
         return time.perf_counter() - start
 
-    with ThreadPoolExecutor(concurrency) as pool:
-        return list(pool.map(one, conversations))
+    try:
+        with ThreadPoolExecutor(concurrency) as pool:
+            return list(pool.map(one, conversations))
+    finally:
+        for client in clients:
+            client.close()
 
 
 def repository_with(dtype: str, device: str, workdir: Path) -> Path:
@@ -252,11 +258,8 @@ def main() -> None:
         server = start_server(workdir / "server.log", model_repository=repository, env={"REWARD_CHECKPOINT": str(args.checkpoint)})
     try:
 
-        def record(
-            system: str, workload: str, conversations: list[Conversation], run: Callable[[], object], one_call: bool = False
-        ) -> None:
+        def record(system: str, workload: str, ids: list[np.ndarray], run: Callable[[], object], one_call: bool = False) -> None:
             """`run` returns per-conversation latencies, unless `one_call` (then every latency is the call's)."""
-            ids = systems.ids(conversations)
             run()  # warm-up on the same work
             seconds, latencies = timed(run)
             latencies = [seconds] * len(ids) if one_call else latencies
@@ -279,22 +282,20 @@ def main() -> None:
         for name in [w for w in ("long", "short") if w in chosen]:
             convs = workloads[name]
             ids = systems.ids(convs)
-            record("a transformers 1-by-1", name, convs, lambda ids=ids: systems.one_at_a_time(ids))
-            record("b transformers padded x8", name, convs, lambda ids=ids: systems.padded_batches(ids))
-            record("c engine in-process", name, convs, lambda ids=ids: systems.engine_in_process(ids))
+            record("a transformers 1-by-1", name, ids, lambda ids=ids: systems.one_at_a_time(ids))
+            record("b transformers padded x8", name, ids, lambda ids=ids: systems.padded_batches(ids))
+            record("c engine in-process", name, ids, lambda ids=ids: systems.engine_in_process(ids))
             if server is not None:
-                record("d server gRPC c=16", name, convs, lambda convs=convs: through_server(server.grpc_url, convs))
-                record("d server HTTP c=16", name, convs, lambda convs=convs: through_server(server.http_url, convs))
+                record("d server gRPC c=16", name, ids, lambda convs=convs: through_server(server.grpc_url, convs))
+                record("d server HTTP c=16", name, ids, lambda convs=convs: through_server(server.http_url, convs))
         if "best-of-8" in chosen:
             ids = systems.ids(best_of)
-            record("a transformers 1-by-1", "best-of-8", best_of, lambda: systems.one_at_a_time(ids))
-            record("c engine, 8 separately", "best-of-8", best_of, lambda: [systems.engine.score([s]) and 0.0 for s in ids])
-            record("c engine, prefix reuse", "best-of-8", best_of, lambda: [0.0 for _ in systems.engine.score(ids)])
+            record("a transformers 1-by-1", "best-of-8", ids, lambda: systems.one_at_a_time(ids))
+            record("c engine, 8 separately", "best-of-8", ids, lambda: systems.engine_in_process(ids, concurrency=1))
+            record("c engine, prefix reuse", "best-of-8", ids, lambda: systems.engine.score(ids), one_call=True)
             if server is not None:
                 with RewardClient(server.grpc_url) as client:
-                    record(
-                        "d server score_responses", "best-of-8", best_of, lambda: [0.0 for _ in client.score_responses(prompt, responses)]
-                    )
+                    record("d server score_responses", "best-of-8", ids, lambda: client.score_responses(prompt, responses), one_call=True)
     finally:
         if server is not None:
             stop_server(server)

@@ -114,10 +114,12 @@ class _BaseRewardClient:
         return [float(r) for r in result.as_numpy(protocol.REWARD).reshape(-1)]
 
     @staticmethod
-    def _with_responses(prompt: Any, responses: Sequence[str]) -> list[list[conv.Message]]:
-        """The prompt (a user message string, or messages ending with a user turn) + each response."""
-        messages = [conv.Message(role="user", content=prompt)] if isinstance(prompt, str) else list(prompt)
-        return [conv.normalize([*messages, {"role": "assistant", "content": r}]) for r in responses]
+    def _with_responses(prompt: Any, responses: Sequence[str]) -> list[list[Any]]:
+        """The prompt (a user message string, or messages ending with a user turn) + each response.
+
+        Validated later, with every other conversation, when `_inputs` encodes them."""
+        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+        return [[*messages, {"role": "assistant", "content": r}] for r in responses]
 
 
 class RewardClient(_BaseRewardClient):

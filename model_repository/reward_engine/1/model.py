@@ -45,27 +45,28 @@ class TritonPythonModel:
             sequences += rows
             owner += [r] * len(rows)
         rewards = np.zeros((len(sequences), 1), dtype=np.float32)
-        waiting = [len(rows) for rows in rows_per_request]
-        starts = np.cumsum([0, *waiting[:-1]])
+        rows_left = [len(rows) for rows in rows_per_request]
+        first_row = np.cumsum([0, *rows_left])  # request r owns rows first_row[r]:first_row[r + 1]
+        answered = set()
         for step in self.engine.plan(sequences):
             try:
-                rewards[step] = self.engine.score_step([sequences[i] for i in step])[:, :1]
+                rewards[step.indices] = self.engine.score_step([sequences[i] for i in step.indices], step.prefixes)[:, :1]
                 error = None
             except Exception as exc:
                 pb_utils.Logger.log_error(f"reward engine failed: {traceback.format_exc()}")
                 error = pb_utils.TritonError(f"reward engine failed: {type(exc).__name__}")
-            for r in sorted({owner[i] for i in step}):
-                if waiting[r] == 0:
-                    continue  # already answered with an error
-                waiting[r] = 0 if error else waiting[r] - sum(owner[i] == r for i in step)
-                if waiting[r] == 0:
-                    scores = rewards[starts[r] : starts[r] + len(rows_per_request[r])]
-                    response = (
-                        pb_utils.InferenceResponse(error=error)
-                        if error
-                        else pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(protocol.REWARD, scores)])
-                    )
-                    requests[r].get_response_sender().send(response, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+            for i in step.indices:
+                rows_left[owner[i]] -= 1
+            for r in {owner[i] for i in step.indices} - answered:
+                if error:
+                    response = pb_utils.InferenceResponse(error=error)
+                elif rows_left[r] == 0:
+                    scores = rewards[first_row[r] : first_row[r + 1]]
+                    response = pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(protocol.REWARD, scores)])
+                else:
+                    continue  # rows of this request still wait in later steps
+                requests[r].get_response_sender().send(response, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+                answered.add(r)
         return None
 
     @staticmethod

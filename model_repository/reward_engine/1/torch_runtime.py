@@ -58,6 +58,14 @@ AttentionMaskInterface.register(PACKED_ATTENTION, _no_mask)
 
 
 @dataclass
+class Step:
+    """Sequences scored in one packed forward, and the groups among them that share a prefix."""
+
+    indices: list[int]  # into the sequences given to `plan`
+    prefixes: list[tuple[int, list[int]]]  # (prefix length, positions within `indices`) per group
+
+
+@dataclass
 class SharedPrefixes:
     """Keys/values of prefixes computed once, and which packed segment continues which prefix."""
 
@@ -123,10 +131,10 @@ class TorchRewardEngine:
         """Rewards [len(sequences), N] for token-id sequences of any lengths."""
         rewards = np.empty((len(sequences), len(self.head.names)), dtype=np.float32)
         for step in self.plan(sequences):
-            rewards[step] = self.score_step([sequences[i] for i in step])
+            rewards[step.indices] = self.score_step([sequences[i] for i in step.indices], step.prefixes)
         return rewards
 
-    def plan(self, sequences: Sequence[np.ndarray]) -> list[list[int]]:
+    def plan(self, sequences: Sequence[np.ndarray]) -> list[Step]:
         """Steps of the token budget, shortest first. A group sharing a prefix stays in one step
         (the prefix is computed once per step, so splitting the group would compute it again)
         and costs its prefix once plus each member's own suffix."""
@@ -135,22 +143,31 @@ class TorchRewardEngine:
         units = [members for _, members in groups] + [[i] for i in range(len(sequences)) if i not in grouped]
         cost = [length + sum(len(sequences[i]) - length for i in members) for length, members in groups]
         cost += [len(sequences[unit[0]]) for unit in units[len(groups) :]]
-        return [[i for unit in step for i in units[unit]] for step in plan_steps(cost, self.max_step_tokens)]
+        steps = []
+        for step_units in plan_steps(cost, self.max_step_tokens):
+            step = Step(indices=[], prefixes=[])
+            for unit in step_units:
+                if unit < len(groups):
+                    positions = list(range(len(step.indices), len(step.indices) + len(units[unit])))
+                    step.prefixes.append((groups[unit][0], positions))
+                step.indices += units[unit]
+            steps.append(step)
+        return steps
 
     @torch.inference_mode()
-    def score_step(self, sequences: list[np.ndarray]) -> np.ndarray:
-        """One packed forward; sequences sharing a long prefix (best-of-n) compute it once."""
-        groups = shared_prefixes(sequences, self.min_shared_prefix) if self.min_shared_prefix else []
+    def score_step(self, sequences: list[np.ndarray], prefixes: Sequence[tuple[int, list[int]]] = ()) -> np.ndarray:
+        """One packed forward. `prefixes` (from `plan`): (length, positions in `sequences`) of each
+        group sharing a prefix (best-of-n); that prefix is computed once for the group."""
         owner, starts = [-1] * len(sequences), [0] * len(sequences)
-        for p, (length, members) in enumerate(groups):
+        for p, (length, members) in enumerate(prefixes):
             for i in members:
                 owner[i], starts[i] = p, length
         shared = None
-        if groups:
-            prefixes = [sequences[members[0]][:length] for length, members in groups]
+        if prefixes:
+            heads = [sequences[members[0]][:length] for length, members in prefixes]
             cache = DynamicCache(config=self.trunk.config)
-            self._forward(prefixes, [0] * len(prefixes), cache=cache)
-            shared = SharedPrefixes(cache=cache, bounds=_bounds([len(p) for p in prefixes]).tolist(), owner=owner)
+            self._forward(heads, [0] * len(heads), cache=cache)
+            shared = SharedPrefixes(cache=cache, bounds=_bounds([len(h) for h in heads]).tolist(), owner=owner)
         suffixes = [s[start:] for s, start in zip(sequences, starts, strict=True)]
         return self.head(self._forward(suffixes, starts, shared_prefix=shared)).cpu().numpy()
 
