@@ -24,7 +24,12 @@ serve: setup ## start tritonserver on the model repository (HTTP 8000, gRPC 8001
 	@echo "Try: $(PY) -c \"from reward_client import RewardClient; print(RewardClient('localhost:$(GRPC_PORT)').score([{'role':'user','content':'What is 1+1?'},{'role':'assistant','content':'1+1=2'}]))\""
 	$(PY) build/serve.py --http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT) --metrics-port $(METRICS_PORT)
 
-test: setup ## the whole suite; end-to-end tests start their own tritonserver on free ports
+# A NeMo-Aligner-style checkpoint (SteerLM template, 9-attribute head) for the tests.
+STEERLM_CHECKPOINT ?= .build/steerlm-checkpoint
+$(STEERLM_CHECKPOINT)/model.safetensors: build/demo_checkpoint.py build/steerlm_chat_template.jinja $(CHECKPOINT)/model.safetensors
+	$(PY) build/demo_checkpoint.py --layout steerlm --tokenizer-from $(CHECKPOINT) --out $(STEERLM_CHECKPOINT)
+
+test: setup $(STEERLM_CHECKPOINT)/model.safetensors ## the whole suite; end-to-end tests start their own tritonserver on free ports
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 lint: $(VENV)/.installed

@@ -6,7 +6,11 @@ scaling), random weights from a fixed seed, the real Llama 3 tokenizer converted
 The reward is the logit of token id 0 at the last position, as in the -HF checkpoint.
 Scores are meaningless; every code path that reads the checkpoint is real.
 
-    python build/demo_checkpoint.py --out .build/demo-checkpoint [--preset bench]
+`--layout steerlm` instead builds a NeMo-Aligner-style reward model: the SteerLM prompt format
+(<extra_id_0..2> added as special tokens, build/steerlm_chat_template.jinja) and a separate
+9-attribute head with bias (reward_head.safetensors + reward_head.json, reward = helpfulness).
+
+    python build/demo_checkpoint.py --out .build/demo-checkpoint [--preset bench] [--layout steerlm]
     # On a GPU machine, the Llama-3.1-8B shape in bf16, reusing an already converted tokenizer:
     python build/demo_checkpoint.py --preset llama8b --device cuda --dtype bf16 --tokenizer-from .build/demo-checkpoint --out /tmp/rm-8b
 """
@@ -18,9 +22,14 @@ import json
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 CHAT_TEMPLATE = Path(__file__).with_name("llama31_chat_template.jinja")
+STEERLM_TEMPLATE = Path(__file__).with_name("steerlm_chat_template.jinja")
+STEERLM_TOKENS = ["<extra_id_0>", "<extra_id_1>", "<extra_id_2>"]
+# NeMo-Aligner's ALL_STEERLM_ATTRIBUTES: the order of Llama-3.1-Nemotron-70B-Reward's 9-output head.
+STEERLM_ATTRIBUTES = ["quality", "toxicity", "humor", "creativity", "helpfulness", "correctness", "coherence", "complexity", "verbosity"]
 
 # Sizes: "demo" is what `make serve` and the tests use; "bench" has ~27 M non-embedding parameters.
 PRESETS = {
@@ -74,9 +83,24 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
     return tokenizer
 
 
-def build_model(preset: str, seed: int, device: str = "cpu", dtype: str = "fp32") -> LlamaForCausalLM:
+def to_steerlm(tokenizer: PreTrainedTokenizerFast) -> None:
+    tokenizer.add_special_tokens({"additional_special_tokens": STEERLM_TOKENS})
+    tokenizer.chat_template = STEERLM_TEMPLATE.read_text()
+
+
+def write_steerlm_head(out: Path, hidden_size: int, seed: int) -> None:
+    """A 9-output head with bias beside the trunk, scaled so outputs spread over the 0-4 label range."""
+    generator = torch.Generator().manual_seed(seed + 1)
+    weight = torch.randn(len(STEERLM_ATTRIBUTES), hidden_size, generator=generator) * hidden_size**-0.5
+    bias = torch.full((len(STEERLM_ATTRIBUTES),), 2.0)
+    save_file({"weight": weight, "bias": bias}, out / "reward_head.safetensors")
+    spec = {"attributes": STEERLM_ATTRIBUTES, "reward": {"index": STEERLM_ATTRIBUTES.index("helpfulness")}}
+    (out / "reward_head.json").write_text(json.dumps(spec, indent=2) + "\n")
+
+
+def build_model(preset: str, seed: int, device: str = "cpu", dtype: str = "fp32", vocab_size: int = 128256) -> LlamaForCausalLM:
     config = LlamaConfig(
-        vocab_size=128256,
+        vocab_size=vocab_size,
         max_position_embeddings=131072,
         rms_norm_eps=1e-5,
         rope_parameters=dict(LLAMA31_ROPE),
@@ -99,16 +123,21 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="where to initialise the weights (default: cpu)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="saved weight dtype (default: fp32)")
     parser.add_argument("--tokenizer-from", type=Path, help="copy the tokenizer of this checkpoint instead of converting")
+    parser.add_argument("--layout", choices=["hf", "steerlm"], default="hf", help="reward layout (default: hf)")
     args = parser.parse_args()
 
     args.out.mkdir(parents=True, exist_ok=True)
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer_from) if args.tokenizer_from else build_tokenizer()
+    if args.layout == "steerlm":
+        to_steerlm(tokenizer)
     tokenizer.save_pretrained(args.out)
-    model = build_model(args.preset, args.seed, args.device, args.dtype)
+    model = build_model(args.preset, args.seed, args.device, args.dtype, vocab_size=max(128256, len(tokenizer)))
     model.save_pretrained(args.out)
-    stamp = {"preset": args.preset, "seed": args.seed, "note": "random weights: scores are meaningless"}
+    if args.layout == "steerlm":
+        write_steerlm_head(args.out, model.config.hidden_size, args.seed)
+    stamp = {"preset": args.preset, "seed": args.seed, "layout": args.layout, "note": "random weights: scores are meaningless"}
     (args.out / "demo_checkpoint.json").write_text(json.dumps(stamp, indent=2) + "\n")
-    print(f"demo checkpoint ({args.preset}, seed {args.seed}) written to {args.out}")
+    print(f"demo checkpoint ({args.preset}, {args.layout}, seed {args.seed}) written to {args.out}")
 
 
 if __name__ == "__main__":

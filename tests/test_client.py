@@ -42,3 +42,17 @@ def test_unreachable_server_raises_server_unavailable(scheme):
             client.score(GOOD)
         with pytest.raises(ServerUnavailableError):
             client.score_batch([GOOD, GOOD])
+
+
+def test_score_is_the_reward_float_with_named_attributes():
+    import pickle
+
+    from reward_client import Score
+
+    score = Score(1.5, {"helpfulness": 1.5, "verbosity": -0.25})
+    assert float(score) == score.reward == 1.5
+    assert score + 1 == 2.5 and sorted([Score(3.0, {}), score])[0] is score
+    assert score.attributes == {"helpfulness": 1.5, "verbosity": -0.25}
+    copy = pickle.loads(pickle.dumps(score))
+    assert copy == 1.5 and copy.attributes == score.attributes
+    assert "verbosity" in repr(score)

@@ -24,12 +24,13 @@ def names(tensors) -> set[str]:
 
 def test_tensor_names_match_protocol():
     pre, engine, ensemble = load(protocol.PREPROCESSING_MODEL), load(protocol.ENGINE_MODEL), load(protocol.ENSEMBLE_MODEL)
-    assert names(pre.input) == {protocol.CONVERSATION}
-    assert names(pre.output) == {protocol.INPUT_IDS, protocol.NUM_TOKENS}
-    assert names(engine.input) == {protocol.INPUT_IDS, protocol.NUM_TOKENS}
-    assert names(engine.output) == {protocol.REWARD}
-    assert names(ensemble.input) == {protocol.CONVERSATION}
-    assert names(ensemble.output) == {protocol.REWARD, protocol.NUM_TOKENS}
+    scores = {protocol.REWARD, protocol.ATTRIBUTES, protocol.ATTRIBUTE_NAMES, protocol.TURN_REWARDS, protocol.TURN_ATTRIBUTES}
+    assert names(pre.input) == names(ensemble.input) == {protocol.CONVERSATION, protocol.SCORE_TURNS}
+    assert names(pre.output) == {protocol.INPUT_IDS, protocol.NUM_TOKENS, protocol.SCORE_AT}
+    assert names(engine.input) == {protocol.INPUT_IDS, protocol.NUM_TOKENS, protocol.SCORE_AT}
+    assert names(engine.output) == scores
+    assert names(ensemble.output) == scores | {protocol.NUM_TOKENS}
+    assert [t.name for t in ensemble.input if t.optional] == [protocol.SCORE_TURNS]
     assert [step.model_name for step in ensemble.ensemble_scheduling.step] == [protocol.PREPROCESSING_MODEL, protocol.ENGINE_MODEL]
 
 

@@ -56,3 +56,22 @@ def test_score_responses_equals_scoring_each_conversation(client, reference_rewa
     assert client.score_responses("Describe the sea.", ["Blue."]) == pytest.approx(
         [reference_reward([{"role": "user", "content": "Describe the sea."}, {"role": "assistant", "content": "Blue."}])], abs=TOLERANCE
     )
+
+
+def test_score_carries_the_head_outputs_by_name(client, corpus_and_reference):
+    """-HF checkpoint: one output named "reward"; the Score is that float."""
+    convs, expected = corpus_and_reference
+    score = client.score(convs[0])
+    assert score.attributes == {"reward": pytest.approx(float(score), abs=1e-7)}
+    assert float(score) == pytest.approx(expected[0], abs=TOLERANCE)
+
+
+def test_score_turns_equals_scoring_each_cut_conversation(client, reference_reward):
+    """Every assistant turn in one forward pass == the reference on the conversation cut after that turn."""
+    conversation = next(c for c in conversations() if sum(m["role"] == "assistant" for m in c) >= 3)
+    cuts = [conversation[: i + 1] for i, m in enumerate(conversation) if m["role"] == "assistant"]
+    got = client.score_turns(conversation)
+    assert len(got) == len(cuts)
+    assert np.abs(np.array(got) - np.array([reference_reward(c) for c in cuts])).max() <= TOLERANCE
+    assert float(got[-1]) == pytest.approx(float(client.score(conversation)), abs=1e-5)
+    assert got[0].attributes.keys() == {"reward"}

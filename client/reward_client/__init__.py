@@ -14,6 +14,7 @@ from reward_client.errors import (
     ServerError,
     ServerUnavailableError,
 )
+from reward_client.scores import Score
 
 __all__ = [
     "Conversation",
@@ -22,6 +23,7 @@ __all__ = [
     "RequestTimeoutError",
     "RewardClient",
     "RewardClientError",
+    "Score",
     "ServerError",
     "ServerUnavailableError",
     "Timeout",

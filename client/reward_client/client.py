@@ -31,6 +31,7 @@ from reward_client.errors import (
     ServerError,
     ServerUnavailableError,
 )
+from reward_client.scores import Score
 
 DEFAULT_CONNECT_TIMEOUT_S = 5.0
 DEFAULT_REQUEST_TIMEOUT_S = 120.0
@@ -102,16 +103,30 @@ class _BaseRewardClient:
         self.timeout = timeout
         self.headers = dict(headers or {})
 
-    def _inputs(self, conversations: Sequence[Any], module: Any) -> list[Any]:
+    def _inputs(self, conversations: Sequence[Any], module: Any, score_turns: bool = False) -> list[Any]:
         """One request carrying each conversation as a row."""
         payload = np.array([[conv.to_json(c)] for c in conversations], dtype=np.object_)
         tensor = module.InferInput(protocol.CONVERSATION, list(payload.shape), "BYTES")
         tensor.set_data_from_numpy(payload)
-        return [tensor]
+        if not score_turns:
+            return [tensor]
+        turns = module.InferInput(protocol.SCORE_TURNS, [len(conversations), 1], "BOOL")
+        turns.set_data_from_numpy(np.ones((len(conversations), 1), dtype=bool))
+        return [tensor, turns]
 
     @staticmethod
-    def _rewards(result: Any) -> list[float]:
-        return [float(r) for r in result.as_numpy(protocol.REWARD).reshape(-1)]
+    def _scores(result: Any) -> list[Score]:
+        """The final assistant turn's Score of each row."""
+        names = _names(result)
+        rewards, attributes = result.as_numpy(protocol.REWARD).reshape(-1), result.as_numpy(protocol.ATTRIBUTES)
+        return [_score(r, a, names) for r, a in zip(rewards, attributes, strict=True)]
+
+    @staticmethod
+    def _turn_scores(result: Any) -> list[list[Score]]:
+        """Each row's Score per assistant turn, in order (the padding is NaN)."""
+        names = _names(result)
+        rows = zip(result.as_numpy(protocol.TURN_REWARDS), result.as_numpy(protocol.TURN_ATTRIBUTES), strict=True)
+        return [[_score(r, a, names) for r, a in zip(rewards, attributes, strict=True) if not np.isnan(r)] for rewards, attributes in rows]
 
     @staticmethod
     def _with_responses(prompt: Any, responses: Sequence[str]) -> list[list[Any]]:
@@ -149,15 +164,28 @@ class RewardClient(_BaseRewardClient):
                 network_timeout=timeout.request,
             )
 
-    def score(self, conversation: Any) -> float:
-        """The reward of the conversation's final assistant turn."""
+    def score(self, conversation: Any) -> Score:
+        """The reward of the conversation's final assistant turn (a float, with `.attributes`)."""
         inputs = self._inputs([conversation], self._module)
         try:
-            return self._rewards(self._infer(inputs))[0]
+            return self._scores(self._infer(inputs))[0]
         except Exception as exc:
             raise convert_error(exc) from exc
 
-    def score_responses(self, prompt: Any, responses: Sequence[str]) -> list[float]:
+    def score_turns(self, conversation: Any) -> list[Score]:
+        """The Score of every assistant turn, in order, all from one forward pass on the server.
+
+        Turn k's score equals scoring the conversation cut after turn k. Needs a chat template
+        that renders each cut as a prefix of the whole (Llama 3.1's does; SteerLM's, which ends
+        the scored turn with <extra_id_2>, does not: the server says so).
+        """
+        inputs = self._inputs([conversation], self._module, score_turns=True)
+        try:
+            return self._turn_scores(self._infer(inputs))[0]
+        except Exception as exc:
+            raise convert_error(exc) from exc
+
+    def score_responses(self, prompt: Any, responses: Sequence[str]) -> list[Score]:
         """Rewards of several responses to one prompt (best-of-n), in order.
 
         They travel together (up to 64 per request), so the server computes the shared prompt
@@ -166,16 +194,16 @@ class RewardClient(_BaseRewardClient):
         conversations = self._with_responses(prompt, responses)
         chunks = [conversations[i : i + protocol.MAX_BATCH_SIZE] for i in range(0, len(conversations), protocol.MAX_BATCH_SIZE)]
         outcomes = self._infer_many([self._inputs(chunk, self._module) for chunk in chunks])
-        return [reward for outcome in outcomes for reward in self._rewards(_raise_if_error(outcome))]
+        return [score for outcome in outcomes for score in self._scores(_raise_if_error(outcome))]
 
-    def score_batch(self, conversations: Iterable[Any]) -> list[float]:
+    def score_batch(self, conversations: Iterable[Any]) -> list[Score]:
         """Rewards in input order; requests overlap up to `concurrency` so the server can batch them.
 
         Every conversation is validated before anything is sent. If any request fails, the first
         error (in input order) is raised after all of them have finished.
         """
         outcomes = self._infer_many([self._inputs([c], self._module) for c in conversations])
-        return [self._rewards(_raise_if_error(outcome))[0] for outcome in outcomes]
+        return [self._scores(_raise_if_error(outcome))[0] for outcome in outcomes]
 
     def is_ready(self) -> bool:
         """Whether the server and the reward model are ready to score."""
@@ -226,6 +254,15 @@ class RewardClient(_BaseRewardClient):
         for _ in batch:
             done.acquire()
         return outcomes
+
+
+def _score(reward: float, attributes: np.ndarray, names: list[str]) -> Score:
+    return Score(float(reward), dict(zip(names, map(float, attributes), strict=True)))
+
+
+def _names(result: Any) -> list[str]:
+    names = result.as_numpy(protocol.ATTRIBUTE_NAMES)
+    return [n.decode() if isinstance(n, bytes) else str(n) for n in names[0]]
 
 
 def _raise_if_error(outcome: Any) -> Any:

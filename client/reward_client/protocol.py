@@ -7,23 +7,41 @@ match the `config.pbtxt` files under model_repository/ (a test checks that they 
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 ENSEMBLE_MODEL = "reward_model"
 PREPROCESSING_MODEL = "preprocessing"
 ENGINE_MODEL = "reward_engine"
 
 CONVERSATION = "CONVERSATION"  # BYTES [1]: one JSON conversation
+SCORE_TURNS = "SCORE_TURNS"  # BOOL [1], optional: also score every earlier assistant turn
 INPUT_IDS = "INPUT_IDS"  # INT32 [-1]: the templated token ids
 NUM_TOKENS = "NUM_TOKENS"  # INT32 [1]: how many tokens were scored
+SCORE_AT = "SCORE_AT"  # INT32 [-1]: token positions where scores are read (assistant-turn ends), -1 padded
 REWARD = "REWARD"  # FP32 [1]: the reward of the final assistant turn
+ATTRIBUTES = "ATTRIBUTES"  # FP32 [-1]: all N outputs of the reward head for the final assistant turn
+ATTRIBUTE_NAMES = "ATTRIBUTE_NAMES"  # BYTES [-1]: the N output names, in order
+TURN_REWARDS = "TURN_REWARDS"  # FP32 [-1]: the reward at the end of each assistant turn, NaN padded
+TURN_ATTRIBUTES = "TURN_ATTRIBUTES"  # FP32 [-1, -1]: the N outputs at the end of each assistant turn, NaN padded
 
 MAX_BATCH_SIZE = 64  # rows one request may carry (max_batch_size of every model)
 
 TRUE_STRINGS = {"1", "true", "yes", "on"}
 FALSE_STRINGS = {"0", "false", "no", "off", ""}
+
+
+def pad_rows(rows: Sequence[np.ndarray], fill: float) -> np.ndarray:
+    """Rows of different lengths as one array [len(rows), longest, ...], right-padded with `fill`."""
+    longest = max(len(row) for row in rows)
+    first = np.asarray(rows[0])
+    padded = np.full((len(rows), longest, *first.shape[1:]), fill, dtype=first.dtype)
+    for i, row in enumerate(rows):
+        padded[i, : len(row)] = row
+    return padded
 
 
 def read_parameters(model_config: Mapping[str, Any]) -> dict[str, str]:

@@ -1,8 +1,10 @@
 """Triton python model: JSON conversation -> chat-templated token ids.
 
 Input  CONVERSATION [B, 1] BYTES  one UTF-8 JSON conversation per row
+       SCORE_TURNS  [B, 1] BOOL   optional: score every assistant turn, not only the last
 Output INPUT_IDS    [B, L] INT32  token ids, rows right-padded to the longest
        NUM_TOKENS   [B, 1] INT32  each row's real length
+       SCORE_AT     [B, T] INT32  positions where scores are read (turn ends), -1 padded
 """
 
 import json
@@ -31,16 +33,18 @@ class TritonPythonModel:
     def _respond(self, request):
         try:
             payloads = pb_utils.get_input_tensor_by_name(request, protocol.CONVERSATION).as_numpy().reshape(-1)
-            rows = [self.tokenizer.encode(payload) for payload in payloads]
+            turns = pb_utils.get_input_tensor_by_name(request, protocol.SCORE_TURNS)
+            all_turns = np.zeros(len(payloads), dtype=bool) if turns is None else turns.as_numpy().reshape(-1)
+            rows, reads = zip(*(self.tokenizer.encode(p, bool(t)) for p, t in zip(payloads, all_turns, strict=True)), strict=True)
         except InvalidConversationError as exc:
             return pb_utils.InferenceResponse(error=pb_utils.TritonError(str(exc), pb_utils.TritonError.INVALID_ARG))
         except Exception as exc:
             pb_utils.Logger.log_error(f"preprocessing failed: {traceback.format_exc()}")
             return pb_utils.InferenceResponse(error=pb_utils.TritonError(f"preprocessing failed: {type(exc).__name__}"))
         lengths = np.array([[len(row)] for row in rows], dtype=np.int32)
-        ids = np.full((len(rows), int(lengths.max())), self.pad_id, dtype=np.int32)
-        for i, row in enumerate(rows):
-            ids[i, : len(row)] = row
-        return pb_utils.InferenceResponse(
-            output_tensors=[pb_utils.Tensor(protocol.INPUT_IDS, ids), pb_utils.Tensor(protocol.NUM_TOKENS, lengths)]
-        )
+        outputs = {
+            protocol.INPUT_IDS: protocol.pad_rows(rows, self.pad_id),
+            protocol.NUM_TOKENS: lengths,
+            protocol.SCORE_AT: protocol.pad_rows(reads, -1),
+        }
+        return pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(name, value) for name, value in outputs.items()])

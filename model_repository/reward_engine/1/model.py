@@ -1,8 +1,13 @@
-"""Triton python model: token ids -> LM trunk -> reward head -> REWARD.
+"""Triton python model: token ids -> LM trunk -> reward head -> scores.
 
-Input  INPUT_IDS  [B, L] INT32  (ragged across requests: each request keeps its own length)
-       NUM_TOKENS [B, 1] INT32  real length of each row
-Output REWARD     [B, 1] FP32
+Input  INPUT_IDS       [B, L]    INT32  (ragged across requests: each request keeps its own length)
+       NUM_TOKENS      [B, 1]    INT32  real length of each row
+       SCORE_AT        [B, T]    INT32  optional: positions where scores are read, -1 padded (default: last token)
+Output REWARD          [B, 1]    FP32   the head's reward rule at the final read position
+       ATTRIBUTES      [B, N]    FP32   all N head outputs there
+       ATTRIBUTE_NAMES [B, N]    BYTES  their names
+       TURN_REWARDS    [B, T]    FP32   the reward at every read position (NaN padded)
+       TURN_ATTRIBUTES [B, T, N] FP32   all head outputs at every read position (NaN padded)
 
 All sequences of all requests in a dynamic batch are scored together (packed, no padding),
 then each request gets its own response.
@@ -34,23 +39,30 @@ class TritonPythonModel:
             max_step_tokens=None if step_tokens == "auto" else protocol.parse_int(step_tokens, "max_step_tokens"),
             min_shared_prefix=protocol.parse_int(parameters.get("min_shared_prefix", "64"), "min_shared_prefix", minimum=0),
         )
+        self.names = np.array([name.encode() for name in self.engine.head.names], dtype=np.object_)
 
     def execute(self, requests):
         """Scores every row of every request in token-budget steps, shortest first, and answers
         each request as soon as its last row is scored: short requests do not wait for long ones.
         A failing step fails only the requests with rows in it."""
-        rows_per_request = [self._rows(request) for request in requests]
-        sequences, owner = [], []
-        for r, rows in enumerate(rows_per_request):
-            sequences += rows
-            owner += [r] * len(rows)
-        rewards = np.zeros((len(sequences), 1), dtype=np.float32)
-        rows_left = [len(rows) for rows in rows_per_request]
-        first_row = np.cumsum([0, *rows_left])  # request r owns rows first_row[r]:first_row[r + 1]
-        answered = set()
-        for step in self.engine.plan(sequences):
+        sequences, reads, owner = [], [], []
+        for r, request in enumerate(requests):
             try:
-                rewards[step.indices] = self.engine.score_step([sequences[i] for i in step.indices], step.prefixes)[:, :1]
+                rows, positions = self._rows(request)
+            except ValueError as exc:
+                _send(request, pb_utils.InferenceResponse(error=pb_utils.TritonError(str(exc), pb_utils.TritonError.INVALID_ARG)))
+                continue
+            sequences += rows
+            reads += positions
+            owner += [r] * len(rows)
+        first_output = np.cumsum([0, *(len(p) for p in reads)])  # row i's outputs: first_output[i]:first_output[i + 1]
+        outputs = np.zeros((first_output[-1], len(self.names)), dtype=np.float32)
+        rows_left = np.bincount(owner, minlength=len(requests))
+        answered = set()
+        for step in self.engine.plan(sequences, reads):
+            try:
+                at = np.concatenate([np.arange(first_output[i], first_output[i + 1]) for i in step.indices])
+                outputs[at] = self.engine.score_step([sequences[i] for i in step.indices], step.prefixes, [reads[i] for i in step.indices])
                 error = None
             except Exception as exc:
                 pb_utils.Logger.log_error(f"reward engine failed: {traceback.format_exc()}")
@@ -61,11 +73,11 @@ class TritonPythonModel:
                 if error:
                     response = pb_utils.InferenceResponse(error=error)
                 elif rows_left[r] == 0:
-                    scores = rewards[first_row[r] : first_row[r + 1]]
-                    response = pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(protocol.REWARD, scores)])
+                    rows = [i for i, o in enumerate(owner) if o == r]
+                    response = self._response([outputs[first_output[i] : first_output[i + 1]] for i in rows])
                 else:
                     continue  # rows of this request still wait in later steps
-                requests[r].get_response_sender().send(response, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+                _send(requests[r], response)
                 answered.add(r)
         return None
 
@@ -73,4 +85,28 @@ class TritonPythonModel:
     def _rows(request):
         ids = pb_utils.get_input_tensor_by_name(request, protocol.INPUT_IDS).as_numpy()
         lengths = pb_utils.get_input_tensor_by_name(request, protocol.NUM_TOKENS).as_numpy().reshape(-1)
-        return [ids[b, : lengths[b]] for b in range(ids.shape[0])]
+        rows = [ids[b, : lengths[b]] for b in range(ids.shape[0])]
+        score_at = pb_utils.get_input_tensor_by_name(request, protocol.SCORE_AT)
+        if score_at is None:
+            return rows, [np.array([len(row) - 1]) for row in rows]
+        reads = [positions[positions >= 0] for positions in score_at.as_numpy()]
+        for b, (row, positions) in enumerate(zip(rows, reads, strict=True)):
+            if not len(row) or not len(positions) or positions[-1] >= len(row) or np.any(np.diff(positions) <= 0):
+                raise ValueError(f"row {b}: {protocol.SCORE_AT} must list ascending positions below its {len(row)} tokens")
+        return rows, reads
+
+    def _response(self, outputs):
+        """One request's response from each row's head outputs [T_row, N]."""
+        turns = protocol.pad_rows(outputs, np.nan)  # [B, T, N]
+        tensors = {
+            protocol.REWARD: np.array([[self.engine.head.reward(o[-1])] for o in outputs], dtype=np.float32),
+            protocol.ATTRIBUTES: np.stack([o[-1] for o in outputs]),
+            protocol.ATTRIBUTE_NAMES: np.tile(self.names, (len(outputs), 1)),
+            protocol.TURN_REWARDS: self.engine.head.reward(turns).astype(np.float32),
+            protocol.TURN_ATTRIBUTES: turns,
+        }
+        return pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(name, value) for name, value in tensors.items()])
+
+
+def _send(request, response):
+    request.get_response_sender().send(response, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)

@@ -3,26 +3,28 @@
 Packed execution: the sequences of one step are concatenated into a single row with no
 padding, so every linear layer runs once over exactly the real tokens; attention runs per
 sequence (causal, within each sequence only), so its cost follows each sequence's own length.
-Only the reward row(s) of the head are applied to the last token's final hidden state: the
-full-vocabulary projection is never computed.
+The reward head (`heads`) is applied only to the final hidden states where scores are read
+(the last token, or the end of every assistant turn): the full-vocabulary projection is never computed.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass
 from itertools import pairwise
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from transformers import AutoModelForCausalLM, DynamicCache
+from transformers import DynamicCache
 from transformers.masking_utils import AttentionMaskInterface
 from transformers.modeling_utils import AttentionInterface
 
 from batching import plan_steps, shared_prefixes
+from heads import load_reward_model
 
-PACKED_ATTENTION = "packed_sdpa"
+PACKED_ATTENTION = "packed_reward"  # no "sdpa" in the name: transformers would then demand SDPA support
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -30,23 +32,40 @@ def packed_attention(module, query, key, value, attention_mask, scaling=None, dr
     """Causal attention applied to each packed sequence on its own ([1, heads, tokens, dim] in).
 
     A sequence whose shared prefix was computed earlier (`shared_prefix`) attends to that
-    prefix's keys/values too, then causally to its own tokens.
+    prefix's keys/values too, then causally to its own tokens. Sliding windows (Mistral,
+    Gemma 2) and attention-logit soft-capping (Gemma 2) are applied as the model asks.
     """
-    bounds = kwargs["cu_seq_lens_q"].tolist()
-    shared: SharedPrefixes | None = kwargs.get("shared_prefix")
-    gqa = query.shape[1] != key.shape[1]
+    bounds, shared = PACKING.get()
+    window, softcap = kwargs.get("sliding_window"), kwargs.get("softcap")
     pieces = []
     for segment, (start, end) in enumerate(pairwise(bounds)):
         q, k, v = query[:, :, start:end], key[:, :, start:end], value[:, :, start:end]
         prefix = shared.kv(module.layer_idx, segment) if shared is not None else None
-        if prefix is None:
-            pieces.append(F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling, enable_gqa=gqa))
-            continue
-        k, v = torch.cat([prefix[0], k], dim=2), torch.cat([prefix[1], v], dim=2)
-        visible = torch.ones(end - start, k.shape[2], dtype=torch.bool, device=q.device).tril(k.shape[2] - (end - start))
-        pieces.append(F.scaled_dot_product_attention(q, k, v, attn_mask=visible, scale=scaling, enable_gqa=gqa))
+        if prefix is not None:
+            k, v = torch.cat([prefix[0], k], dim=2), torch.cat([prefix[1], v], dim=2)
+        pieces.append(_attend(q, k, v, scaling, window, softcap))
     output = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=2)
     return output.transpose(1, 2).contiguous(), None
+
+
+def _attend(q, k, v, scaling, window, softcap):
+    """The last q.shape[2] positions of a causal sequence of k.shape[2] tokens attend to its keys."""
+    gqa = q.shape[1] != k.shape[1]
+    queries, keys = q.shape[2], k.shape[2]
+    if not window and not softcap and queries == keys:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling, enable_gqa=gqa)
+    rows = torch.arange(keys - queries, keys, device=q.device)[:, None]
+    cols = torch.arange(keys, device=q.device)[None]
+    visible = (cols <= rows) & ((rows - cols < window) if window else True)
+    if not softcap:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=visible, scale=scaling, enable_gqa=gqa)
+    # SDPA cannot soft-cap; the same arithmetic as the model's eager attention.
+    if gqa:
+        k, v = (t.repeat_interleave(q.shape[1] // t.shape[1], dim=1) for t in (k, v))
+    scores = q @ k.transpose(2, 3) * (q.shape[-1] ** -0.5 if scaling is None else scaling)
+    scores = torch.tanh(scores / softcap) * softcap
+    scores = scores.masked_fill(~visible, float("-inf"))
+    return torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype) @ v
 
 
 def _no_mask(*args, **kwargs):
@@ -54,6 +73,9 @@ def _no_mask(*args, **kwargs):
 
 
 AttentionInterface.register(PACKED_ATTENTION, packed_attention)
+# Where each packed sequence starts and which shared prefix it continues, set around each trunk
+# call: not every architecture passes extra keyword arguments down to its attention (Nemotron).
+PACKING: ContextVar[tuple[list[int], SharedPrefixes | None]] = ContextVar("packing")
 AttentionMaskInterface.register(PACKED_ATTENTION, _no_mask)
 
 
@@ -82,21 +104,8 @@ class SharedPrefixes:
         return entry.keys[:, :, start:end], entry.values[:, :, start:end]
 
 
-@dataclass
-class RewardHead:
-    """A linear map hidden -> N reward outputs, read at the last token."""
-
-    weight: torch.Tensor  # [N, hidden]
-    bias: torch.Tensor | None  # [N]
-    names: list[str]
-
-    def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
-        rewards = hidden.float() @ self.weight.float().T
-        return rewards if self.bias is None else rewards + self.bias.float()
-
-
 class TorchRewardEngine:
-    """Scores token sequences with a transformers checkpoint in the -HF reward layout."""
+    """Scores token sequences with a transformers reward checkpoint (see `heads` for the layouts)."""
 
     def __init__(
         self,
@@ -119,26 +128,32 @@ class TorchRewardEngine:
         # Small steps keep a CPU's activations in cache; a GPU wants large ones.
         self.max_step_tokens = max_step_tokens or (16384 if on_gpu else 2048)
         self.min_shared_prefix = min_shared_prefix  # 0 turns prefix reuse off
-        model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=DTYPES[dtype], attn_implementation=PACKED_ATTENTION)
-        # -HF convention: the reward is the logit of token id 0, i.e. row 0 of lm_head.
-        self.head = RewardHead(
-            weight=model.get_output_embeddings().weight[:1].detach().clone().to(self.device), bias=None, names=["reward"]
-        )
-        self.trunk = model.get_decoder().to(self.device).eval()
-        del model  # drops the full-vocabulary lm_head
+        trunk, head = load_reward_model(checkpoint, DTYPES[dtype], PACKED_ATTENTION)
+        self.trunk = trunk.to(self.device).eval()
+        head.weight = head.weight.to(self.device)
+        head.bias = None if head.bias is None else head.bias.to(self.device)
+        self.head = head
 
-    def score(self, sequences: Sequence[np.ndarray]) -> np.ndarray:
-        """Rewards [len(sequences), N] for token-id sequences of any lengths."""
-        rewards = np.empty((len(sequences), len(self.head.names)), dtype=np.float32)
-        for step in self.plan(sequences):
-            rewards[step.indices] = self.score_step([sequences[i] for i in step.indices], step.prefixes)
-        return rewards
+    def score(self, sequences: Sequence[np.ndarray], positions: Sequence[np.ndarray] | None = None) -> np.ndarray:
+        """Head outputs [P, N] at `positions` (per sequence, ascending; default: its last token),
+        sequence after sequence: [len(sequences), N] by default."""
+        positions = last_positions(sequences) if positions is None else positions
+        offsets = np.cumsum([0, *(len(p) for p in positions)])
+        outputs = np.empty((offsets[-1], len(self.head.names)), dtype=np.float32)
+        for step in self.plan(sequences, positions):
+            rows = np.concatenate([np.arange(offsets[i], offsets[i + 1]) for i in step.indices])
+            outputs[rows] = self.score_step([sequences[i] for i in step.indices], step.prefixes, [positions[i] for i in step.indices])
+        return outputs
 
-    def plan(self, sequences: Sequence[np.ndarray]) -> list[Step]:
+    def plan(self, sequences: Sequence[np.ndarray], positions: Sequence[np.ndarray] | None = None) -> list[Step]:
         """Steps of the token budget, shortest first. A group sharing a prefix stays in one step
         (the prefix is computed once per step, so splitting the group would compute it again)
-        and costs its prefix once plus each member's own suffix."""
-        groups = shared_prefixes(sequences, self.min_shared_prefix) if self.min_shared_prefix else []
+        and costs its prefix once plus each member's own suffix. A shared prefix always ends
+        before a sequence's first read position, so every output is read in its own suffix."""
+        groups = []
+        if self.min_shared_prefix:
+            heads = sequences if positions is None else [s[: p[0] + 1] for s, p in zip(sequences, positions, strict=True)]
+            groups = shared_prefixes(heads, self.min_shared_prefix)
         grouped = {i for _, members in groups for i in members}
         units = [members for _, members in groups] + [[i] for i in range(len(sequences)) if i not in grouped]
         cost = [length + sum(len(sequences[i]) - length for i in members) for length, members in groups]
@@ -148,16 +163,22 @@ class TorchRewardEngine:
             step = Step(indices=[], prefixes=[])
             for unit in step_units:
                 if unit < len(groups):
-                    positions = list(range(len(step.indices), len(step.indices) + len(units[unit])))
-                    step.prefixes.append((groups[unit][0], positions))
+                    members = list(range(len(step.indices), len(step.indices) + len(units[unit])))
+                    step.prefixes.append((groups[unit][0], members))
                 step.indices += units[unit]
             steps.append(step)
         return steps
 
     @torch.inference_mode()
-    def score_step(self, sequences: list[np.ndarray], prefixes: Sequence[tuple[int, list[int]]] = ()) -> np.ndarray:
-        """One packed forward. `prefixes` (from `plan`): (length, positions in `sequences`) of each
-        group sharing a prefix (best-of-n); that prefix is computed once for the group."""
+    def score_step(
+        self,
+        sequences: list[np.ndarray],
+        prefixes: Sequence[tuple[int, list[int]]] = (),
+        positions: Sequence[np.ndarray] | None = None,
+    ) -> np.ndarray:
+        """One packed forward; head outputs [P, N] at `positions` as in `score`. `prefixes` (from
+        `plan`): (length, positions in `sequences`) of each group sharing a prefix (best-of-n);
+        that prefix is computed once for the group."""
         owner, starts = [-1] * len(sequences), [0] * len(sequences)
         for p, (length, members) in enumerate(prefixes):
             for i in members:
@@ -166,28 +187,38 @@ class TorchRewardEngine:
         if prefixes:
             heads = [sequences[members[0]][:length] for length, members in prefixes]
             cache = DynamicCache(config=self.trunk.config)
-            self._forward(heads, [0] * len(heads), cache=cache)
+            self._forward(heads, [0] * len(heads), [np.array([len(h) - 1]) for h in heads], cache=cache)
             shared = SharedPrefixes(cache=cache, bounds=_bounds([len(h) for h in heads]).tolist(), owner=owner)
+        positions = last_positions(sequences) if positions is None else positions
         suffixes = [s[start:] for s, start in zip(sequences, starts, strict=True)]
-        return self.head(self._forward(suffixes, starts, shared_prefix=shared)).cpu().numpy()
+        reads = [np.asarray(p) - start for p, start in zip(positions, starts, strict=True)]
+        return self.head(self._forward(suffixes, starts, reads, shared=shared)).cpu().numpy()
 
-    def _forward(self, sequences: list[np.ndarray], offsets: list[int], **attention_kwargs) -> torch.Tensor:
-        """Final hidden state at the last token of each sequence, all packed into one row."""
+    def _forward(
+        self,
+        sequences: list[np.ndarray],
+        offsets: list[int],
+        reads: list[np.ndarray],
+        cache: DynamicCache | None = None,
+        shared: SharedPrefixes | None = None,
+    ) -> torch.Tensor:
+        """Final hidden states at `reads` (indices into each sequence), all packed into one row."""
         lengths = [len(s) for s in sequences]
         bounds = _bounds(lengths)
         input_ids = torch.from_numpy(np.concatenate(sequences).astype(np.int64))[None].to(self.device)
         position_ids = torch.cat([torch.arange(o, o + n) for o, n in zip(offsets, lengths, strict=True)])[None].to(self.device)
-        cache = attention_kwargs.pop("cache", None)
-        hidden = self.trunk(
-            input_ids=input_ids,
-            position_ids=position_ids,
-            past_key_values=cache,
-            use_cache=cache is not None,
-            cu_seq_lens_q=bounds,
-            cu_seq_lens_k=bounds,
-            **attention_kwargs,
-        ).last_hidden_state[0]
-        return hidden[(bounds[1:] - 1).to(self.device)]
+        token = PACKING.set((bounds.tolist(), shared))
+        try:
+            hidden = self.trunk(input_ids=input_ids, position_ids=position_ids, past_key_values=cache, use_cache=cache is not None)
+        finally:
+            PACKING.reset(token)
+        hidden = hidden.last_hidden_state[0]
+        rows = np.concatenate([start + r for start, r in zip(bounds[:-1].tolist(), reads, strict=True)])
+        return hidden[torch.from_numpy(rows).to(self.device)]
+
+
+def last_positions(sequences: Sequence[np.ndarray]) -> list[np.ndarray]:
+    return [np.array([len(s) - 1]) for s in sequences]
 
 
 def _bounds(lengths: list[int]) -> torch.Tensor:

@@ -1,0 +1,191 @@
+"""Checkpoint families: each trunk and head layout against its own transformers reference (fp32, CPU).
+
+Toy checkpoints with random weights are built here: the architectures' own features (sliding
+windows, soft-capping, partial rotary, layer-norm variants) are switched on at toy scale so
+that ignoring one would move the scores.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    Gemma2Config,
+    LlamaConfig,
+    MistralConfig,
+    NemotronConfig,
+    Qwen2Config,
+)
+
+from torch_runtime import TorchRewardEngine
+
+VOCAB = 1000
+SIZE = dict(
+    vocab_size=VOCAB,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    initializer_range=0.2,  # large weights: attention patterns matter to the scores
+    pad_token_id=VOCAB - 1,  # not 0: a padding row of the (tied) embeddings would zero the reward row
+)
+CONFIGS = {
+    "llama": lambda: LlamaConfig(**SIZE),
+    "nemotron": lambda: NemotronConfig(**SIZE, partial_rotary_factor=0.5),
+    "mistral": lambda: MistralConfig(**SIZE, sliding_window=16),
+    "qwen2": lambda: Qwen2Config(**SIZE, use_sliding_window=False),
+    "gemma2": lambda: Gemma2Config(
+        **SIZE, head_dim=16, sliding_window=16, attn_logit_softcapping=0.5, final_logit_softcapping=5.0, query_pre_attn_scalar=16
+    ),
+}
+TOLERANCE = 1e-4
+
+
+def _sequences(seed: int = 0) -> list[np.ndarray]:
+    """Lengths on both sides of the sliding window, and a best-of-4 group sharing a 80-token prompt."""
+    rng = np.random.default_rng(seed)
+    prompt = rng.integers(0, VOCAB, 80)
+    alone = [rng.integers(0, VOCAB, n) for n in (1, 5, 17, 40, 150)]
+    return alone + [np.concatenate([prompt, rng.integers(0, VOCAB, n)]) for n in (3, 10, 25, 60)]
+
+
+def _save(model, folder, head_spec=None, head_tensors=None):
+    torch.manual_seed(0)
+    model.save_pretrained(folder)
+    if head_spec is not None:
+        (folder / "reward_head.json").write_text(json.dumps(head_spec))
+    if head_tensors is not None:
+        save_file(head_tensors, folder / "reward_head.safetensors")
+    return str(folder)
+
+
+def _engine(folder, **options):
+    return TorchRewardEngine(folder, device="cpu", dtype="fp32", max_step_tokens=256, **options)
+
+
+@torch.inference_mode()
+def _eager(cls, folder):
+    return cls.from_pretrained(folder, dtype=torch.float32, attn_implementation="eager").eval()
+
+
+@pytest.mark.parametrize("family", sorted(CONFIGS))
+def test_causal_lm_reward_is_logit_zero(family, tmp_path):
+    """-HF convention on every trunk: reward = logit of token 0 at the last position (incl. soft-capping)."""
+    torch.manual_seed(1)
+    folder = _save(AutoModelForCausalLM.from_config(CONFIGS[family]()), tmp_path)
+    reference = _eager(AutoModelForCausalLM, folder)
+    sequences = _sequences()
+    with torch.inference_mode():
+        expected = np.array([reference(torch.from_numpy(s)[None]).logits[0, -1, 0].item() for s in sequences])
+    got = _engine(folder).score(sequences)[:, 0]
+    assert np.abs(got - expected).max() <= TOLERANCE, f"{family}: {np.abs(got - expected).max():.2e}"
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma2"])
+def test_sequence_classification_reward_model(family, tmp_path):
+    """`*ForSequenceClassification`: the raw `score` outputs at the last token, names from id2label."""
+    config = CONFIGS[family]()
+    config.num_labels, config.id2label = 2, {0: "helpfulness", 1: "safety"}
+    config.label2id = {"helpfulness": 0, "safety": 1}
+    torch.manual_seed(2)
+    folder = _save(AutoModelForSequenceClassification.from_config(config), tmp_path)
+    reference = _eager(AutoModelForSequenceClassification, folder)
+    sequences = _sequences(1)
+    with torch.inference_mode():
+        expected = np.stack([reference(torch.from_numpy(s)[None]).logits[0].numpy() for s in sequences])
+    engine = _engine(folder)
+    assert engine.head.names == ["helpfulness", "safety"]
+    assert np.abs(engine.score(sequences) - expected).max() <= TOLERANCE
+
+
+def test_single_output_classifier_is_named_reward(tmp_path):
+    config = CONFIGS["llama"]()
+    config.num_labels = 1
+    folder = _save(AutoModelForSequenceClassification.from_config(config), tmp_path)
+    assert _engine(folder).head.names == ["reward"]
+
+
+def test_separate_head_with_bias_and_index(tmp_path):
+    """NeMo-style: a 9-output head (weight + bias) beside a causal LM trunk; the reward is output 4."""
+    from transformers import AutoModel
+
+    names = ["quality", "toxicity", "humor", "creativity", "helpfulness", "correctness", "coherence", "complexity", "verbosity"]
+    torch.manual_seed(3)
+    model = AutoModelForCausalLM.from_config(CONFIGS["llama"]())
+    head = {"weight": torch.randn(9, 64), "bias": torch.randn(9)}
+    folder = _save(model, tmp_path, {"attributes": names, "reward": {"index": 4}}, head)
+    trunk = AutoModel.from_pretrained(folder, dtype=torch.float32, attn_implementation="eager").eval()
+    sequences = _sequences(2)
+    with torch.inference_mode():
+        hidden = torch.stack([trunk(torch.from_numpy(s)[None]).last_hidden_state[0, -1] for s in sequences])
+    expected = (hidden @ head["weight"].T + head["bias"]).numpy()
+    engine = _engine(folder)
+    got = engine.score(sequences)
+    assert engine.head.names == names
+    assert np.abs(got - expected).max() <= TOLERANCE
+    assert np.allclose(engine.head.reward(got), got[:, 4])
+
+
+def test_lm_head_rows_with_weighted_reward(tmp_path):
+    """Several attributes in lm_head rows 0..N-1 (the folded layout) and a weighted reward."""
+    torch.manual_seed(4)
+    folder = _save(
+        AutoModelForCausalLM.from_config(CONFIGS["qwen2"]()),
+        tmp_path,
+        {"attributes": ["a", "b", "c"], "reward": {"weights": [0.5, -1.0, 2.0]}},
+    )
+    reference = _eager(AutoModelForCausalLM, folder)
+    sequences = _sequences(3)
+    with torch.inference_mode():
+        expected = np.stack([reference(torch.from_numpy(s)[None]).logits[0, -1, :3].numpy() for s in sequences])
+    engine = _engine(folder)
+    got = engine.score(sequences)
+    assert np.abs(got - expected).max() <= TOLERANCE
+    rewards = engine.head.reward(got)
+    assert np.allclose(rewards, got @ np.array([0.5, -1.0, 2.0], dtype=np.float32), atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ({"attributes": ["a", "a"]}, "distinct"),
+        ({"attributes": ["a"], "reward": {"index": 1}}, "index"),
+        ({"attributes": ["a", "b"], "reward": {"weights": [1.0]}}, "2 finite numbers"),
+        ({"labels": ["a"]}, "unknown key"),
+    ],
+)
+def test_bad_head_descriptions_fail_at_load(spec, message, tmp_path):
+    folder = _save(AutoModelForCausalLM.from_config(CONFIGS["llama"]()), tmp_path, spec)
+    with pytest.raises(ValueError, match=message):
+        _engine(folder)
+
+
+def test_head_of_the_wrong_width_fails_at_load(tmp_path):
+    folder = _save(AutoModelForCausalLM.from_config(CONFIGS["llama"]()), tmp_path, None, {"weight": torch.randn(2, 32)})
+    with pytest.raises(ValueError, match="hidden size 64"):
+        _engine(folder)
+
+
+@pytest.mark.parametrize("family", ["mistral", "gemma2"])
+def test_per_position_reads_equal_truncated_sequences(family, tmp_path):
+    """Reading several positions of one sequence equals scoring each truncation alone; the prefix
+    reuse and sliding window stay exact when reads sit inside a shared prompt."""
+    torch.manual_seed(5)
+    folder = _save(AutoModelForCausalLM.from_config(CONFIGS[family]()), tmp_path)
+    reference = _eager(AutoModelForCausalLM, folder)
+    sequences = _sequences(4)
+    positions = [np.array(sorted({len(s) // 3, len(s) // 2, len(s) - 1})) for s in sequences]
+    with torch.inference_mode():  # causal: the logits at p are those of the sequence cut after p
+        expected = np.concatenate(
+            [reference(torch.from_numpy(s)[None]).logits[0, p, :1].numpy() for s, p in zip(sequences, positions, strict=True)]
+        )
+    got = _engine(folder, min_shared_prefix=8).score(sequences, positions)
+    assert got.shape == (sum(len(p) for p in positions), 1)
+    assert np.abs(got - expected).max() <= TOLERANCE
