@@ -105,6 +105,29 @@ def test_sequence_classification_reward_model(family, tmp_path):
     assert np.abs(engine.score(sequences) - expected).max() <= TOLERANCE
 
 
+def test_classifier_reads_before_trailing_pad_tokens(tmp_path):
+    """With pad_token_id set, transformers reads the last non-pad token, also when the pad token is
+    the template's own end token; the engine reads the same token, for every read position."""
+    config = CONFIGS["llama"]()
+    config.num_labels, config.pad_token_id = 1, 7
+    torch.manual_seed(6)
+    folder = _save(AutoModelForSequenceClassification.from_config(config), tmp_path)
+    reference = _eager(AutoModelForSequenceClassification, folder)
+    rng = np.random.default_rng(6)
+    body = rng.integers(8, VOCAB, 30)
+    sequences = [np.concatenate([body, [7]]), np.concatenate([body[:12], [7, 7], body[12:], [7, 7]]), body]
+    with torch.inference_mode():
+        expected = np.array([reference(torch.from_numpy(s)[None]).logits[0, 0].item() for s in sequences])
+    engine = _engine(folder)
+    got = engine.score(sequences)[:, 0]
+    assert np.abs(got - expected).max() <= TOLERANCE
+    assert got[0] == pytest.approx(got[2], abs=1e-5)  # the trailing pad token is not where it reads
+    cut = engine.score(sequences[1:2], [np.array([13, len(sequences[1]) - 1])])[:, 0]
+    with torch.inference_mode():
+        first = reference(torch.from_numpy(sequences[1][:14])[None]).logits[0, 0].item()
+    assert np.abs(cut - [first, expected[1]]).max() <= TOLERANCE
+
+
 def test_single_output_classifier_is_named_reward(tmp_path):
     config = CONFIGS["llama"]()
     config.num_labels = 1

@@ -7,8 +7,9 @@ A checkpoint is a transformers folder, optionally with a head description beside
     reward_head.safetensors   "weight" [N, hidden] and optionally "bias" [N]: a separate head
 
 Which head is used:
-- `*ForSequenceClassification`: its `score` layer (raw outputs, no activation); names from
-  reward_head.json, else from `id2label` ("reward" for one unnamed output).
+- `*ForSequenceClassification`: its `score` layer (raw outputs, no activation) read where
+  transformers reads it (the last token that is not `pad_token_id`); names from reward_head.json,
+  else from `id2label` ("reward" for one unnamed output).
 - a causal LM with reward_head.safetensors: that head on the trunk (NeMo-Aligner's `rm_head`).
 - a causal LM without it: rows 0..N-1 of `lm_head` (the -HF convention, N = 1 unless
   reward_head.json names more), with the model's final logit soft-capping if it has one. Only
@@ -41,6 +42,7 @@ class RewardHead:
     names: list[str]
     reward_weights: np.ndarray  # [N]: the reward is outputs @ reward_weights (one-hot for an index)
     softcap: float | None = None  # final logit soft-capping of the LM this head was cut from
+    pad_token: int | None = None  # a classifier reads at the last token that is not this one
 
     def __post_init__(self) -> None:
         n = len(self.names)
@@ -65,6 +67,7 @@ def load_reward_model(checkpoint: str, dtype: torch.dtype, attn_implementation: 
     """The transformers trunk (no LM head) and the reward head of a checkpoint folder."""
     folder = Path(checkpoint)
     spec = _read_spec(folder)
+    pad_token = None
     config = AutoConfig.from_pretrained(checkpoint)
     classifier = any(a.endswith("ForSequenceClassification") for a in config.architectures or [])
     auto = AutoModelForSequenceClassification if classifier else AutoModelForCausalLM
@@ -73,6 +76,7 @@ def load_reward_model(checkpoint: str, dtype: torch.dtype, attn_implementation: 
         layer = model.score
         names = spec.get("attributes") or _label_names(config)
         weight, bias, softcap = layer.weight, layer.bias, None
+        pad_token = config.get_text_config().pad_token_id
     elif (folder / HEAD_WEIGHTS).exists():
         tensors = load_file(folder / HEAD_WEIGHTS)
         if "weight" not in tensors:
@@ -92,6 +96,7 @@ def load_reward_model(checkpoint: str, dtype: torch.dtype, attn_implementation: 
         names=list(names),
         reward_weights=_reward_weights(spec.get("reward", {}), names, folder),
         softcap=softcap,
+        pad_token=pad_token,
     )
     trunk = model.base_model
     del model  # drops the full-vocabulary lm_head of a causal LM

@@ -55,6 +55,7 @@ class TritonPythonModel:
             sequences += rows
             reads += positions
             owner += [r] * len(rows)
+        reads = self.engine.read_positions(sequences, reads)
         first_output = np.cumsum([0, *(len(p) for p in reads)])  # row i's outputs: first_output[i]:first_output[i + 1]
         outputs = np.zeros((first_output[-1], len(self.names)), dtype=np.float32)
         rows_left = np.bincount(owner, minlength=len(requests))

@@ -137,13 +137,22 @@ class TorchRewardEngine:
     def score(self, sequences: Sequence[np.ndarray], positions: Sequence[np.ndarray] | None = None) -> np.ndarray:
         """Head outputs [P, N] at `positions` (per sequence, ascending; default: its last token),
         sequence after sequence: [len(sequences), N] by default."""
-        positions = last_positions(sequences) if positions is None else positions
+        positions = self.read_positions(sequences, positions)
         offsets = np.cumsum([0, *(len(p) for p in positions)])
         outputs = np.empty((offsets[-1], len(self.head.names)), dtype=np.float32)
         for step in self.plan(sequences, positions):
             rows = np.concatenate([np.arange(offsets[i], offsets[i + 1]) for i in step.indices])
             outputs[rows] = self.score_step([sequences[i] for i in step.indices], step.prefixes, [positions[i] for i in step.indices])
         return outputs
+
+    def read_positions(self, sequences: Sequence[np.ndarray], positions: Sequence[np.ndarray] | None = None) -> list[np.ndarray]:
+        """Where outputs are read: `positions` (default: each last token). A classifier with a pad
+        token reads, as transformers does, at the last token that is not the pad token."""
+        positions = [np.array([len(s) - 1]) for s in sequences] if positions is None else positions
+        pad = self.head.pad_token
+        if pad is None:
+            return list(positions)
+        return [np.array([_last_not(s[: p + 1], pad) for p in ps]) for s, ps in zip(sequences, positions, strict=True)]
 
     def plan(self, sequences: Sequence[np.ndarray], positions: Sequence[np.ndarray] | None = None) -> list[Step]:
         """Steps of the token budget, shortest first. A group sharing a prefix stays in one step
@@ -189,7 +198,7 @@ class TorchRewardEngine:
             cache = DynamicCache(config=self.trunk.config)
             self._forward(heads, [0] * len(heads), [np.array([len(h) - 1]) for h in heads], cache=cache)
             shared = SharedPrefixes(cache=cache, bounds=_bounds([len(h) for h in heads]).tolist(), owner=owner)
-        positions = last_positions(sequences) if positions is None else positions
+        positions = self.read_positions(sequences) if positions is None else positions
         suffixes = [s[start:] for s, start in zip(sequences, starts, strict=True)]
         reads = [np.asarray(p) - start for p, start in zip(positions, starts, strict=True)]
         return self.head(self._forward(suffixes, starts, reads, shared=shared)).cpu().numpy()
@@ -217,8 +226,9 @@ class TorchRewardEngine:
         return hidden[torch.from_numpy(rows).to(self.device)]
 
 
-def last_positions(sequences: Sequence[np.ndarray]) -> list[np.ndarray]:
-    return [np.array([len(s) - 1]) for s in sequences]
+def _last_not(sequence: np.ndarray, token: int) -> int:
+    kept = np.flatnonzero(np.asarray(sequence) != token)
+    return int(kept[-1]) if len(kept) else 0  # transformers' argmax over an all-pad row
 
 
 def _bounds(lengths: list[int]) -> torch.Tensor:
