@@ -8,7 +8,7 @@ GRPC_PORT ?= 8001
 METRICS_PORT ?= 8002
 PYTEST_ARGS ?=
 
-.PHONY: setup serve test lint format bench clean
+.PHONY: setup serve test lint format bench engine clean
 
 setup: $(VENV)/.installed $(CHECKPOINT)/model.safetensors ## virtualenv, dependencies, demo checkpoint
 
@@ -39,6 +39,14 @@ lint: $(VENV)/.installed
 format: $(VENV)/.installed
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
+
+# TensorRT-LLM engine (run inside NVIDIA's tritonserver:<yy.mm>-trtllm-python-py3 container, whose
+# python has tensorrt_llm): make engine CHECKPOINT=/models/... TP=8 DTYPE=bf16|fp8 ENGINE=/engines/...
+ENGINE ?= .build/engine
+TP ?= 1
+DTYPE ?= bf16
+engine: ## convert + build a TensorRT-LLM reward engine (docs/tensorrt-llm.md)
+	$(PYTHON) build/trtllm_engine.py --checkpoint $(CHECKPOINT) --out $(ENGINE) --tp $(TP) --dtype $(DTYPE)
 
 BENCH_CHECKPOINT ?= .build/bench-checkpoint
 BENCH_ARGS ?=

@@ -157,17 +157,14 @@ def test_separate_head_with_bias_and_index(tmp_path):
 
 
 def test_lm_head_rows_with_weighted_reward(tmp_path):
-    """Several attributes in lm_head rows 0..N-1 (the folded layout) and a weighted reward."""
+    """Several attributes in lm_head rows 0..N-1 (the folded layout), their bias, and a weighted reward."""
     torch.manual_seed(4)
-    folder = _save(
-        AutoModelForCausalLM.from_config(CONFIGS["qwen2"]()),
-        tmp_path,
-        {"attributes": ["a", "b", "c"], "reward": {"weights": [0.5, -1.0, 2.0]}},
-    )
+    spec = {"attributes": ["a", "b", "c"], "reward": {"weights": [0.5, -1.0, 2.0]}, "bias": [0.25, 0.0, -3.0]}
+    folder = _save(AutoModelForCausalLM.from_config(CONFIGS["qwen2"]()), tmp_path, spec)
     reference = _eager(AutoModelForCausalLM, folder)
     sequences = _sequences(3)
     with torch.inference_mode():
-        expected = np.stack([reference(torch.from_numpy(s)[None]).logits[0, -1, :3].numpy() for s in sequences])
+        expected = np.stack([reference(torch.from_numpy(s)[None]).logits[0, -1, :3].numpy() for s in sequences]) + spec["bias"]
     engine = _engine(folder)
     got = engine.score(sequences)
     assert np.abs(got - expected).max() <= TOLERANCE
@@ -181,7 +178,8 @@ def test_lm_head_rows_with_weighted_reward(tmp_path):
         ({"attributes": ["a", "a"]}, "distinct"),
         ({"attributes": ["a"], "reward": {"index": 1}}, "index"),
         ({"attributes": ["a", "b"], "reward": {"weights": [1.0]}}, "2 finite numbers"),
-        ({"labels": ["a"]}, "unknown key"),
+        ({"labels": ["a"]}, "keys from"),
+        ({"attributes": ["a", "b"], "bias": [1.0, "x"]}, "bias: expected 2 finite"),
     ],
 )
 def test_bad_head_descriptions_fail_at_load(spec, message, tmp_path):

@@ -51,3 +51,14 @@ def test_parameters_are_read_once_with_one_meaning():
         parse_bool("maybe", "x")
     with pytest.raises(ValueError, match="below the minimum"):
         parse_int("0", "n")
+
+
+def test_runtime_comes_from_the_environment_first(monkeypatch):
+    from reward_client.protocol import resolve_runtime
+
+    assert resolve_runtime("") == "torch"
+    monkeypatch.setenv("REWARD_RUNTIME", "tensorrt_llm")
+    assert resolve_runtime("torch") == "tensorrt_llm"
+    monkeypatch.setenv("REWARD_RUNTIME", "onnx")
+    with pytest.raises(ValueError, match="expected one of torch, tensorrt_llm"):
+        resolve_runtime("torch")

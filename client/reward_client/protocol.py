@@ -70,6 +70,16 @@ def parse_int(value: str, name: str, minimum: int = 1) -> int:
 
 
 CHECKPOINT_ENV = "REWARD_CHECKPOINT"
+RUNTIME_ENV = "REWARD_RUNTIME"
+RUNTIMES = ("torch", "tensorrt_llm")
+
+
+def resolve_runtime(parameter: str) -> str:
+    """The engine runtime: $REWARD_RUNTIME if set, else the config parameter (default torch)."""
+    runtime = os.environ.get(RUNTIME_ENV) or parameter or "torch"
+    if runtime not in RUNTIMES:
+        raise ValueError(f"runtime {runtime!r} (parameter runtime or ${RUNTIME_ENV}): expected one of {', '.join(RUNTIMES)}")
+    return runtime
 
 
 def resolve_checkpoint(parameter: str, model_dir: str) -> str:

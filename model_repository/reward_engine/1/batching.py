@@ -3,8 +3,17 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
+
+
+@dataclass
+class Step:
+    """Sequences scored in one engine step, and the groups among them that share a prefix."""
+
+    indices: list[int]  # into the sequences given to the engine's `plan`
+    prefixes: list[tuple[int, list[int]]]  # (prefix length, positions within `indices`) per group
 
 
 def plan_steps(lengths: Sequence[int], max_step_tokens: int) -> list[list[int]]:

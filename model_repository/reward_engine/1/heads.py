@@ -3,7 +3,9 @@
 A checkpoint is a transformers folder, optionally with a head description beside it:
 
     reward_head.json          {"attributes": ["helpfulness", ...], "reward": {"index": 0}}
-                              or "reward": {"weights": [w_0, ..., w_N-1]} (the reward is their weighted sum)
+                              or "reward": {"weights": [w_0, ..., w_N-1]} (the reward is their weighted sum);
+                              optional "bias": [b_0, ..., b_N-1] added to the outputs (a head folded
+                              into a bias-free lm_head keeps its bias here)
     reward_head.safetensors   "weight" [N, hidden] and optionally "bias" [N]: a separate head
 
 Which head is used:
@@ -18,8 +20,6 @@ Which head is used:
 
 from __future__ import annotations
 
-import json
-import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,18 +29,16 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
-HEAD_SPEC = "reward_head.json"
-HEAD_WEIGHTS = "reward_head.safetensors"
+from head_spec import HEAD_SPEC, HEAD_WEIGHTS, HeadSpec, read_head_spec
 
 
 @dataclass
 class RewardHead:
-    """A linear map hidden -> N named outputs; `reward` picks or mixes them into the reward."""
+    """A linear map hidden -> N named outputs (the torch runtime applies it itself)."""
 
     weight: torch.Tensor  # [N, hidden]
     bias: torch.Tensor | None  # [N]
-    names: list[str]
-    reward_weights: np.ndarray  # [N]: the reward is outputs @ reward_weights (one-hot for an index)
+    spec: HeadSpec
     softcap: float | None = None  # final logit soft-capping of the LM this head was cut from
     pad_token: int | None = None  # a classifier reads at the last token that is not this one
 
@@ -51,6 +49,13 @@ class RewardHead:
         if self.bias is not None and tuple(self.bias.shape) != (n,):
             raise ValueError(f"reward head: bias {tuple(self.bias.shape)} is not [{n}]")
 
+    @property
+    def names(self) -> list[str]:
+        return self.spec.names
+
+    def reward(self, outputs: np.ndarray) -> np.ndarray:
+        return self.spec.reward(outputs)
+
     def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
         """[M, hidden] -> [M, N] outputs, in fp32."""
         outputs = hidden.float() @ self.weight.float().T
@@ -58,43 +63,41 @@ class RewardHead:
             outputs = torch.tanh(outputs / self.softcap) * self.softcap
         return outputs if self.bias is None else outputs + self.bias.float()
 
-    def reward(self, outputs: np.ndarray) -> np.ndarray:
-        """[..., N] outputs -> [...] rewards."""
-        return outputs @ self.reward_weights
-
 
 def load_reward_model(checkpoint: str, dtype: torch.dtype, attn_implementation: str) -> tuple[torch.nn.Module, RewardHead]:
     """The transformers trunk (no LM head) and the reward head of a checkpoint folder."""
     folder = Path(checkpoint)
-    spec = _read_spec(folder)
-    pad_token = None
     config = AutoConfig.from_pretrained(checkpoint)
     classifier = any(a.endswith("ForSequenceClassification") for a in config.architectures or [])
     auto = AutoModelForSequenceClassification if classifier else AutoModelForCausalLM
     model = auto.from_pretrained(checkpoint, dtype=dtype, attn_implementation=attn_implementation)
+    softcap = pad_token = None
     if classifier:
-        layer = model.score
-        names = spec.get("attributes") or _label_names(config)
-        weight, bias, softcap = layer.weight, layer.bias, None
+        weight, bias = model.score.weight, model.score.bias
+        spec = read_head_spec(folder, _label_names(config))
         pad_token = config.get_text_config().pad_token_id
     elif (folder / HEAD_WEIGHTS).exists():
         tensors = load_file(folder / HEAD_WEIGHTS)
         if "weight" not in tensors:
             raise ValueError(f"{folder / HEAD_WEIGHTS}: no 'weight' tensor (expected weight [N, hidden] and optional bias [N])")
-        weight, bias, softcap = tensors["weight"], tensors.get("bias"), None
-        names = spec.get("attributes") or (["reward"] if weight.shape[0] == 1 else [f"output_{i}" for i in range(weight.shape[0])])
+        weight, bias = tensors["weight"], tensors.get("bias")
+        n = weight.shape[0]
+        spec = read_head_spec(folder, ["reward"] if n == 1 else [f"output_{i}" for i in range(n)])
     else:  # -HF convention: the reward rows are the first rows of lm_head
-        names = spec.get("attributes") or ["reward"]
-        weight, bias = model.get_output_embeddings().weight[: len(names)], None
+        spec = read_head_spec(folder, ["reward"])
+        weight, bias = model.get_output_embeddings().weight[: len(spec.names)], None
         softcap = getattr(config, "final_logit_softcapping", None)
+    if bias is not None and spec.bias is not None:
+        raise ValueError(f"{folder / HEAD_SPEC}: bias given twice (the head has its own)")
     hidden_size = model.base_model.config.hidden_size
     if weight.ndim != 2 or weight.shape[1] != hidden_size:
         raise ValueError(f"{checkpoint}: reward head weight {tuple(weight.shape)} does not take the trunk's hidden size {hidden_size}")
+    if spec.bias is not None:
+        bias = torch.from_numpy(spec.bias)
     head = RewardHead(
         weight=weight.detach().clone(),
         bias=None if bias is None else bias.detach().clone(),
-        names=list(names),
-        reward_weights=_reward_weights(spec.get("reward", {}), names, folder),
+        spec=spec,
         softcap=softcap,
         pad_token=pad_token,
     )
@@ -103,44 +106,8 @@ def load_reward_model(checkpoint: str, dtype: torch.dtype, attn_implementation: 
     return trunk, head
 
 
-def _read_spec(folder: Path) -> dict:
-    path = folder / HEAD_SPEC
-    if not path.exists():
-        return {}
-    spec = json.loads(path.read_text())
-    unknown = set(spec) - {"attributes", "reward"}
-    if unknown:
-        raise ValueError(f"{path}: unknown key(s) {sorted(unknown)}; allowed: attributes, reward")
-    names = spec.get("attributes")
-    if names is not None and (
-        not isinstance(names, list) or not names or not all(isinstance(n, str) and n for n in names) or len(set(names)) != len(names)
-    ):
-        raise ValueError(f"{path}: attributes must be a non-empty list of distinct, non-empty names")
-    return spec
-
-
 def _label_names(config) -> list[str]:
     labels = [config.id2label[i] for i in range(config.num_labels)]
     if all(re.fullmatch(r"LABEL_\d+", label) for label in labels):  # transformers' placeholders
         return ["reward"] if len(labels) == 1 else [f"output_{i}" for i in range(len(labels))]
     return labels
-
-
-def _reward_weights(rule: dict, names: list[str], folder: Path) -> np.ndarray:
-    """One-hot at `index` (default 0), or the given `weights`."""
-    where = f"{folder / HEAD_SPEC}: reward"
-    if not isinstance(rule, dict) or set(rule) - {"index", "weights"} or len(rule) > 1:
-        raise ValueError(f"{where}: expected {{'index': i}} or {{'weights': [...]}}")
-    if "weights" in rule:
-        weights = rule["weights"]
-        if not isinstance(weights, list) or len(weights) != len(names) or not all(_finite(w) for w in weights):
-            raise ValueError(f"{where}.weights: expected {len(names)} finite numbers (one per attribute)")
-        return np.array(weights, dtype=np.float32)
-    index = rule.get("index", 0)
-    if not isinstance(index, int) or not 0 <= index < len(names):
-        raise ValueError(f"{where}.index: {index!r} is not an attribute index below {len(names)}")
-    return np.eye(len(names), dtype=np.float32)[index]
-
-
-def _finite(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)

@@ -21,24 +21,27 @@ import triton_python_backend_utils as pb_utils
 
 from reward_client import protocol
 
-from torch_runtime import TorchRewardEngine
-
 
 class TritonPythonModel:
     def initialize(self, args):
         parameters = protocol.read_parameters(json.loads(args["model_config"]))
         checkpoint = protocol.resolve_checkpoint(parameters.get("checkpoint", ""), args["model_repository"])
-        runtime = parameters.get("runtime", "torch")
-        if runtime != "torch":
-            raise ValueError(f"parameter runtime: {runtime!r} is not supported by this build (use torch)")
-        step_tokens = parameters.get("max_step_tokens", "auto")
-        self.engine = TorchRewardEngine(
-            checkpoint,
-            device=parameters.get("device", "auto"),
-            dtype=parameters.get("dtype", "auto"),
-            max_step_tokens=None if step_tokens == "auto" else protocol.parse_int(step_tokens, "max_step_tokens"),
-            min_shared_prefix=protocol.parse_int(parameters.get("min_shared_prefix", "64"), "min_shared_prefix", minimum=0),
-        )
+        runtime = protocol.resolve_runtime(parameters.get("runtime", ""))
+        if runtime == "tensorrt_llm":
+            from trtllm_runtime import TrtllmRewardEngine  # needs tensorrt_llm and a GPU
+
+            self.engine = TrtllmRewardEngine(checkpoint)
+        else:
+            from torch_runtime import TorchRewardEngine  # needs transformers 5 (the trtllm container pins 4.x)
+
+            step_tokens = parameters.get("max_step_tokens", "auto")
+            self.engine = TorchRewardEngine(
+                checkpoint,
+                device=parameters.get("device", "auto"),
+                dtype=parameters.get("dtype", "auto"),
+                max_step_tokens=None if step_tokens == "auto" else protocol.parse_int(step_tokens, "max_step_tokens"),
+                min_shared_prefix=protocol.parse_int(parameters.get("min_shared_prefix", "64"), "min_shared_prefix", minimum=0),
+            )
         self.names = np.array([name.encode() for name in self.engine.head.names], dtype=np.object_)
 
     def execute(self, requests):
@@ -82,8 +85,7 @@ class TritonPythonModel:
                 answered.add(r)
         return None
 
-    @staticmethod
-    def _rows(request):
+    def _rows(self, request):
         ids = pb_utils.get_input_tensor_by_name(request, protocol.INPUT_IDS).as_numpy()
         lengths = pb_utils.get_input_tensor_by_name(request, protocol.NUM_TOKENS).as_numpy().reshape(-1)
         rows = [ids[b, : lengths[b]] for b in range(ids.shape[0])]
@@ -94,6 +96,8 @@ class TritonPythonModel:
         for b, (row, positions) in enumerate(zip(rows, reads, strict=True)):
             if not len(row) or not len(positions) or positions[-1] >= len(row) or np.any(np.diff(positions) <= 0):
                 raise ValueError(f"row {b}: {protocol.SCORE_AT} must list ascending positions below its {len(row)} tokens")
+            if (len(positions) > 1 or positions[-1] != len(row) - 1) and not self.engine.supports_turns:
+                raise ValueError("per-turn scores need the torch runtime (this engine reads only the last token)")
         return rows, reads
 
     def _response(self, outputs):

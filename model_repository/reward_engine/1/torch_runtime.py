@@ -21,7 +21,7 @@ from transformers import DynamicCache
 from transformers.masking_utils import AttentionMaskInterface
 from transformers.modeling_utils import AttentionInterface
 
-from batching import plan_steps, shared_prefixes
+from batching import Step, plan_steps, shared_prefixes
 from heads import load_reward_model
 
 PACKED_ATTENTION = "packed_reward"  # no "sdpa" in the name: transformers would then demand SDPA support
@@ -80,14 +80,6 @@ AttentionMaskInterface.register(PACKED_ATTENTION, _no_mask)
 
 
 @dataclass
-class Step:
-    """Sequences scored in one packed forward, and the groups among them that share a prefix."""
-
-    indices: list[int]  # into the sequences given to `plan`
-    prefixes: list[tuple[int, list[int]]]  # (prefix length, positions within `indices`) per group
-
-
-@dataclass
 class SharedPrefixes:
     """Keys/values of prefixes computed once, and which packed segment continues which prefix."""
 
@@ -106,6 +98,8 @@ class SharedPrefixes:
 
 class TorchRewardEngine:
     """Scores token sequences with a transformers reward checkpoint (see `heads` for the layouts)."""
+
+    supports_turns = True  # reads scores at any positions (every assistant turn's end)
 
     def __init__(
         self,

@@ -1,0 +1,98 @@
+"""Build a TensorRT-LLM reward engine that `reward_engine` (runtime `tensorrt_llm`) serves.
+
+    make engine CHECKPOINT=/models/Llama-3.1-Nemotron-70B-Reward-HF TP=8 DTYPE=bf16 ENGINE=/engines/nemotron-70b-rm
+    make engine CHECKPOINT=/models/Llama-3.1-Nemotron-70B-Reward-HF TP=1 DTYPE=fp8  ENGINE=/engines/nemotron-70b-rm-fp8
+
+bf16: build/trtllm_checkpoint.py (this project; head folded into lm_head, TP shards) -> trtllm-build.
+fp8:  TensorRT-LLM's examples/quantization/quantize.py (ModelOpt calibration; it reads the -HF layout,
+      whose reward row is already lm_head row 0, and keeps lm_head unquantized) -> trtllm-build.
+Either way the engine reads the reward from the first generated step's float32 logits, never gathers
+context logits, and takes prompts of up to 4,096 tokens. The engine folder also receives the
+tokenizer, the chat template and reward_head.json, so REWARD_CHECKPOINT=<engine folder> serves it.
+
+Targets TensorRT-LLM 1.0 (the tritonserver:25.10-trtllm-python-py3 container); needs `trtllm-build`
+and, for fp8, TRTLLM_EXAMPLES pointing at TensorRT-LLM's examples/ folder. --dry-run prints the
+commands without running them (that part is tested; the build itself is UNVERIFIED here).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+MAX_INPUT_TOKENS = 4096  # the preprocessing limit
+MAX_BATCH_SIZE = 64  # reward_engine's max_batch_size
+BUILD = Path(__file__).resolve().parent
+
+
+def commands(checkpoint: Path, engine: Path, tp: int, dtype: str, max_num_tokens: int, examples: Path | None) -> list[list[str]]:
+    """The conversion (or quantization) and the trtllm-build command lines."""
+    converted = engine / "trtllm-checkpoint"
+    if dtype == "bf16":
+        convert = [sys.executable, str(BUILD / "trtllm_checkpoint.py"), "--checkpoint", str(checkpoint)]
+        convert += ["--tp", str(tp), "--dtype", "bfloat16", "--out", str(converted)]
+    elif dtype == "fp8":
+        if examples is None:
+            raise ValueError("fp8 needs TRTLLM_EXAMPLES: TensorRT-LLM's examples/ folder (for quantization/quantize.py)")
+        if (checkpoint / "reward_head.safetensors").exists():
+            raise ValueError("fp8 quantizes the -HF layout (reward rows in lm_head); this checkpoint has a separate head")
+        convert = [sys.executable, str(examples / "quantization" / "quantize.py"), "--model_dir", str(checkpoint)]
+        convert += ["--dtype", "bfloat16", "--qformat", "fp8", "--kv_cache_dtype", "fp8", "--calib_size", "512"]
+        convert += ["--tp_size", str(tp), "--output_dir", str(converted)]
+    else:
+        raise ValueError(f"dtype {dtype!r}: expected bf16 or fp8")
+    build = ["trtllm-build", "--checkpoint_dir", str(converted), "--output_dir", str(engine)]
+    build += ["--gather_generation_logits", "--logits_dtype", "float32"]  # the reward is a float32 logit of step 1
+    build += ["--max_input_len", str(MAX_INPUT_TOKENS), "--max_seq_len", str(MAX_INPUT_TOKENS + 1)]
+    build += ["--max_num_tokens", str(max_num_tokens), "--max_batch_size", str(MAX_BATCH_SIZE), "--max_beam_width", "1"]
+    build += ["--gemm_plugin", "auto", "--workers", str(tp)]
+    if dtype == "fp8":
+        build += ["--use_fp8_context_fmha", "enable"]
+    return [convert, build]
+
+
+def copy_serving_files(checkpoint: Path, engine: Path) -> None:
+    """Tokenizer, chat template and reward_head.json beside the engine (the bf16 conversion already
+    wrote reward_head.json with the bias; for fp8 the checkpoint's own, if any, is the description)."""
+    sys.path.insert(0, str(BUILD))
+    from trtllm_checkpoint import TOKENIZER_FILES
+
+    converted = engine / "trtllm-checkpoint"
+    for name in (*TOKENIZER_FILES, "reward_head.json"):
+        source = converted / name if (converted / name).exists() else checkpoint / name
+        if source.exists():
+            shutil.copy2(source, engine / name)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", type=Path, required=True, help="transformers Llama reward checkpoint")
+    parser.add_argument("--out", type=Path, required=True, help="engine folder (created)")
+    parser.add_argument("--tp", type=int, default=1, help="tensor-parallel GPUs (default: 1)")
+    parser.add_argument("--dtype", choices=["bf16", "fp8"], default="bf16", help="default: bf16")
+    parser.add_argument("--max-num-tokens", type=int, default=16384, help="tokens per engine step (default: 16384)")
+    parser.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
+    args = parser.parse_args()
+    examples = Path(os.environ["TRTLLM_EXAMPLES"]) if os.environ.get("TRTLLM_EXAMPLES") else None
+    try:
+        steps = commands(args.checkpoint, args.out, args.tp, args.dtype, args.max_num_tokens, examples)
+    except ValueError as exc:
+        sys.exit(f"error: {exc}")
+    for step in steps:
+        print("+", shlex.join(step), flush=True)
+        if not args.dry_run:
+            if shutil.which(step[0]) is None and not Path(step[0]).exists():
+                sys.exit(f"error: {step[0]} not found (run inside NVIDIA's tritonserver:<yy.mm>-trtllm-python-py3 container)")
+            subprocess.run(step, check=True)
+    if not args.dry_run:
+        copy_serving_files(args.checkpoint, args.out)
+        print(f"engine written to {args.out}; serve it with REWARD_CHECKPOINT={args.out} and runtime tensorrt_llm")
+
+
+if __name__ == "__main__":
+    main()
