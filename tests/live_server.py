@@ -44,9 +44,12 @@ class Server:
         return f"http://localhost:{self.metrics_port}/metrics"
 
 
-def start_server(log: Path, *, model_repository: Path | None = None, env: dict[str, str] | None = None) -> Server:
-    """Start tritonserver and wait until the reward model is ready; raise RuntimeError with the log's tail if not."""
-    ports = [free_port() for _ in range(3)]
+def start_server(
+    log: Path, *, model_repository: Path | None = None, env: dict[str, str] | None = None, ports: tuple[int, int, int] | None = None
+) -> Server:
+    """Start tritonserver (on free ports, or the given HTTP, gRPC and metrics ports) and wait until the
+    reward model is ready; raise RuntimeError with the log's tail if not."""
+    ports = ports or tuple(free_port() for _ in range(3))
     command = [sys.executable, str(REPO / "build" / "serve.py"), "--address", "127.0.0.1"]
     command += ["--http-port", str(ports[0]), "--grpc-port", str(ports[1]), "--metrics-port", str(ports[2])]
     if model_repository is not None:

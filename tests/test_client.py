@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from reward_client import RewardClient, ServerUnavailableError, Timeout
-from reward_client.client import Endpoint
+from reward_client.config import Endpoint
 
 from live_server import free_port
 
@@ -56,3 +56,18 @@ def test_score_is_the_reward_float_with_named_attributes():
     copy = pickle.loads(pickle.dumps(score))
     assert copy == 1.5 and copy.attributes == score.attributes
     assert "verbosity" in repr(score)
+
+
+def test_the_client_installs_and_imports_without_torch():
+    """The base distribution (no extras) is the client: its dependencies and imports leave out the server stack."""
+    import subprocess
+    import sys
+
+    import tomllib
+
+    from conftest import REPO
+
+    base = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    assert not any(name in dep for dep in base for name in ("torch", "transformers", "pytriton"))
+    probe = "import sys, reward_client, reward_client.cli; print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))"
+    assert subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout.strip() == "[]"

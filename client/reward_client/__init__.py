@@ -1,11 +1,14 @@
 """Client SDK for the Triton reward-model server.
 
-from reward_client import RewardClient
-RewardClient("localhost:8001").score([{"role": "user", "content": "What is 1+1?"},
-                                      {"role": "assistant", "content": "1+1=2"}])
+    from reward_client import RewardClient
+    RewardClient("localhost:8001").score([{"role": "user", "content": "What is 1+1?"},
+                                          {"role": "assistant", "content": "1+1=2"}])
+
+Reference: docs/client.md.
 """
 
-from reward_client.client import RewardClient, Timeout
+from reward_client.client import AsyncRewardClient, RewardClient
+from reward_client.config import TLS, Retry, Timeout
 from reward_client.conversation import Conversation, Message
 from reward_client.errors import (
     InvalidConversationError,
@@ -14,17 +17,22 @@ from reward_client.errors import (
     ServerError,
     ServerUnavailableError,
 )
-from reward_client.scores import Score
+from reward_client.scores import Ranked, Score, preference
 
 __all__ = [
+    "TLS",
+    "AsyncRewardClient",
     "Conversation",
     "InvalidConversationError",
     "Message",
+    "Ranked",
     "RequestTimeoutError",
+    "Retry",
     "RewardClient",
     "RewardClientError",
     "Score",
     "ServerError",
     "ServerUnavailableError",
     "Timeout",
+    "preference",
 ]

@@ -1,29 +1,36 @@
-"""RewardClient: score conversations against the Triton `reward_model` over gRPC or HTTP.
+"""Clients for the Triton `reward_model`: `AsyncRewardClient` (asyncio) and its blocking twin `RewardClient`.
 
-    with RewardClient("localhost:8001") as client:          # gRPC (also "grpc://host:port")
-        client.score([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}])
-    RewardClient("http://localhost:8000")                    # HTTP/REST (KServe v2)
+    async with AsyncRewardClient("localhost:8001") as client:       # gRPC (also "grpc://host:port")
+        score = await client.score([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}])
+    with RewardClient(["http://rm-0:8000", "http://rm-1:8000"]) as client:   # HTTP, round-robin + failover
+        client.score_batch(conversations)
 
-All logic that does no I/O lives in `_BaseRewardClient`; the transport classes only call
-tritonclient, and every error crosses into this package's exception tree in `convert_error`.
+All I/O goes through `AsyncRewardClient._request`: one server per try, round-robin over the URLs,
+retried on the next URL when a server cannot be reached or is not ready (scoring is idempotent).
+`RewardClient` runs the same coroutines on a private event-loop thread, so both clients give the
+same results by construction. Every lower-level error becomes one of `reward_client.errors` in
+`convert_error`.
 """
 
 from __future__ import annotations
 
+import asyncio
+import itertools
+import math
 import socket
 import threading
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
-from typing import Any
-from urllib.parse import urlsplit
+from collections.abc import Coroutine, Iterable, Sequence
+from typing import Any, TypeVar
 
+import aiohttp
 import numpy as np
-import tritonclient.grpc as grpcclient
-import tritonclient.http as httpclient
+import tritonclient.grpc.aio as grpcclient
+import tritonclient.http.aio as httpclient
 from tritonclient.utils import InferenceServerException
 
 from reward_client import conversation as conv
 from reward_client import protocol
+from reward_client.config import DEFAULT_CONCURRENCY, TLS, Endpoint, Retry, Timeout
 from reward_client.errors import (
     InvalidConversationError,
     RequestTimeoutError,
@@ -31,42 +38,10 @@ from reward_client.errors import (
     ServerError,
     ServerUnavailableError,
 )
-from reward_client.scores import Score
+from reward_client.scores import Ranked, Score, preference
 
-DEFAULT_CONNECT_TIMEOUT_S = 5.0
-DEFAULT_REQUEST_TIMEOUT_S = 120.0
-DEFAULT_CONCURRENCY = 16
-
-
-@dataclass(frozen=True)
-class Timeout:
-    """Seconds to wait for a connection and for a whole request (over gRPC only `request` applies)."""
-
-    connect: float = DEFAULT_CONNECT_TIMEOUT_S
-    request: float = DEFAULT_REQUEST_TIMEOUT_S
-
-
-@dataclass(frozen=True)
-class Endpoint:
-    protocol: str  # "grpc" or "http"
-    address: str  # host:port
-    tls: bool
-
-    @classmethod
-    def parse(cls, url: str) -> Endpoint:
-        """`http(s)://host:port` → HTTP; `grpc(s)://host:port` or bare `host:port` → gRPC."""
-        parts = urlsplit(url if "://" in url else f"grpc://{url}")
-        schemes = {"http": ("http", False), "https": ("http", True), "grpc": ("grpc", False), "grpcs": ("grpc", True)}
-        if parts.scheme not in schemes:
-            raise ValueError(f"url {url!r}: scheme must be http, https, grpc or grpcs")
-        if not parts.hostname or parts.port is None:
-            raise ValueError(f"url {url!r}: expected host:port")
-        if parts.path not in ("", "/"):
-            raise ValueError(f"url {url!r}: a path is not supported")
-        host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
-        name, tls = schemes[parts.scheme]
-        return cls(name, f"{host}:{parts.port}", tls)
-
+T = TypeVar("T")
+DEFAULT_TIMEOUT, DEFAULT_RETRY = Timeout(), Retry()
 
 # gRPC status codes and HTTP statuses that Triton uses, mapped onto this package's errors.
 _INVALID = {"StatusCode.INVALID_ARGUMENT", "400"}
@@ -75,147 +50,228 @@ _TIMEOUT = {"StatusCode.DEADLINE_EXCEEDED", "504"}
 
 
 def convert_error(exc: BaseException) -> RewardClientError:
-    """Translate a tritonclient or socket error into the package's exception tree."""
+    """Translate a tritonclient, aiohttp or socket error into the package's exception tree."""
     if isinstance(exc, RewardClientError):
         return exc
     if isinstance(exc, InferenceServerException):
         status, message = str(exc.status()), exc.message() or str(exc)
         if status in _INVALID:
             return InvalidConversationError(message)
-        if status in _UNAVAILABLE:
+        if status in _UNAVAILABLE or "is not ready" in message or "unknown model" in message:
             return ServerUnavailableError(message)
         if status in _TIMEOUT or "Deadline Exceeded" in message:
             return RequestTimeoutError(message)
         return ServerError(message, status)
-    if isinstance(exc, (socket.timeout, TimeoutError)):
-        return RequestTimeoutError(f"no answer in time: {exc}")
-    if isinstance(exc, OSError):
-        return ServerUnavailableError(f"cannot reach the server: {exc}")
+    if isinstance(exc, (asyncio.TimeoutError, socket.timeout, TimeoutError)):
+        return RequestTimeoutError(f"no answer in time: {exc!r}")
+    if isinstance(exc, (OSError, aiohttp.ClientError)):
+        return ServerUnavailableError(f"cannot reach the server: {exc!r}")
     return ServerError(f"{type(exc).__name__}: {exc}")
 
 
-class _BaseRewardClient:
-    """Everything that does no I/O: URL, request tensors, result decoding."""
+class _Transport:
+    """One server: a tritonclient asyncio client, opened in the running loop on first use."""
 
-    def __init__(self, url: str, *, model: str, timeout: Timeout, headers: dict[str, str] | None) -> None:
-        self.endpoint = Endpoint.parse(url)
-        self.model = model
-        self.timeout = timeout
-        self.headers = dict(headers or {})
+    def __init__(self, endpoint: Endpoint, timeout: Timeout, tls: TLS | None) -> None:
+        self.endpoint, self.timeout, self.tls = endpoint, timeout, tls or TLS()
+        self.module: Any = grpcclient if endpoint.protocol == "grpc" else httpclient
+        self._client: Any = None
 
-    def _inputs(self, conversations: Sequence[Any], module: Any, score_turns: bool = False) -> list[Any]:
-        """One request carrying each conversation as a row."""
-        payload = np.array([[conv.to_json(c)] for c in conversations], dtype=np.object_)
-        tensor = module.InferInput(protocol.CONVERSATION, list(payload.shape), "BYTES")
-        tensor.set_data_from_numpy(payload)
-        if not score_turns:
-            return [tensor]
-        turns = module.InferInput(protocol.SCORE_TURNS, [len(conversations), 1], "BOOL")
-        turns.set_data_from_numpy(np.ones((len(conversations), 1), dtype=bool))
-        return [tensor, turns]
+    async def client(self) -> Any:
+        if self._client is None:
+            host, port = self.endpoint.host_port
+            # An explicit connect deadline: neither tritonclient transport exposes one of its own.
+            try:
+                _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), self.timeout.connect)
+            except asyncio.TimeoutError:
+                raise ServerUnavailableError(f"no connection to {self.endpoint} within {self.timeout.connect} s") from None
+            writer.close()
+            if self.endpoint.protocol == "grpc":
+                credentials = self.tls.grpc_credentials() if self.endpoint.tls else {}
+                self._client = grpcclient.InferenceServerClient(self.endpoint.address, ssl=self.endpoint.tls, **credentials)
+            else:
+                ssl_context = self.tls.ssl_context() if self.endpoint.tls else None
+                self._client = httpclient.InferenceServerClient(
+                    self.endpoint.address, conn_timeout=self.timeout.request, ssl=self.endpoint.tls, ssl_context=ssl_context
+                )
+        return self._client
 
-    @staticmethod
-    def _scores(result: Any) -> list[Score]:
-        """The final assistant turn's Score of each row."""
-        names = _names(result)
-        rewards, attributes = result.as_numpy(protocol.REWARD).reshape(-1), result.as_numpy(protocol.ATTRIBUTES)
-        return [_score(r, a, names) for r, a in zip(rewards, attributes, strict=True)]
+    async def infer(self, model: str, payloads: Sequence[bytes], score_turns: bool, headers: dict[str, str]) -> Any:
+        client = await self.client()
+        inputs = _inputs(self.module, payloads, score_turns)
+        return await asyncio.wait_for(client.infer(model, inputs, headers=headers), self.timeout.request)
 
-    @staticmethod
-    def _turn_scores(result: Any) -> list[list[Score]]:
-        """Each row's Score per assistant turn, in order (the padding is NaN)."""
-        names = _names(result)
-        rows = zip(result.as_numpy(protocol.TURN_REWARDS), result.as_numpy(protocol.TURN_ATTRIBUTES), strict=True)
-        return [[_score(r, a, names) for r, a in zip(rewards, attributes, strict=True) if not np.isnan(r)] for rewards, attributes in rows]
+    async def is_ready(self, model: str, headers: dict[str, str]) -> bool:
+        client = await self.client()
+        return bool(await client.is_server_ready(headers=headers) and await client.is_model_ready(model, headers=headers))
 
-    @staticmethod
-    def _with_responses(prompt: Any, responses: Sequence[str]) -> list[list[Any]]:
-        """The prompt (a user message string, or messages ending with a user turn) + each response.
-
-        Validated later, with every other conversation, when `_inputs` encodes them."""
-        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
-        return [[*messages, {"role": "assistant", "content": r}] for r in responses]
+    async def reset(self) -> None:
+        """Drop the connection after a failure: the next try reconnects (the server may have restarted)."""
+        client, self._client = self._client, None
+        if client is not None:
+            await client.close()
 
 
-class RewardClient(_BaseRewardClient):
-    """Blocking client. Thread-safe for `score`; `score_batch` overlaps requests itself."""
+class AsyncRewardClient:
+    """asyncio client. Safe to share between tasks of one event loop; at most `concurrency`
+    requests are in flight at once, whatever method sent them."""
 
     def __init__(
         self,
-        url: str,
+        url: str | Sequence[str],
         *,
         model: str = protocol.ENSEMBLE_MODEL,
-        timeout: Timeout = Timeout(),
+        timeout: Timeout = DEFAULT_TIMEOUT,
+        retry: Retry = DEFAULT_RETRY,
         headers: dict[str, str] | None = None,
+        tls: TLS | None = None,
         concurrency: int = DEFAULT_CONCURRENCY,
     ) -> None:
-        super().__init__(url, model=model, timeout=timeout, headers=headers)
-        self.concurrency = concurrency
-        if self.endpoint.protocol == "grpc":
-            self._module: Any = grpcclient
-            self._client: Any = grpcclient.InferenceServerClient(self.endpoint.address, ssl=self.endpoint.tls)
-        else:
-            self._module = httpclient
-            self._client = httpclient.InferenceServerClient(
-                self.endpoint.address,
-                ssl=self.endpoint.tls,
-                concurrency=concurrency,
-                connection_timeout=timeout.connect,
-                network_timeout=timeout.request,
-            )
+        """`url`: one server or several (round-robin, failover). `headers` go with every request
+        (e.g. {"Authorization": "Bearer ..."}); `tls` configures https:// and grpcs:// URLs."""
+        urls = [url] if isinstance(url, str) else list(url)
+        if not urls:
+            raise ValueError("url: give at least one server URL")
+        self.endpoints = [Endpoint.parse(u) for u in urls]
+        self.model, self.timeout, self.retry, self.headers = model, timeout, retry, dict(headers or {})
+        self._transports = [_Transport(e, timeout, tls) for e in self.endpoints]
+        self._turn = itertools.count()
+        self._slots = asyncio.Semaphore(concurrency)
 
-    def score(self, conversation: Any) -> Score:
+    async def score(self, conversation: Any) -> Score:
         """The reward of the conversation's final assistant turn (a float, with `.attributes`)."""
-        inputs = self._inputs([conversation], self._module)
-        try:
-            return self._scores(self._infer(inputs))[0]
-        except Exception as exc:
-            raise convert_error(exc) from exc
+        return _scores(await self._request([conv.to_json(conversation)]))[0]
 
-    def score_turns(self, conversation: Any) -> list[Score]:
+    async def score_turns(self, conversation: Any) -> list[Score]:
         """The Score of every assistant turn, in order, all from one forward pass on the server.
 
-        Turn k's score equals scoring the conversation cut after turn k. Needs a chat template
-        that renders each cut as a prefix of the whole (Llama 3.1's does; SteerLM's, which ends
-        the scored turn with <extra_id_2>, does not: the server says so).
+        Turn k's score equals scoring the conversation cut after turn k. Needs a chat template that
+        renders each cut as a prefix of the whole (Llama 3.1's does; SteerLM's, which ends the
+        scored turn with <extra_id_2>, does not: the server answers InvalidConversationError).
         """
-        inputs = self._inputs([conversation], self._module, score_turns=True)
-        try:
-            return self._turn_scores(self._infer(inputs))[0]
-        except Exception as exc:
-            raise convert_error(exc) from exc
+        return _turn_scores(await self._request([conv.to_json(conversation)], score_turns=True))[0]
 
-    def score_responses(self, prompt: Any, responses: Sequence[str]) -> list[Score]:
-        """Rewards of several responses to one prompt (best-of-n), in order.
-
-        They travel together (up to 64 per request), so the server computes the shared prompt
-        once and reuses its keys/values for every response.
-        """
-        conversations = self._with_responses(prompt, responses)
-        chunks = [conversations[i : i + protocol.MAX_BATCH_SIZE] for i in range(0, len(conversations), protocol.MAX_BATCH_SIZE)]
-        outcomes = self._infer_many([self._inputs(chunk, self._module) for chunk in chunks])
-        return [score for outcome in outcomes for score in self._scores(_raise_if_error(outcome))]
-
-    def score_batch(self, conversations: Iterable[Any]) -> list[Score]:
-        """Rewards in input order; requests overlap up to `concurrency` so the server can batch them.
+    async def score_batch(self, conversations: Iterable[Any]) -> list[Score]:
+        """Scores in input order, one request per conversation, `concurrency` in flight.
 
         Every conversation is validated before anything is sent. If any request fails, the first
         error (in input order) is raised after all of them have finished.
         """
-        outcomes = self._infer_many([self._inputs([c], self._module) for c in conversations])
-        return [self._scores(_raise_if_error(outcome))[0] for outcome in outcomes]
+        payloads = [conv.to_json(c) for c in conversations]
+        outcomes = await asyncio.gather(*(self._request([p]) for p in payloads), return_exceptions=True)
+        return [_scores(_raise_if_error(outcome))[0] for outcome in outcomes]
+
+    async def score_group(self, conversations: Sequence[Any]) -> list[Score]:
+        """Scores of conversations sent together (64 per request): the server computes a prefix
+        they share (one prompt, several responses; one conversation cut after each turn) once.
+        One bad conversation fails its whole request."""
+        payloads = [conv.to_json(c) for c in conversations]
+        size = protocol.MAX_BATCH_SIZE
+        outcomes = await asyncio.gather(
+            *(self._request(payloads[i : i + size]) for i in range(0, len(payloads), size)), return_exceptions=True
+        )
+        return [score for outcome in outcomes for score in _scores(_raise_if_error(outcome))]
+
+    async def score_responses(self, prompt: Any, responses: Sequence[str]) -> list[Score]:
+        """Scores of several responses to one prompt (best-of-n), in order; the prompt is computed once.
+
+        `prompt`: a user message string, or messages ending with a user turn."""
+        return await self.score_group(_with_responses(prompt, responses))
+
+    async def rank(self, prompt: Any, responses: Sequence[str]) -> list[Ranked]:
+        """The responses best first (ties keep input order)."""
+        return _ranked(responses, await self.score_responses(prompt, responses))
+
+    async def best_of_n(self, prompt: Any, responses: Sequence[str]) -> Ranked:
+        """The highest-scoring response."""
+        return (await self.rank(prompt, responses))[0]
+
+    async def compare(self, prompt: Any, a: str, b: str) -> float:
+        """P(a ≻ b) = σ(r_a − r_b), the Bradley–Terry preference of response `a` over `b`."""
+        score_a, score_b = await self.score_responses(prompt, [a, b])
+        return preference(score_a, score_b)
+
+    async def is_ready(self) -> bool:
+        """Whether some server is up with the reward model ready to score."""
+        for transport in self._transports:
+            try:
+                if await transport.is_ready(self.model, self.headers):
+                    return True
+            except Exception:
+                await transport.reset()
+        return False
+
+    async def close(self) -> None:
+        for transport in self._transports:
+            await transport.reset()
+
+    async def __aenter__(self) -> AsyncRewardClient:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    async def _request(self, payloads: Sequence[bytes], score_turns: bool = False) -> Any:
+        """One inference request, tried on the next server in turn, retried as `self.retry` says."""
+        async with self._slots:
+            start = next(self._turn)
+            for attempt in range(self.retry.attempts):
+                await asyncio.sleep(self.retry.delay(attempt, len(self._transports)))
+                transport = self._transports[(start + attempt) % len(self._transports)]
+                try:
+                    return await transport.infer(self.model, payloads, score_turns, self.headers)
+                except Exception as exc:
+                    error = convert_error(exc)
+                    if not isinstance(error, ServerUnavailableError) or attempt + 1 == self.retry.attempts:
+                        raise error from exc
+                    await transport.reset()
+        raise AssertionError("unreachable: the last attempt raises")
+
+
+class RewardClient:
+    """Blocking twin of AsyncRewardClient (same arguments, same methods, same results). Thread-safe:
+    calls from several threads share one event-loop thread and the `concurrency` limit."""
+
+    def __init__(self, url: str | Sequence[str], **options: Any) -> None:
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="reward-client", daemon=True)
+        self._thread.start()
+        self._client = AsyncRewardClient(url, **options)
+        self.endpoints, self.model = self._client.endpoints, self._client.model
+
+    def score(self, conversation: Any) -> Score:
+        return self._run(self._client.score(conversation))
+
+    def score_turns(self, conversation: Any) -> list[Score]:
+        return self._run(self._client.score_turns(conversation))
+
+    def score_batch(self, conversations: Iterable[Any]) -> list[Score]:
+        return self._run(self._client.score_batch(conversations))
+
+    def score_group(self, conversations: Sequence[Any]) -> list[Score]:
+        return self._run(self._client.score_group(conversations))
+
+    def score_responses(self, prompt: Any, responses: Sequence[str]) -> list[Score]:
+        return self._run(self._client.score_responses(prompt, responses))
+
+    def rank(self, prompt: Any, responses: Sequence[str]) -> list[Ranked]:
+        return self._run(self._client.rank(prompt, responses))
+
+    def best_of_n(self, prompt: Any, responses: Sequence[str]) -> Ranked:
+        return self._run(self._client.best_of_n(prompt, responses))
+
+    def compare(self, prompt: Any, a: str, b: str) -> float:
+        return self._run(self._client.compare(prompt, a, b))
 
     def is_ready(self) -> bool:
-        """Whether the server and the reward model are ready to score."""
-        try:
-            return bool(
-                self._client.is_server_ready(headers=self.headers) and self._client.is_model_ready(self.model, headers=self.headers)
-            )
-        except Exception:
-            return False
+        return self._run(self._client.is_ready())
 
     def close(self) -> None:
-        self._client.close()
+        if self._loop.is_running():
+            self._run(self._client.close())
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join()
+            self._loop.close()
 
     def __enter__(self) -> RewardClient:
         return self
@@ -223,37 +279,36 @@ class RewardClient(_BaseRewardClient):
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
-    def _infer(self, inputs: list[Any]) -> Any:
-        if self.endpoint.protocol == "grpc":
-            return self._client.infer(self.model, inputs, headers=self.headers, client_timeout=self.timeout.request)
-        return self._client.infer(self.model, inputs, headers=self.headers)
+    def _run(self, coroutine: Coroutine[Any, Any, T]) -> T:
+        if not self._loop.is_running():
+            coroutine.close()
+            raise RuntimeError("RewardClient is closed")
+        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result()
 
-    def _infer_many(self, batch: Sequence[list[Any]]) -> list[Any]:
-        if self.endpoint.protocol == "http":
-            # The HTTP client's connection pool (size `concurrency`) bounds what is in flight.
-            handles = [self._client.async_infer(self.model, inputs, headers=self.headers) for inputs in batch]
-            return [_outcome(handle.get_result) for handle in handles]
-        outcomes: list[Any] = [None] * len(batch)
-        slots = threading.Semaphore(self.concurrency)
-        done = threading.Semaphore(0)
 
-        def callback(index: int, result: Any, error: Any) -> None:
-            outcomes[index] = error if error is not None else result
-            slots.release()
-            done.release()
+def _inputs(module: Any, payloads: Sequence[bytes], score_turns: bool) -> list[Any]:
+    """The request tensors: each conversation a row of CONVERSATION, and SCORE_TURNS if asked."""
+    tensor = module.InferInput(protocol.CONVERSATION, [len(payloads), 1], "BYTES")
+    tensor.set_data_from_numpy(np.array([[p] for p in payloads], dtype=np.object_))
+    if not score_turns:
+        return [tensor]
+    turns = module.InferInput(protocol.SCORE_TURNS, [len(payloads), 1], "BOOL")
+    turns.set_data_from_numpy(np.ones((len(payloads), 1), dtype=bool))
+    return [tensor, turns]
 
-        for index, inputs in enumerate(batch):
-            slots.acquire()
-            self._client.async_infer(
-                self.model,
-                inputs,
-                callback=lambda result, error, index=index: callback(index, result, error),
-                headers=self.headers,
-                client_timeout=self.timeout.request,
-            )
-        for _ in batch:
-            done.acquire()
-        return outcomes
+
+def _scores(result: Any) -> list[Score]:
+    """The final assistant turn's Score of each row."""
+    names = _names(result)
+    rewards, attributes = result.as_numpy(protocol.REWARD).reshape(-1), result.as_numpy(protocol.ATTRIBUTES)
+    return [_score(r, a, names) for r, a in zip(rewards, attributes, strict=True)]
+
+
+def _turn_scores(result: Any) -> list[list[Score]]:
+    """Each row's Score per assistant turn, in order (the padding is NaN)."""
+    names = _names(result)
+    rows = zip(result.as_numpy(protocol.TURN_REWARDS), result.as_numpy(protocol.TURN_ATTRIBUTES), strict=True)
+    return [[_score(r, a, names) for r, a in zip(rewards, attributes, strict=True) if not math.isnan(r)] for rewards, attributes in rows]
 
 
 def _score(reward: float, attributes: np.ndarray, names: list[str]) -> Score:
@@ -265,14 +320,18 @@ def _names(result: Any) -> list[str]:
     return [n.decode() if isinstance(n, bytes) else str(n) for n in names[0]]
 
 
-def _raise_if_error(outcome: Any) -> Any:
+def _with_responses(prompt: Any, responses: Sequence[str]) -> list[list[Any]]:
+    """The prompt (a user message string, or messages ending with a user turn) + each response."""
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+    return [[*messages, {"role": "assistant", "content": r}] for r in responses]
+
+
+def _ranked(responses: Sequence[str], scores: Sequence[Score]) -> list[Ranked]:
+    order = sorted(range(len(responses)), key=lambda i: -float(scores[i]))
+    return [Ranked(index=i, response=responses[i], score=scores[i]) for i in order]
+
+
+def _raise_if_error(outcome: T | BaseException) -> T:
     if isinstance(outcome, BaseException):
         raise convert_error(outcome) from outcome
     return outcome
-
-
-def _outcome(call: Any) -> Any:
-    try:
-        return call()
-    except Exception as exc:  # collected; raised in input order by the caller
-        return exc

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 
 class Score(float):
@@ -26,3 +28,20 @@ class Score(float):
 
     def __reduce__(self):  # float's own pickling would drop the attributes
         return (Score, (float(self), dict(self.attributes)))
+
+
+@dataclass(frozen=True)
+class Ranked:
+    """One response of a ranking: where it was in the input, its text and its Score."""
+
+    index: int
+    response: str
+    score: Score
+
+
+def preference(reward_a: float, reward_b: float) -> float:
+    """P(a ≻ b) under the Bradley–Terry model reward models are trained with: σ(r_a − r_b)."""
+    margin = float(reward_a) - float(reward_b)
+    if margin >= 0:
+        return 1.0 / (1.0 + math.exp(-margin))
+    return math.exp(margin) / (1.0 + math.exp(margin))  # the same, without overflow for large margins

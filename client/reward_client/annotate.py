@@ -1,0 +1,175 @@
+"""JSONL annotation: label every assistant turn that asks for one, resumable, nothing lost or repeated.
+
+Input records, one JSON value per line:
+- NeMo-Aligner: {"system": ..., "mask": "User", "conversations": [{"from": ..., "value": ..., "label": ...}]};
+  every assistant turn whose "label" is present and not null is scored in its conversation's context
+  (the conversation cut after that turn) and its label replaced, as NeMo-Aligner's
+  attribute_annotate.py does;
+- OpenAI messages: a list of {"role", "content"}, or an object with such a "messages" list; the final
+  assistant turn is scored and the object gets a "label" (a list becomes {"messages": [...], "label": ...}).
+
+Labels: `steerlm` writes "name:value,..." with each head output clamped to 0-4 and rounded (exactly
+attribute_annotate.py's format); `float` writes the same with the raw values.
+
+Output: each annotated record is written whole, as one line, in a single write and flushed. Records
+are matched to the input by content (labels ignored) and by occurrence, so a re-run skips exactly
+the records already written (duplicated input records each count), and a line torn by a crash is
+cut off first. Records that still fail after the client's retries go to the errors file with their
+line number and message; they are not in the output, so the next run tries them again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from reward_client import conversation as conv
+from reward_client.errors import InvalidConversationError, RewardClientError
+from reward_client.scores import Score
+
+FORMATS = ("steerlm", "float")
+
+
+def steerlm_label(score: Score) -> str:
+    """attribute_annotate.py's label: every output clamped to [0, 4] and rounded (half to even)."""
+    return ",".join(f"{name}:{round(min(4.0, max(0.0, value)))}" for name, value in score.attributes.items())
+
+
+def float_label(score: Score) -> str:
+    return ",".join(f"{name}:{value!r}" for name, value in score.attributes.items())
+
+
+LABELS: dict[str, Callable[[Score], str]] = {"steerlm": steerlm_label, "float": float_label}
+
+
+def record_key(record: Any) -> str:
+    """Identity of a record that annotation does not change: its content without labels."""
+
+    def strip(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: strip(v) for k, v in value.items() if k != "label"}
+        if isinstance(value, list):
+            return [strip(v) for v in value]
+        return value
+
+    return hashlib.sha256(json.dumps(strip(record), sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+
+
+def scored_turns(record: Any) -> list[list[conv.Message]]:
+    """The conversations to score for a record, one per label to write."""
+    if isinstance(record, dict) and "conversations" in record:
+        turns = record["conversations"]
+        if not isinstance(turns, list):
+            raise InvalidConversationError("conversations: expected a list of turns")
+        cuts = []
+        for k, turn in enumerate(turns):
+            if isinstance(turn, dict) and turn.get("from") != record.get("mask", "User") and turn.get("label") is not None:
+                cuts.append(conv.normalize({**record, "conversations": turns[: k + 1]}))
+        return cuts
+    messages = record["messages"] if isinstance(record, dict) and "messages" in record else record
+    return [conv.normalize(messages)]
+
+
+def labelled(record: Any, labels: list[str]) -> Any:
+    """The record with its labels filled in (see the module docstring)."""
+    if isinstance(record, dict) and "conversations" in record:
+        turns = [dict(t) for t in record["conversations"]]
+        targets = [k for k, t in enumerate(turns) if t.get("from") != record.get("mask", "User") and t.get("label") is not None]
+        for k, label in zip(targets, labels, strict=True):
+            turns[k]["label"] = label
+        return {**record, "conversations": turns}
+    if isinstance(record, dict):
+        return {**record, "label": labels[0]}
+    return {"messages": record, "label": labels[0]}
+
+
+def completed_keys(output: Path) -> Counter[str]:
+    """Keys of the records already in the output; a torn last line (a crash mid-write) is cut off."""
+    if not output.exists():
+        return Counter()
+    data = output.read_bytes()
+    keep = data.rfind(b"\n") + 1  # everything after the last newline is an unfinished line
+    lines = data[:keep].splitlines()
+    while lines:
+        try:
+            json.loads(lines[-1])
+            break
+        except json.JSONDecodeError:  # a whole but garbled last line: also unfinished
+            keep -= len(lines.pop()) + 1
+    if keep != len(data):
+        with output.open("r+b") as handle:
+            handle.truncate(keep)
+    return Counter(record_key(json.loads(line)) for line in lines)
+
+
+@dataclass
+class Summary:
+    written: int = 0
+    skipped: int = 0  # already in the output
+    failed: int = 0  # in the errors file
+
+
+async def annotate(
+    client: Any,
+    input_file: Path,
+    output_file: Path,
+    errors_file: Path,
+    label_format: str = "steerlm",
+    concurrency: int = 16,
+    progress: Callable[[int], None] = lambda n: None,
+) -> Summary:
+    """Annotate `input_file` into `output_file` with an AsyncRewardClient; see the module docstring."""
+    make_label = LABELS[label_format]
+    done = completed_keys(output_file)
+    summary = Summary()
+    slots = asyncio.Semaphore(concurrency)
+    errors_file.unlink(missing_ok=True)
+    with output_file.open("a", encoding="utf-8") as out, errors_file.open("a", encoding="utf-8") as errors:
+
+        async def one(line_number: int, text: str) -> None:
+            try:
+                record = json.loads(text)
+                cuts = scored_turns(record)
+                async with slots:
+                    scores = await client.score_group(cuts) if cuts else []
+                out.write(json.dumps(labelled(record, [make_label(s) for s in scores]), ensure_ascii=False) + "\n")
+                out.flush()
+                summary.written += 1
+            except (json.JSONDecodeError, RewardClientError, KeyError, TypeError) as exc:
+                errors.write(json.dumps({"line": line_number, "error": f"{type(exc).__name__}: {exc}"}) + "\n")
+                errors.flush()
+                summary.failed += 1
+            progress(1)
+
+        tasks = []
+        with input_file.open(encoding="utf-8") as lines:
+            for line_number, text in enumerate(lines, start=1):
+                if not text.strip():
+                    continue
+                key = _key_or_none(text)
+                if key is not None and done[key] > 0:
+                    done[key] -= 1
+                    summary.skipped += 1
+                    progress(1)
+                    continue
+                tasks.append(asyncio.create_task(one(line_number, text)))
+                if len(tasks) >= 4 * concurrency:  # bounded memory on large inputs
+                    await asyncio.gather(*tasks)
+                    tasks = []
+        await asyncio.gather(*tasks)
+    if not summary.failed:
+        errors_file.unlink(missing_ok=True)
+    return summary
+
+
+def _key_or_none(text: str) -> str | None:
+    try:
+        return record_key(json.loads(text))
+    except json.JSONDecodeError:
+        return None

@@ -1,0 +1,84 @@
+"""The SDK against the live server: async and sync twins, failover and retries, ranking helpers."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+
+import numpy as np
+import pytest
+
+from reward_client import AsyncRewardClient, Retry, RewardClient, ServerUnavailableError, Timeout, preference
+
+from corpus import conversations
+from live_server import free_port
+
+PROMPT = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "Which is the largest planet?"}]
+RESPONSES = ["Jupiter.", "Saturn, I think.", "The largest planet in the solar system is Jupiter.", "Earth"]
+
+
+@pytest.mark.parametrize("transport", ["grpc", "http"])
+def test_async_and_sync_clients_agree(server, transport):
+    url = server.grpc_url if transport == "grpc" else server.http_url
+    convs = conversations()[:12]
+
+    async def run_async():
+        async with AsyncRewardClient(url, concurrency=4) as client:
+            batch = await client.score_batch(convs)
+            one = await client.score(convs[0])
+            return batch, one, await client.score_responses(PROMPT, RESPONSES)
+
+    batch, one, responses = asyncio.run(run_async())
+    with RewardClient(url, concurrency=4) as client:
+        sync_batch, sync_one, sync_responses = client.score_batch(convs), client.score(convs[0]), client.score_responses(PROMPT, RESPONSES)
+    # Equal up to the engine's batch invariance (dynamic batching may pack the rows differently).
+    assert np.abs(np.array(sync_batch) - np.array(batch)).max() <= 1e-5
+    assert abs(sync_one - one) <= 1e-5 and abs(one - batch[0]) <= 1e-5
+    assert np.abs(np.array(sync_responses) - np.array(responses)).max() <= 1e-5
+    assert [s.attributes.keys() for s in sync_batch] == [s.attributes.keys() for s in batch]
+    assert np.all(np.abs(np.diff(batch)) > 1e-4)  # twelve different values, in input order
+
+
+def test_failover_to_the_next_server(server):
+    """The first URL has nothing listening: every call still succeeds, on the second server."""
+    dead = f"127.0.0.1:{free_port()}"
+    with RewardClient(server.grpc_url) as direct:
+        expected = direct.score_batch(conversations()[:6])
+    with RewardClient([dead, server.grpc_url], retry=Retry(attempts=2, backoff=0.01)) as client:
+        assert np.abs(np.array(client.score_batch(conversations()[:6])) - np.array(expected)).max() <= 1e-5
+        assert client.is_ready()
+
+
+def test_retries_give_up_with_server_unavailable():
+    dead = [f"127.0.0.1:{free_port()}", f"http://127.0.0.1:{free_port()}"]
+    started = time.monotonic()
+    with RewardClient(dead, retry=Retry(attempts=4, backoff=0.05, max_backoff=0.1), timeout=Timeout(connect=1, request=5)) as client:
+        with pytest.raises(ServerUnavailableError):
+            client.score(conversations()[0])
+        assert not client.is_ready()
+    assert time.monotonic() - started < 10
+
+
+def test_headers_reach_the_server(server):
+    """Custom headers (e.g. a bearer token) travel with every request; Triton ignores unknown ones."""
+    with RewardClient(server.http_url, headers={"Authorization": "Bearer test-token"}) as client:
+        assert math.isfinite(client.score(conversations()[0]))
+
+
+def test_rank_compare_best_of_n(server):
+    with RewardClient(server.grpc_url) as client:
+        scores = client.score_responses(PROMPT, RESPONSES)
+        ranked = client.rank(PROMPT, RESPONSES)
+        assert [r.index for r in ranked] == list(np.argsort([-float(s) for s in scores], kind="stable"))
+        assert [r.response for r in ranked] == [RESPONSES[r.index] for r in ranked]
+        assert client.best_of_n(PROMPT, RESPONSES) == ranked[0]
+        p = client.compare(PROMPT, RESPONSES[0], RESPONSES[1])
+        assert p == pytest.approx(1 / (1 + math.exp(-(scores[0] - scores[1]))), abs=1e-6)
+        assert client.compare(PROMPT, RESPONSES[1], RESPONSES[0]) == pytest.approx(1 - p, abs=1e-6)
+
+
+def test_preference_is_bradley_terry_and_never_overflows():
+    assert preference(2.0, 2.0) == 0.5
+    assert preference(1.0, 0.0) == pytest.approx(0.7310585786, abs=1e-9)
+    assert preference(0.0, 1000.0) == 0.0 and preference(1000.0, 0.0) == 1.0
