@@ -29,7 +29,14 @@ STEERLM_CHECKPOINT ?= .build/steerlm-checkpoint
 $(STEERLM_CHECKPOINT)/model.safetensors: build/demo_checkpoint.py build/steerlm_chat_template.jinja $(CHECKPOINT)/model.safetensors
 	$(PY) build/demo_checkpoint.py --layout steerlm --tokenizer-from $(CHECKPOINT) --out $(STEERLM_CHECKPOINT)
 
-test: setup $(STEERLM_CHECKPOINT)/model.safetensors ## the whole suite; end-to-end tests start their own tritonserver on free ports
+# A real Prometheus for the metrics tests: Debian's package, unpacked here (no root, no system change).
+PROMETHEUS := .build/prometheus/usr/bin/prometheus
+$(PROMETHEUS):
+	mkdir -p .build/prometheus
+	cd .build && apt-get download prometheus 2>/dev/null && dpkg -x prometheus_*.deb prometheus && rm prometheus_*.deb
+	$(PROMETHEUS) --version | head -1
+
+test: setup $(STEERLM_CHECKPOINT)/model.safetensors $(PROMETHEUS) ## the whole suite; end-to-end tests start their own tritonserver on free ports
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 lint: $(VENV)/.installed

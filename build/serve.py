@@ -37,6 +37,7 @@ def server_command(args: argparse.Namespace) -> list[str]:
         "--exit-on-error=true",
         "--allow-metrics=true",
         "--allow-cpu-metrics=true",
+        "--metrics-config=summary_latencies=true",  # 2.51 has latency summaries; histograms came later
         *args.extra,
     ]
 

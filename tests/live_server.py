@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,12 +60,19 @@ def start_server(
     server = Server(*ports, process=process, log=log)
     deadline = time.monotonic() + START_DEADLINE_S
     with RewardClient(server.grpc_url) as client:
-        while not client.is_ready():
+        while not (client.is_ready() and _answers(server.metrics_url)):  # the metrics service starts last
             if process.poll() is not None or time.monotonic() > deadline:
                 stop_server(server)
                 raise RuntimeError(f"tritonserver did not become ready; log:\n{log.read_text()[-4000:]}")
             time.sleep(0.5)
     return server
+
+
+def _answers(url: str) -> bool:
+    try:
+        return urllib.request.urlopen(url, timeout=5).status == 200
+    except OSError:
+        return False
 
 
 def stop_server(server: Server) -> None:

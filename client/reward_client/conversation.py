@@ -58,11 +58,13 @@ def parse_json(payload: bytes) -> list[Message]:
     try:
         text = payload.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise InvalidConversationError(f"conversation: not valid UTF-8 (byte {exc.start})") from None
+        raise InvalidConversationError(f"conversation: not valid UTF-8 (byte {exc.start})", "encoding") from None
     try:
         value = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise InvalidConversationError(f"conversation: not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})") from None
+        raise InvalidConversationError(
+            f"conversation: not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})", "encoding"
+        ) from None
     return normalize(value)
 
 
@@ -121,7 +123,7 @@ def _from_nemo(record: Mapping[str, Any]) -> list[Message]:
 
 def _check_order(messages: list[Message]) -> None:
     if not messages:
-        raise InvalidConversationError("conversation: empty; it needs at least a user turn and an assistant turn")
+        raise InvalidConversationError("conversation: empty; it needs at least a user turn and an assistant turn", "order")
     turns = messages[1:] if messages[0]["role"] == "system" else messages
     offset = len(messages) - len(turns)
     for i, message in enumerate(turns):
@@ -129,7 +131,8 @@ def _check_order(messages: list[Message]) -> None:
         if message["role"] != expected:
             raise InvalidConversationError(
                 f"conversation[{i + offset}].role: expected {expected!r}, got {message['role']!r} "
-                "(an optional system turn first, then user and assistant alternating)"
+                "(an optional system turn first, then user and assistant alternating)",
+                "order",
             )
     if not turns or turns[-1]["role"] != "assistant":
-        raise InvalidConversationError("conversation: the last turn must be the assistant's (it is the turn that is scored)")
+        raise InvalidConversationError("conversation: the last turn must be the assistant's (it is the turn that is scored)", "order")

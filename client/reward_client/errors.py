@@ -15,7 +15,18 @@ class RewardClientError(Exception):
 
 
 class InvalidConversationError(RewardClientError, ValueError):
-    """The conversation cannot be scored as given; the message says what is wrong and where."""
+    """The conversation cannot be scored as given; the message says what is wrong and where.
+
+    `reason` is one of REJECTION_REASONS (the label of the server's rejection counter)."""
+
+    def __init__(self, message: str, reason: str = "malformed") -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+# Why a conversation was rejected: its encoding, its structure, the order of its turns, its size,
+# its chat template, or a per-turn request its template cannot serve.
+REJECTION_REASONS = ("encoding", "malformed", "order", "too_large", "too_many_turns", "too_long", "template", "per_turn")
 
 
 class ServerUnavailableError(RewardClientError, ConnectionError):

@@ -30,6 +30,18 @@ TURN_ATTRIBUTES = "TURN_ATTRIBUTES"  # FP32 [-1, -1]: the N outputs at the end o
 
 MAX_BATCH_SIZE = 64  # rows one request may carry (max_batch_size of every model)
 
+# The project's own Prometheus metrics on :8002, beside Triton's nv_* (docs/monitoring.md).
+METRIC_REJECTED = "reward_requests_rejected_total"  # counter {model, reason}
+METRIC_TOKENS = "reward_tokens_scored_total"  # counter {model}: tokens of every scored sequence
+METRIC_PREFIX_REUSED = "reward_prefix_tokens_reused_total"  # counter {model}: tokens not recomputed (shared prefixes)
+METRIC_TRUNCATED = "reward_truncated_rows_total"  # counter {model}: rows cut to max_tokens (NeMo-Aligner protocol)
+METRIC_VALUE = "reward_value"  # histogram {model, attribute}: head outputs of the scored (final) turns
+METRIC_STEP_TOKENS = "reward_engine_step_tokens"  # histogram {model}: tokens computed per packed engine step
+METRIC_STEP_SECONDS = "reward_engine_step_duration_seconds"  # histogram {model}
+REWARD_BUCKETS = [-32.0, -16.0, -8.0, -4.0, -2.0, -1.0, -0.5, 0.0, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0]
+STEP_TOKEN_BUCKETS = [float(2**k) for k in range(4, 16)]  # 16 .. 32,768
+STEP_SECONDS_BUCKETS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]
+
 TRUE_STRINGS = {"1", "true", "yes", "on"}
 FALSE_STRINGS = {"0", "false", "no", "off", ""}
 

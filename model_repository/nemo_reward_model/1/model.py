@@ -30,6 +30,9 @@ class TritonPythonModel:
         self.tokenizer = AutoTokenizer.from_pretrained(checkpoint)
         self.max_tokens = protocol.parse_int(parameters.get("max_tokens", "4096"), "max_tokens")
         self.merge = protocol.parse_bool(parameters.get("merge_attributes", "false"), "merge_attributes")
+        # The family must outlive its metric: keep both.
+        self.truncations = pb_utils.MetricFamily(protocol.METRIC_TRUNCATED, "Rows cut to max_tokens", pb_utils.MetricFamily.COUNTER)
+        self.truncated = self.truncations.Metric(labels={"model": args["model_name"]})
 
     def execute(self, requests):
         responses = [None] * len(requests)
@@ -42,7 +45,8 @@ class TritonPythonModel:
                 continue
             rows += request_rows
             owner += [r] * len(request_rows)
-        exceeded = np.array([[len(row) > self.max_tokens] for row in rows], dtype=bool)
+        exceeded = np.array([[len(row) > self.max_tokens] for row in rows], dtype=bool).reshape(-1, 1)
+        self.truncated.increment(int(exceeded.sum()))
         scores, errors = self._score([row[: self.max_tokens] for row in rows])
         for r in range(len(requests)):
             if responses[r] is not None:

@@ -14,7 +14,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from reward_client import protocol
-from reward_client.errors import InvalidConversationError
+from reward_client.errors import REJECTION_REASONS, InvalidConversationError
 
 from templating import ChatTokenizer
 
@@ -23,9 +23,17 @@ class TritonPythonModel:
     def initialize(self, args):
         parameters = protocol.read_parameters(json.loads(args["model_config"]))
         checkpoint = protocol.resolve_checkpoint(parameters.get("checkpoint", ""), args["model_repository"])
-        max_tokens = protocol.parse_int(parameters.get("max_tokens", "4096"), "max_tokens")
-        self.tokenizer = ChatTokenizer(checkpoint, max_tokens)
+        self.tokenizer = ChatTokenizer(
+            checkpoint,
+            max_tokens=protocol.parse_int(parameters.get("max_tokens", "4096"), "max_tokens"),
+            max_bytes=protocol.parse_int(parameters.get("max_bytes", str(1 << 20)), "max_bytes"),
+            max_turns=protocol.parse_int(parameters.get("max_turns", "256"), "max_turns"),
+        )
         self.pad_id = self.tokenizer.tokenizer.pad_token_id or 0
+        # The family must outlive its metrics: keep both.
+        self.rejections = pb_utils.MetricFamily(protocol.METRIC_REJECTED, "Requests rejected, by reason", pb_utils.MetricFamily.COUNTER)
+        labels = {"model": args["model_name"]}
+        self.rejected = {reason: self.rejections.Metric(labels={**labels, "reason": reason}) for reason in REJECTION_REASONS}
 
     def execute(self, requests):
         return [self._respond(request) for request in requests]
@@ -37,6 +45,7 @@ class TritonPythonModel:
             all_turns = np.zeros(len(payloads), dtype=bool) if turns is None else turns.as_numpy().reshape(-1)
             rows, reads = zip(*(self.tokenizer.encode(p, bool(t)) for p, t in zip(payloads, all_turns, strict=True)), strict=True)
         except InvalidConversationError as exc:
+            self.rejected[exc.reason].increment(1)
             return pb_utils.InferenceResponse(error=pb_utils.TritonError(str(exc), pb_utils.TritonError.INVALID_ARG))
         except Exception as exc:
             pb_utils.Logger.log_error(f"preprocessing failed: {traceback.format_exc()}")

@@ -14,12 +14,15 @@ then each request gets its own response.
 """
 
 import json
+import time
 import traceback
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from reward_client import protocol
+
+from engine_metrics import EngineMetrics
 
 
 class TritonPythonModel:
@@ -43,6 +46,7 @@ class TritonPythonModel:
                 min_shared_prefix=protocol.parse_int(parameters.get("min_shared_prefix", "64"), "min_shared_prefix", minimum=0),
             )
         self.names = np.array([name.encode() for name in self.engine.head.names], dtype=np.object_)
+        self.metrics = EngineMetrics(args["model_name"], self.engine.head.names)
 
     def execute(self, requests):
         """Scores every row of every request in token-budget steps, shortest first, and answers
@@ -65,20 +69,24 @@ class TritonPythonModel:
         answered = set()
         for step in self.engine.plan(sequences, reads):
             try:
+                started = time.perf_counter()
                 at = np.concatenate([np.arange(first_output[i], first_output[i + 1]) for i in step.indices])
                 outputs[at] = self.engine.score_step([sequences[i] for i in step.indices], step.prefixes, [reads[i] for i in step.indices])
-                error = None
+                seconds, error = time.perf_counter() - started, None
             except Exception as exc:
                 pb_utils.Logger.log_error(f"reward engine failed: {traceback.format_exc()}")
                 error = pb_utils.TritonError(f"reward engine failed: {type(exc).__name__}")
+            if error is None:
+                self.metrics.step([len(sequences[i]) for i in step.indices], step.prefixes, seconds)
             for i in step.indices:
                 rows_left[owner[i]] -= 1
             for r in {owner[i] for i in step.indices} - answered:
                 if error:
                     response = pb_utils.InferenceResponse(error=error)
                 elif rows_left[r] == 0:
-                    rows = [i for i, o in enumerate(owner) if o == r]
-                    response = self._response([outputs[first_output[i] : first_output[i + 1]] for i in rows])
+                    rows = [outputs[first_output[i] : first_output[i + 1]] for i, o in enumerate(owner) if o == r]
+                    response = self._response(rows)
+                    self.metrics.scored(np.stack([row[-1] for row in rows]))
                 else:
                     continue  # rows of this request still wait in later steps
                 _send(requests[r], response)
