@@ -20,9 +20,11 @@ $(VENV)/.installed: pyproject.toml
 $(CHECKPOINT)/model.safetensors: build/demo_checkpoint.py build/llama31_chat_template.jinja $(VENV)/.installed
 	$(PY) build/demo_checkpoint.py --out $(CHECKPOINT)
 
+# Optional: ADMIN_KEY=... (explicit model control, restricted to that key), TLS_CERT=... TLS_KEY=... [TLS_CLIENT_CA=...]
+SERVE_OPTIONS = $(if $(ADMIN_KEY),--admin-key $(ADMIN_KEY)) $(if $(TLS_CERT),--tls-cert $(TLS_CERT) --tls-key $(TLS_KEY)) $(if $(TLS_CLIENT_CA),--tls-client-ca $(TLS_CLIENT_CA))
 serve: setup ## start tritonserver on the model repository (HTTP 8000, gRPC 8001, metrics 8002)
 	@echo "Try: $(PY) -c \"from reward_client import RewardClient; print(RewardClient('localhost:$(GRPC_PORT)').score([{'role':'user','content':'What is 1+1?'},{'role':'assistant','content':'1+1=2'}]))\""
-	$(PY) build/serve.py --http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT) --metrics-port $(METRICS_PORT)
+	$(PY) build/serve.py --http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT) --metrics-port $(METRICS_PORT) $(SERVE_OPTIONS)
 
 # A NeMo-Aligner-style checkpoint (SteerLM template, 9-attribute head) for the tests.
 STEERLM_CHECKPOINT ?= .build/steerlm-checkpoint

@@ -7,32 +7,61 @@ the way the python-backend stub needs it:
 - the virtualenv interpreter's libpython folder first on LD_LIBRARY_PATH: the stub links
   libpython3.x, and a system copy of another patch release breaks the standard library.
 
-    python build/serve.py [--http-port 8000] [--grpc-port 8001] [--metrics-port 8002] [-- extra tritonserver flags]
+Locked down by default: model control is off (`--model-control-mode=none`: nothing can load or
+unload models). `--admin-key` instead allows explicit model control, and restricts the
+model-repository, logging and trace APIs (HTTP and gRPC) to requests carrying `admin-key: KEY`.
+`--tls-cert/--tls-key` serve gRPC over TLS (Triton's own) and HTTP over TLS (a terminator in this
+process in front of Triton's loopback-only plain HTTP, see tls_proxy.py); `--tls-client-ca` also
+requires client certificates.
+
+    python build/serve.py [--http-port 8000] [--grpc-port 8001] [--metrics-port 8002]
+                          [--admin-key KEY] [--tls-cert FILE --tls-key FILE [--tls-client-ca FILE]] [-- extra tritonserver flags]
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
+import signal
+import socket
+import subprocess
 import sys
 import sysconfig
 from pathlib import Path
 
+from tls_proxy import serve as serve_tls
+from tls_proxy import server_context
 from triton_backend import DEFAULT_BACKENDS, REPO, layout_backend, tritonserver_binary
 
+ADMIN_HEADER = "admin-key"  # gRPC metadata keys are lower case; HTTP headers match case-insensitively
+ADMIN_APIS = "model-repository,logging,trace"
 
-def server_command(args: argparse.Namespace) -> list[str]:
+
+def server_command(args: argparse.Namespace, http_port: int, http_address: str) -> list[str]:
+    if args.admin_key:
+        control = ["--model-control-mode=explicit", "--load-model=*"]
+        control += [f"--http-restricted-api={ADMIN_APIS}:{ADMIN_HEADER}={args.admin_key}"]
+        control += [f"--grpc-restricted-protocol={ADMIN_APIS}:{ADMIN_HEADER}={args.admin_key}"]
+    else:
+        control = ["--model-control-mode=none"]
+    tls = []
+    if args.tls_cert:
+        tls = ["--grpc-use-ssl=true", f"--grpc-server-cert={args.tls_cert}", f"--grpc-server-key={args.tls_key}"]
+        if args.tls_client_ca:
+            tls += ["--grpc-use-ssl-mutual=true", f"--grpc-root-cert={args.tls_client_ca}"]
     return [
         str(tritonserver_binary()),
         f"--model-repository={args.model_repository}",
         f"--backend-directory={args.backend_directory}",
-        f"--http-port={args.http_port}",
+        f"--http-port={http_port}",
         f"--grpc-port={args.grpc_port}",
         f"--metrics-port={args.metrics_port}",
-        f"--http-address={args.address}",
+        f"--http-address={http_address}",
         f"--grpc-address={args.address}",
         f"--metrics-address={args.address}",
-        "--model-control-mode=none",
+        *control,
+        *tls,
         "--strict-readiness=true",
         "--exit-on-error=true",
         "--allow-metrics=true",
@@ -61,13 +90,41 @@ def main() -> None:
     parser.add_argument("--http-port", type=int, default=8000, help="HTTP/REST port (default: 8000)")
     parser.add_argument("--grpc-port", type=int, default=8001, help="gRPC port (default: 8001)")
     parser.add_argument("--metrics-port", type=int, default=8002, help="Prometheus metrics port (default: 8002)")
+    parser.add_argument("--admin-key", default=os.environ.get("REWARD_ADMIN_KEY"), help="allow model control with this key")
+    parser.add_argument("--tls-cert", help="PEM certificate: serve HTTP and gRPC over TLS")
+    parser.add_argument("--tls-key", help="PEM key of --tls-cert")
+    parser.add_argument("--tls-client-ca", help="PEM CA: also require client certificates it signed (mutual TLS)")
     parser.add_argument("extra", nargs="*", help="further tritonserver flags, after --")
     args = parser.parse_args()
+    if bool(args.tls_cert) != bool(args.tls_key):
+        parser.error("--tls-cert and --tls-key go together")
 
     layout_backend(args.backend_directory)
-    command = server_command(args)
-    print(f"tritonserver: HTTP :{args.http_port}  gRPC :{args.grpc_port}  metrics :{args.metrics_port}/metrics", flush=True)
-    os.execve(command[0], command, server_environment())
+    scheme = "https" if args.tls_cert else "http"
+    print(f"tritonserver: {scheme} :{args.http_port}  gRPC :{args.grpc_port}  metrics :{args.metrics_port}/metrics", flush=True)
+    if not args.tls_cert:
+        command = server_command(args, args.http_port, args.address)
+        os.execve(command[0], command, server_environment())
+    sys.exit(asyncio.run(serve_behind_tls(args)))
+
+
+async def serve_behind_tls(args: argparse.Namespace) -> int:
+    """tritonserver with plain HTTP on a loopback port, and the TLS terminator on the public one."""
+    internal = _free_loopback_port()
+    server = subprocess.Popen(server_command(args, internal, "127.0.0.1"), env=server_environment())
+    proxy = await serve_tls(args.address, args.http_port, internal, server_context(args.tls_cert, args.tls_key, args.tls_client_ca))
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, server.send_signal, sig)
+    code = await loop.run_in_executor(None, server.wait)
+    proxy.close()
+    return code
+
+
+def _free_loopback_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from reward_client import RewardClient
+from reward_client import TLS, RewardClient
 
 REPO = Path(__file__).resolve().parent.parent
 START_DEADLINE_S = 240
@@ -31,14 +31,19 @@ class Server:
     metrics_port: int
     process: subprocess.Popen
     log: Path
+    ca_file: Path | None = None  # set when the server speaks TLS (certificates signed by this CA)
 
     @property
     def grpc_url(self) -> str:
-        return f"localhost:{self.grpc_port}"
+        return f"grpcs://localhost:{self.grpc_port}" if self.ca_file else f"localhost:{self.grpc_port}"
 
     @property
     def http_url(self) -> str:
-        return f"http://localhost:{self.http_port}"
+        return f"{'https' if self.ca_file else 'http'}://localhost:{self.http_port}"
+
+    @property
+    def tls(self) -> TLS | None:
+        return TLS(ca_file=str(self.ca_file)) if self.ca_file else None
 
     @property
     def metrics_url(self) -> str:
@@ -46,20 +51,28 @@ class Server:
 
 
 def start_server(
-    log: Path, *, model_repository: Path | None = None, env: dict[str, str] | None = None, ports: tuple[int, int, int] | None = None
+    log: Path,
+    *,
+    model_repository: Path | None = None,
+    env: dict[str, str] | None = None,
+    ports: tuple[int, int, int] | None = None,
+    options: list[str] | None = None,
+    ca_file: Path | None = None,
 ) -> Server:
-    """Start tritonserver (on free ports, or the given HTTP, gRPC and metrics ports) and wait until the
-    reward model is ready; raise RuntimeError with the log's tail if not."""
+    """Start tritonserver (on free ports, or the given HTTP, gRPC and metrics ports; `options` for
+    build/serve.py, `ca_file` when they turn TLS on) and wait until the reward model is ready; raise
+    RuntimeError with the log's tail if not."""
     ports = ports or tuple(free_port() for _ in range(3))
     command = [sys.executable, str(REPO / "build" / "serve.py"), "--address", "127.0.0.1"]
     command += ["--http-port", str(ports[0]), "--grpc-port", str(ports[1]), "--metrics-port", str(ports[2])]
     if model_repository is not None:
         command += ["--model-repository", str(model_repository)]
+    command += options or []
     with open(log, "wb") as out:
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}, start_new_session=True)
-    server = Server(*ports, process=process, log=log)
+    server = Server(*ports, process=process, log=log, ca_file=ca_file)
     deadline = time.monotonic() + START_DEADLINE_S
-    with RewardClient(server.grpc_url) as client:
+    with RewardClient(server.grpc_url, tls=server.tls) as client:
         while not (client.is_ready() and _answers(server.metrics_url)):  # the metrics service starts last
             if process.poll() is not None or time.monotonic() > deadline:
                 stop_server(server)

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from prometheus_server import promtool_check, start_prometheus, stop_prometheus
 
 from reward_client import InvalidConversationError, RewardClient
 from reward_client.protocol import (
@@ -21,6 +20,8 @@ from reward_client.protocol import (
     METRIC_TOKENS,
     METRIC_VALUE,
 )
+
+from prometheus_server import promtool_check, start_prometheus, stop_prometheus
 
 GOOD = [{"role": "user", "content": "Count me."}, {"role": "assistant", "content": "Counted."}]
 PROJECT = ("reward_",)

@@ -100,3 +100,16 @@ def test_server_stays_ready_after_every_bad_payload(server):
     with RewardClient(server.http_url) as client:
         assert client.is_ready()
         assert isinstance(client.score(GOOD), float)
+
+
+def test_size_and_turn_limits_are_named(client):
+    """Bytes are checked before parsing; turns after. Both answered INVALID_ARG, naming the limit."""
+    from reward_client import InvalidConversationError
+
+    huge = [{"role": "user", "content": "x" * (1 << 20)}, {"role": "assistant", "content": "y"}]
+    with pytest.raises(InvalidConversationError, match=r"bytes is over the limit of 1048576 bytes"):
+        client.score(huge)
+    many = [{"role": "user" if i % 2 == 0 else "assistant", "content": "a"} for i in range(258)]
+    with pytest.raises(InvalidConversationError, match=r"258 turns is over the limit of 256 turns"):
+        client.score(many)
+    assert client.is_ready()

@@ -6,7 +6,6 @@ from __future__ import annotations
 import random
 import ssl
 from dataclasses import dataclass
-from pathlib import Path
 from urllib.parse import urlsplit
 
 DEFAULT_CONNECT_TIMEOUT_S = 5.0
@@ -62,10 +61,9 @@ class TLS:
             context.load_cert_chain(self.cert_file, self.key_file)
         return context
 
-    def grpc_credentials(self) -> dict[str, bytes | None]:
-        """Keyword arguments for tritonclient's gRPC client."""
-        read = lambda path: Path(path).read_bytes() if path else None  # noqa: E731
-        return {"root_certificates": read(self.ca_file), "private_key": read(self.key_file), "certificate_chain": read(self.cert_file)}
+    def grpc_credentials(self) -> dict[str, str | None]:
+        """Keyword arguments for tritonclient's gRPC client (it reads the files itself)."""
+        return {"root_certificates": self.ca_file, "private_key": self.key_file, "certificate_chain": self.cert_file}
 
 
 @dataclass(frozen=True)
