@@ -1,8 +1,8 @@
 """Start tritonserver on this project's model repository.
 
-Lays out the python backend (see triton_backend.py), then replaces this process with
-tritonserver, so signals sent to it reach the server directly. The environment is set up
-the way the python-backend stub needs it:
+Lays out the python backend (see triton_backend.py), then runs tritonserver under a supervisor
+that restarts it if a python-backend stub process dies (supervisor.py); SIGTERM/SIGINT are passed
+on. The environment is set up the way the python-backend stub needs it:
 - the virtualenv's `bin` first on PATH: the stub takes its packages from the first `python3`;
 - the virtualenv interpreter's libpython folder first on LD_LIBRARY_PATH: the stub links
   libpython3.x, and a system copy of another patch release breaks the standard library.
@@ -23,13 +23,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import signal
 import socket
-import subprocess
 import sys
 import sysconfig
 from pathlib import Path
 
+from supervisor import supervise
 from tls_proxy import serve as serve_tls
 from tls_proxy import server_context
 from triton_backend import DEFAULT_BACKENDS, REPO, layout_backend, tritonserver_binary
@@ -102,23 +101,21 @@ def main() -> None:
     layout_backend(args.backend_directory)
     scheme = "https" if args.tls_cert else "http"
     print(f"tritonserver: {scheme} :{args.http_port}  gRPC :{args.grpc_port}  metrics :{args.metrics_port}/metrics", flush=True)
+    sys.exit(asyncio.run(serve(args)))
+
+
+async def serve(args: argparse.Namespace) -> int:
+    """The supervised tritonserver; with TLS, its plain HTTP on a loopback port behind the terminator."""
     if not args.tls_cert:
         command = server_command(args, args.http_port, args.address)
-        os.execve(command[0], command, server_environment())
-    sys.exit(asyncio.run(serve_behind_tls(args)))
-
-
-async def serve_behind_tls(args: argparse.Namespace) -> int:
-    """tritonserver with plain HTTP on a loopback port, and the TLS terminator on the public one."""
+        return await supervise(command, server_environment(), f"http://127.0.0.1:{args.http_port}")
     internal = _free_loopback_port()
-    server = subprocess.Popen(server_command(args, internal, "127.0.0.1"), env=server_environment())
     proxy = await serve_tls(args.address, args.http_port, internal, server_context(args.tls_cert, args.tls_key, args.tls_client_ca))
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, server.send_signal, sig)
-    code = await loop.run_in_executor(None, server.wait)
-    proxy.close()
-    return code
+    try:
+        command = server_command(args, internal, "127.0.0.1")
+        return await supervise(command, server_environment(), f"http://127.0.0.1:{internal}")
+    finally:
+        proxy.close()
 
 
 def _free_loopback_port() -> int:

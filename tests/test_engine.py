@@ -58,17 +58,19 @@ def test_engine_never_holds_the_vocabulary_projection(engine, checkpoint):
 
 
 def test_batch_invariance(engine, token_ids):
-    """One conversation scored alone and inside a packed batch of 16 of different lengths."""
+    """One conversation scored alone and inside a packed batch of 16 of different lengths: bit for bit
+    (fixed-tile linear layers; see invariance.py), duplicates included."""
     batch = token_ids[:16]
     assert len({len(ids) for ids in batch}) > 8
-    together = engine.score(batch)[:, 0]
+    together = engine.score([*batch, batch[3], batch[3]])[:, 0]
     alone = np.array([engine.score([ids])[0, 0] for ids in batch])
-    assert np.abs(together - alone).max() <= 1e-5
+    assert np.array_equal(together[:16], alone)
+    assert together[16] == together[17] == alone[3]
 
 
 def test_steps_split_by_token_budget_give_same_scores(checkpoint, device, engine, token_ids):
     small_steps = TorchRewardEngine(str(checkpoint), device=device, dtype="fp32", max_step_tokens=512)
-    assert np.abs(small_steps.score(token_ids) - engine.score(token_ids)).max() <= 1e-5
+    assert np.array_equal(small_steps.score(token_ids), engine.score(token_ids))
 
 
 def test_shared_prefix_reuse_is_exact(checkpoint, device, engine):

@@ -75,3 +75,23 @@ def test_score_turns_equals_scoring_each_cut_conversation(client, reference_rewa
     assert np.abs(np.array(got) - np.array([reference_reward(c) for c in cuts])).max() <= TOLERANCE
     assert float(got[-1]) == pytest.approx(float(client.score(conversation)), abs=1e-5)
     assert got[0].attributes.keys() == {"reward"}
+
+
+def test_one_conversation_scored_100_times_under_load_gives_one_value(server):
+    """Interleaved with other conversations at concurrency 32, so it lands in many different dynamic
+    batches (and twice in some): one value, bit for bit."""
+    import asyncio
+
+    from reward_client import AsyncRewardClient
+
+    target, others = conversations()[5], conversations()
+
+    async def run() -> list[float]:
+        async with AsyncRewardClient(server.grpc_url, concurrency=32) as client:
+            calls = []
+            for i in range(100):
+                calls += [client.score(target), client.score(others[i % len(others)]), client.score(others[(7 * i) % len(others)])]
+            return [float(s) for s in (await asyncio.gather(*calls))[0::3]]
+
+    values = asyncio.run(run())
+    assert len(values) == 100 and len(set(values)) == 1, sorted(set(values))

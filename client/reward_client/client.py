@@ -57,7 +57,8 @@ def convert_error(exc: BaseException) -> RewardClientError:
         status, message = str(exc.status()), exc.message() or str(exc)
         if status in _INVALID:
             return InvalidConversationError(message)
-        if status in _UNAVAILABLE or "is not ready" in message or "unknown model" in message:
+        # Not ready, not loaded (yet), or a crashed python-backend stub (the server restarts it): retryable.
+        if status in _UNAVAILABLE or any(sign in message for sign in ("is not ready", "unknown model", "is not healthy")):
             return ServerUnavailableError(message)
         if status in _TIMEOUT or "Deadline Exceeded" in message:
             return RequestTimeoutError(message)
@@ -220,6 +221,14 @@ class AsyncRewardClient:
                 transport = self._transports[(start + attempt) % len(self._transports)]
                 try:
                     return await transport.infer(self.model, payloads, score_turns, self.headers)
+                except asyncio.CancelledError as exc:
+                    if _being_cancelled():
+                        raise  # our caller cancelled us
+                    # grpc.aio raises CancelledError for an RPC the server cancelled (it shut down mid-call).
+                    error = ServerUnavailableError(f"{transport.endpoint} cancelled the request (shutting down?)")
+                    if attempt + 1 == self.retry.attempts:
+                        raise error from exc
+                    await transport.reset()
                 except Exception as exc:
                     error = convert_error(exc)
                     if not isinstance(error, ServerUnavailableError) or attempt + 1 == self.retry.attempts:
@@ -329,6 +338,12 @@ def _with_responses(prompt: Any, responses: Sequence[str]) -> list[list[Any]]:
 def _ranked(responses: Sequence[str], scores: Sequence[Score]) -> list[Ranked]:
     order = sorted(range(len(responses)), key=lambda i: -float(scores[i]))
     return [Ranked(index=i, response=responses[i], score=scores[i]) for i in order]
+
+
+def _being_cancelled() -> bool:
+    task = asyncio.current_task()
+    cancelling = getattr(task, "cancelling", None)  # Python 3.11+
+    return cancelling is None or cancelling() > 0
 
 
 def _raise_if_error(outcome: T | BaseException) -> T:

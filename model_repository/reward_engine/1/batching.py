@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import time
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -69,3 +71,47 @@ def _common_prefix(a: np.ndarray, b: np.ndarray) -> int:
     n = min(len(a), len(b))
     differ = np.flatnonzero(a[:n] != b[:n])
     return int(differ[0]) if len(differ) else n
+
+
+def unique(sequences: Sequence[np.ndarray], positions: Sequence[np.ndarray]) -> tuple[list[int], list[list[int]]]:
+    """Representatives of the distinct (tokens, read positions) pairs, and the indices each stands for."""
+    first: dict[tuple[bytes, bytes], int] = {}
+    members: list[list[int]] = []
+    for i, (sequence, read) in enumerate(zip(sequences, positions, strict=True)):
+        key = (np.asarray(sequence, dtype=np.int64).tobytes(), np.asarray(read, dtype=np.int64).tobytes())
+        if key not in first:
+            first[key] = len(members)
+            members.append([])
+        members[first[key]].append(i)
+    return [group[0] for group in members], members
+
+
+@dataclass
+class StepResult:
+    """What one engine step finished: the sequences (indices into the caller's list) and their
+    outputs ([reads, N] each), or the error that failed them all."""
+
+    indices: list[int]
+    outputs: list[np.ndarray] | None
+    error: Exception | None
+    computed: list[int]  # lengths of the distinct sequences the step ran
+    prefixes: list[tuple[int, list[int]]]
+    seconds: float
+
+
+def run_steps(engine: Any, sequences: Sequence[np.ndarray], positions: Sequence[np.ndarray]) -> Iterator[StepResult]:
+    """Score `sequences` with an engine (`plan`, `score_step`), step by step; identical sequences run once.
+    A failing step is reported in its StepResult and the later steps still run."""
+    representatives, members = unique(sequences, positions)
+    for step in engine.plan([sequences[r] for r in representatives], [positions[r] for r in representatives]):
+        chosen = [representatives[u] for u in step.indices]
+        started = time.perf_counter()
+        indices = [i for u in step.indices for i in members[u]]
+        try:
+            scored = engine.score_step([sequences[i] for i in chosen], step.prefixes, [positions[i] for i in chosen])
+        except Exception as exc:  # reported; the caller fails only this step's requests
+            yield StepResult(indices, None, exc, [len(sequences[i]) for i in chosen], step.prefixes, time.perf_counter() - started)
+            continue
+        bounds = np.cumsum([0, *(len(positions[i]) for i in chosen)])
+        outputs = [scored[bounds[k] : bounds[k + 1]] for k, u in enumerate(step.indices) for _ in members[u]]
+        yield StepResult(indices, outputs, None, [len(sequences[i]) for i in chosen], step.prefixes, time.perf_counter() - started)

@@ -30,6 +30,7 @@ from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from head_spec import HEAD_SPEC, HEAD_WEIGHTS, HeadSpec, read_head_spec
+from invariance import tiled_matmul
 
 
 @dataclass
@@ -58,7 +59,7 @@ class RewardHead:
 
     def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
         """[M, hidden] -> [M, N] outputs, in fp32."""
-        outputs = hidden.float() @ self.weight.float().T
+        outputs = tiled_matmul(hidden.float(), self.weight.float())
         if self.softcap:
             outputs = torch.tanh(outputs / self.softcap) * self.softcap
         return outputs if self.bias is None else outputs + self.bias.float()

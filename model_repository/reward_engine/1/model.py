@@ -14,7 +14,6 @@ then each request gets its own response.
 """
 
 import json
-import time
 import traceback
 
 import numpy as np
@@ -22,6 +21,7 @@ import triton_python_backend_utils as pb_utils
 
 from reward_client import protocol
 
+from batching import run_steps
 from engine_metrics import EngineMetrics
 
 
@@ -63,28 +63,25 @@ class TritonPythonModel:
             reads += positions
             owner += [r] * len(rows)
         reads = self.engine.read_positions(sequences, reads)
-        first_output = np.cumsum([0, *(len(p) for p in reads)])  # row i's outputs: first_output[i]:first_output[i + 1]
-        outputs = np.zeros((first_output[-1], len(self.names)), dtype=np.float32)
+        outputs = [None] * len(sequences)  # row i's head outputs [reads, N]
         rows_left = np.bincount(owner, minlength=len(requests))
         answered = set()
-        for step in self.engine.plan(sequences, reads):
-            try:
-                started = time.perf_counter()
-                at = np.concatenate([np.arange(first_output[i], first_output[i + 1]) for i in step.indices])
-                outputs[at] = self.engine.score_step([sequences[i] for i in step.indices], step.prefixes, [reads[i] for i in step.indices])
-                seconds, error = time.perf_counter() - started, None
-            except Exception as exc:
-                pb_utils.Logger.log_error(f"reward engine failed: {traceback.format_exc()}")
-                error = pb_utils.TritonError(f"reward engine failed: {type(exc).__name__}")
-            if error is None:
-                self.metrics.step([len(sequences[i]) for i in step.indices], step.prefixes, seconds)
-            for i in step.indices:
+        for result in run_steps(self.engine, sequences, reads):
+            if result.error is None:
+                self.metrics.step(result.computed, result.prefixes, result.seconds)
+                for i, output in zip(result.indices, result.outputs, strict=True):
+                    outputs[i] = output
+            else:
+                pb_utils.Logger.log_error(f"reward engine failed: {''.join(traceback.format_exception(result.error))}")
+            for i in result.indices:
                 rows_left[owner[i]] -= 1
-            for r in {owner[i] for i in step.indices} - answered:
-                if error:
-                    response = pb_utils.InferenceResponse(error=error)
+            for r in {owner[i] for i in result.indices} - answered:
+                if result.error is not None:
+                    response = pb_utils.InferenceResponse(
+                        error=pb_utils.TritonError(f"reward engine failed: {type(result.error).__name__}")
+                    )
                 elif rows_left[r] == 0:
-                    rows = [outputs[first_output[i] : first_output[i + 1]] for i, o in enumerate(owner) if o == r]
+                    rows = [outputs[i] for i, o in enumerate(owner) if o == r]
                     response = self._response(rows)
                     self.metrics.scored(np.stack([row[-1] for row in rows]))
                 else:

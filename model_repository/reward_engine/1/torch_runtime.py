@@ -21,8 +21,9 @@ from transformers import DynamicCache
 from transformers.masking_utils import AttentionMaskInterface
 from transformers.modeling_utils import AttentionInterface
 
-from batching import Step, plan_steps, shared_prefixes
+from batching import Step, plan_steps, run_steps, shared_prefixes
 from heads import load_reward_model
+from invariance import make_batch_invariant
 
 PACKED_ATTENTION = "packed_reward"  # no "sdpa" in the name: transformers would then demand SDPA support
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -123,7 +124,7 @@ class TorchRewardEngine:
         self.max_step_tokens = max_step_tokens or (16384 if on_gpu else 2048)
         self.min_shared_prefix = min_shared_prefix  # 0 turns prefix reuse off
         trunk, head = load_reward_model(checkpoint, DTYPES[dtype], PACKED_ATTENTION)
-        self.trunk = trunk.to(self.device).eval()
+        self.trunk = make_batch_invariant(trunk.to(self.device).eval())
         head.weight = head.weight.to(self.device)
         head.bias = None if head.bias is None else head.bias.to(self.device)
         self.head = head
@@ -132,12 +133,13 @@ class TorchRewardEngine:
         """Head outputs [P, N] at `positions` (per sequence, ascending; default: its last token),
         sequence after sequence: [len(sequences), N] by default."""
         positions = self.read_positions(sequences, positions)
-        offsets = np.cumsum([0, *(len(p) for p in positions)])
-        outputs = np.empty((offsets[-1], len(self.head.names)), dtype=np.float32)
-        for step in self.plan(sequences, positions):
-            rows = np.concatenate([np.arange(offsets[i], offsets[i + 1]) for i in step.indices])
-            outputs[rows] = self.score_step([sequences[i] for i in step.indices], step.prefixes, [positions[i] for i in step.indices])
-        return outputs
+        outputs: list[np.ndarray] = [np.empty(0)] * len(sequences)
+        for result in run_steps(self, sequences, positions):
+            if result.error is not None:
+                raise result.error
+            for i, output in zip(result.indices, result.outputs, strict=True):
+                outputs[i] = output
+        return np.concatenate(outputs) if outputs else np.zeros((0, len(self.head.names)), np.float32)
 
     def read_positions(self, sequences: Sequence[np.ndarray], positions: Sequence[np.ndarray] | None = None) -> list[np.ndarray]:
         """Where outputs are read: `positions` (default: each last token). A classifier with a pad

@@ -1,0 +1,99 @@
+"""Keeps tritonserver serving: restarts it when one of its python-backend stub processes dies.
+
+Triton 2.51 does not restart a python model's stub process that died (killed, out of memory): every
+later request to that model fails with "Stub process ... is not healthy" while the server still
+reports the model ready. The supervisor watches the stubs of a server that has become ready; when a
+stub is gone but Triton still calls its model ready, it restarts the whole server (model control is
+off by default, so there is no narrower way to reload). A stub that went away because its model was
+unloaded (explicit model control) is not a fault: Triton no longer calls that model ready.
+While it restarts, its ports are closed: clients see "unavailable" and retry. A server that exits on
+its own after having been ready is restarted too; one that never became ready is not (that is a
+configuration error, and its exit status is returned).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import subprocess
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+
+STUB = b"triton_python_backend_stub"
+STOP_GRACE_S = 15
+
+
+def stubs(parent: int) -> dict[int, str]:
+    """The live python-backend stubs `parent` started: PID -> the model it runs."""
+    found = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            arguments = (stat.parent / "cmdline").read_bytes().split(b"\0")
+        except (OSError, IndexError):
+            continue  # the process ended while we looked
+        if int(fields[1]) == parent and STUB in arguments[0] and fields[0] not in ("Z", "X"):
+            found[int(stat.parent.name)] = Path(arguments[1].decode()).parent.parent.name  # <model>/<version>/model.py
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in ("Z", "X")  # a dead stub stays a zombie until tritonserver reaps it
+
+
+def answers(url: str) -> bool:
+    try:
+        return urllib.request.urlopen(url, timeout=2).status == 200
+    except OSError:
+        return False
+
+
+async def supervise(command: list[str], env: dict[str, str], http: str, log: Callable[[str], None] = print) -> int:
+    """Run `command` until this process is asked to stop (SIGTERM/SIGINT, passed on); return its status.
+    `http`: the server's plain HTTP endpoint (health checks)."""
+    loop = asyncio.get_running_loop()
+    stopping = asyncio.Event()
+    server: subprocess.Popen | None = None
+
+    def stop(sig: int) -> None:
+        stopping.set()
+        if server is not None and server.poll() is None:
+            server.send_signal(sig)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop, sig)
+    restarts = 0
+    while True:
+        server = subprocess.Popen(command, env=env)
+        ready, watched = False, {}
+        while server.poll() is None and not stopping.is_set():
+            await asyncio.sleep(0.5)
+            if not ready:
+                if await loop.run_in_executor(None, answers, f"{http}/v2/health/ready"):
+                    ready, watched = True, stubs(server.pid)
+                continue
+            dead = {pid: model for pid, model in watched.items() if not alive(pid)}
+            faults = [m for m in sorted(set(dead.values())) if await loop.run_in_executor(None, answers, f"{http}/v2/models/{m}/ready")]
+            if faults:
+                log(f"supervisor: the python-backend stub of {', '.join(faults)} died; restarting tritonserver")
+                await loop.run_in_executor(None, _stop, server)
+            watched = stubs(server.pid)  # models loaded or unloaded meanwhile
+        code = await loop.run_in_executor(None, server.wait)
+        if stopping.is_set() or not ready:
+            return code
+        restarts += 1
+        log(f"supervisor: tritonserver exited with {code}; restart {restarts}")
+
+
+def _stop(server: subprocess.Popen) -> None:
+    server.terminate()
+    try:
+        server.wait(timeout=STOP_GRACE_S)
+    except subprocess.TimeoutExpired:
+        server.kill()
+        server.wait()
