@@ -3,9 +3,14 @@
 Triton 2.51 does not restart a python model's stub process that died (killed, out of memory): every
 later request to that model fails with "Stub process ... is not healthy" while the server still
 reports the model ready. The supervisor watches the stubs of a server that has become ready; when a
-stub is gone but Triton still calls its model ready, it restarts the whole server (model control is
-off by default, so there is no narrower way to reload). A stub that went away because its model was
-unloaded (explicit model control) is not a fault: Triton no longer calls that model ready.
+model that Triton still calls ready has fewer live stubs than before (twice in a row, 0.5 s apart),
+it restarts the whole server (model control is off by default, so there is no narrower way to
+reload). An unload (Triton no longer calls the model ready) or a reload (new stubs replace the old
+ones) is not a fault.
+
+    python build/supervisor.py --http http://127.0.0.1:8000 -- tritonserver --model-repository=... [flags]
+
+is how the container runs it (serve.py calls `supervise` itself).
 While it restarts, its ports are closed: clients see "unavailable" and retry. A server that exits on
 its own after having been ready is restarted too; one that never became ready is not (that is a
 configuration error, and its exit status is returned).
@@ -13,10 +18,14 @@ configuration error, and its exit status is returned).
 
 from __future__ import annotations
 
+import argparse
 import asyncio
+import os
 import signal
 import subprocess
+import sys
 import urllib.request
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
@@ -70,19 +79,23 @@ async def supervise(command: list[str], env: dict[str, str], http: str, log: Cal
     restarts = 0
     while True:
         server = subprocess.Popen(command, env=env)
-        ready, watched = False, {}
+        ready, expected, suspects = False, Counter(), set()
         while server.poll() is None and not stopping.is_set():
             await asyncio.sleep(0.5)
             if not ready:
                 if await loop.run_in_executor(None, answers, f"{http}/v2/health/ready"):
-                    ready, watched = True, stubs(server.pid)
+                    ready, expected = True, Counter(stubs(server.pid).values())
                 continue
-            dead = {pid: model for pid, model in watched.items() if not alive(pid)}
-            faults = [m for m in sorted(set(dead.values())) if await loop.run_in_executor(None, answers, f"{http}/v2/models/{m}/ready")]
+            live = Counter(stubs(server.pid).values())
+            short = {m for m in expected if live[m] < expected[m]}
+            still_ready = {m for m in short if await loop.run_in_executor(None, answers, f"{http}/v2/models/{m}/ready")}
+            faults = sorted(still_ready & suspects)  # short of stubs yet "ready", on two polls in a row
+            suspects = still_ready
             if faults:
                 log(f"supervisor: the python-backend stub of {', '.join(faults)} died; restarting tritonserver")
                 await loop.run_in_executor(None, _stop, server)
-            watched = stubs(server.pid)  # models loaded or unloaded meanwhile
+            elif not suspects:
+                expected = live  # models loaded, reloaded or unloaded meanwhile
         code = await loop.run_in_executor(None, server.wait)
         if stopping.is_set() or not ready:
             return code
@@ -97,3 +110,15 @@ def _stop(server: subprocess.Popen) -> None:
     except subprocess.TimeoutExpired:
         server.kill()
         server.wait()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--http", default="http://127.0.0.1:8000", help="the server's plain HTTP endpoint, for health checks")
+    parser.add_argument("command", nargs="+", help="tritonserver and its flags, after --")
+    args = parser.parse_args()
+    sys.exit(asyncio.run(supervise(args.command, dict(os.environ), args.http, log=lambda line: print(line, flush=True))))
+
+
+if __name__ == "__main__":
+    main()

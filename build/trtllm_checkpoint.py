@@ -91,7 +91,8 @@ def folded_lm_head(weights: Weights, folder: Path, vocab_size: int, hidden_size:
             rows = head.get_tensor("weight")
     else:
         n = len(read_head_spec(folder, ["reward"]).names)
-        rows = weights["lm_head.weight"][:n]
+        tied = "lm_head.weight" not in weights  # tie_word_embeddings: the embedding matrix is the LM head
+        rows = weights["model.embed_tokens.weight" if tied else "lm_head.weight"][:n]
     if rows.shape[1] != hidden_size:
         raise ValueError(f"reward head {tuple(rows.shape)} does not take hidden size {hidden_size}")
     head = torch.zeros(vocab_size, hidden_size, dtype=rows.dtype)

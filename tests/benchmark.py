@@ -20,6 +20,7 @@ run with `--device cuda --dtype bf16`; the table then reports MFU against the me
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import platform
 import re
@@ -27,10 +28,8 @@ import shutil
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -185,26 +184,22 @@ class Systems:
 
 
 def through_server(url: str, conversations: list[Conversation], concurrency: int = 16) -> list[float]:
-    """Client-side latency per conversation with `concurrency` requests in flight (one client per thread)."""
-    from reward_client import RewardClient
+    """Client-side latency per conversation with `concurrency` requests in flight (one asyncio client)."""
+    from reward_client import AsyncRewardClient
 
-    local = threading.local()
-    clients: list[RewardClient] = []
+    async def run() -> list[float]:
+        slots = asyncio.Semaphore(concurrency)
+        async with AsyncRewardClient(url, concurrency=concurrency) as client:
 
-    def one(conversation: Conversation) -> float:
-        if not hasattr(local, "client"):
-            local.client = RewardClient(url)
-            clients.append(local.client)
-        start = time.perf_counter()
-        local.client.score(conversation)
-        return time.perf_counter() - start
+            async def one(conversation: Conversation) -> float:
+                async with slots:  # latency from send to answer, not time spent waiting for a slot
+                    start = time.perf_counter()
+                    await client.score(conversation)
+                    return time.perf_counter() - start
 
-    try:
-        with ThreadPoolExecutor(concurrency) as pool:
-            return list(pool.map(one, conversations))
-    finally:
-        for client in clients:
-            client.close()
+            return list(await asyncio.gather(*(one(c) for c in conversations)))
+
+    return asyncio.run(run())
 
 
 def repository_with(dtype: str, device: str, workdir: Path) -> Path:

@@ -210,3 +210,20 @@ def test_per_position_reads_equal_truncated_sequences(family, tmp_path):
     got = _engine(folder, min_shared_prefix=8).score(sequences, positions)
     assert got.shape == (sum(len(p) for p in positions), 1)
     assert np.abs(got - expected).max() <= TOLERANCE
+
+
+@pytest.mark.parametrize("family", ["mistral", "gemma2"])
+def test_two_prefix_groups_longer_than_the_window_in_one_step(family, tmp_path):
+    """Two best-of-3 groups, each over an 80-token prompt (window 16), packed into one step: every
+    prefix's cached keys/values stay whole, so each score equals the reference."""
+    torch.manual_seed(7)
+    folder = _save(AutoModelForCausalLM.from_config(CONFIGS[family]()), tmp_path)
+    reference = _eager(AutoModelForCausalLM, folder)
+    rng = np.random.default_rng(7)
+    prompts = [rng.integers(0, VOCAB, 80), rng.integers(0, VOCAB, 90)]
+    sequences = [np.concatenate([p, rng.integers(0, VOCAB, n)]) for p in prompts for n in (4, 9, 20)]
+    engine = _engine(folder, min_shared_prefix=8)
+    assert len(engine.plan(sequences)) == 1 and len(engine.plan(sequences)[0].prefixes) == 2
+    with torch.inference_mode():
+        expected = np.array([reference(torch.from_numpy(s)[None]).logits[0, -1, 0].item() for s in sequences])
+    assert np.abs(engine.score(sequences)[:, 0] - expected).max() <= TOLERANCE

@@ -207,3 +207,14 @@ def test_score_command_reads_stdin(cli_server):
     assert len(printed["attributes"]) == 9 and printed["reward"] == pytest.approx(printed["attributes"]["helpfulness"])
     bad = subprocess.run(command, input='[{"role": "bot", "content": "x"}]', capture_output=True, text=True)
     assert bad.returncode == 1 and "'bot' is not one of" in bad.stderr
+
+
+def test_written_records_match_their_input_by_key():
+    """What resume relies on: an annotated record has the key of its input line, whatever its shape."""
+    from reward_client.annotate import labelled
+
+    nemo = {"mask": "User", "conversations": [{"from": "User", "value": "q"}, {"from": "Assistant", "value": "a", "label": "x"}]}
+    messages = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
+    for record in (nemo, messages, {"messages": messages, "id": 3}):
+        assert record_key(labelled(record, ["quality:1"])) == record_key(record)
+    assert record_key(nemo) != record_key({**nemo, "system": "other"})

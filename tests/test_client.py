@@ -71,3 +71,27 @@ def test_the_client_installs_and_imports_without_torch():
     assert not any(name in dep for dep in base for name in ("torch", "transformers", "pytriton"))
     probe = "import sys, reward_client, reward_client.cli; print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))"
     assert subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize(
+    ("message", "status", "expected"),
+    [
+        ("in ensemble 'reward_model', Stub process 'reward_engine_0_0' is not healthy.", "StatusCode.INTERNAL", "ServerUnavailableError"),
+        ("Request for unknown model: 'reward_model' is not found", "400", "ServerUnavailableError"),
+        ("conversation[0].role: 'model 'x' is not ready' is not one of 'system'", "400", "InvalidConversationError"),
+        (
+            "in ensemble 'reward_model', conversation: 5000 tokens is over the limit",
+            "StatusCode.INVALID_ARGUMENT",
+            "InvalidConversationError",
+        ),
+        ("anything", "StatusCode.CANCELLED", "ServerUnavailableError"),
+        ("internal", "StatusCode.INTERNAL", "ServerError"),
+    ],
+)
+def test_server_errors_map_to_retryable_or_not(message, status, expected):
+    """Request text quoted in a validation error can never make it look retryable."""
+    from tritonclient.utils import InferenceServerException
+
+    from reward_client.client import convert_error
+
+    assert type(convert_error(InferenceServerException(message, status=status))).__name__ == expected

@@ -70,6 +70,8 @@ def test_dockerfile_builds_on_the_trtllm_image_and_serves_this_repository():
             sources = shlex.split(line)[1:-1]
             assert all((REPO / source).exists() for source in sources), line
     entrypoint = next(line for line in lines if line.startswith("ENTRYPOINT"))
-    assert f"--model-repository={workdir}/model_repository" in entrypoint and "--model-control-mode=none" in entrypoint
+    assert f"{workdir}/build/supervisor.py" in entrypoint and entrypoint.rstrip("]").endswith('"tritonserver"')
+    flags = next(line for line in lines if line.startswith("CMD"))
+    assert f"--model-repository={workdir}/model_repository" in flags and "--model-control-mode=none" in flags
     runtime = re.search(r"REWARD_RUNTIME=(\S+)", text).group(1)
     assert runtime in RUNTIMES

@@ -113,3 +113,44 @@ def test_size_and_turn_limits_are_named(client):
     with pytest.raises(InvalidConversationError, match=r"258 turns is over the limit of 256 turns"):
         client.score(many)
     assert client.is_ready()
+
+
+@pytest.mark.parametrize(
+    ("ids", "lengths", "message"),
+    [
+        ([[5, 6, 7]], [0], "NUM_TOKENS 0 is not between 1 and 3"),
+        ([[5, 6, 7]], [-2], "NUM_TOKENS -2 is not between 1 and 3"),
+        ([[5, 6, 10**7]], [3], r"token ids must lie in \[0, 128256\)"),
+        ([[5] * 4100], [4100], "NUM_TOKENS 4100 is not between 1 and 4096"),
+        ([[5, 6], [7, 8]], [2], "batch size does not match other inputs"),  # Triton's own check
+    ],
+)
+def test_the_engine_checks_requests_sent_to_it_directly(server, reference_reward, ids, lengths, message):
+    """reward_engine is callable without the ensemble: bad rows are refused by name, and a good
+    request in flight at the same time still gets its exact score."""
+    import threading
+
+    import numpy as np
+    import tritonclient.grpc as grpcclient
+    from tritonclient.utils import InferenceServerException
+
+    from reward_client import RewardClient
+
+    good = [{"role": "user", "content": "Direct?"}, {"role": "assistant", "content": "Yes."}]
+    scored = []
+    worker = threading.Thread(target=lambda: scored.append(RewardClient(server.grpc_url).score(good)))
+    worker.start()
+    client = grpcclient.InferenceServerClient(server.grpc_url)
+    tensors = [
+        grpcclient.InferInput("INPUT_IDS", [len(ids), len(ids[0])], "INT32"),
+        grpcclient.InferInput("NUM_TOKENS", [len(lengths), 1], "INT32"),
+    ]
+    tensors[0].set_data_from_numpy(np.array(ids, dtype=np.int32))
+    tensors[1].set_data_from_numpy(np.array([[n] for n in lengths], dtype=np.int32))
+    with pytest.raises(InferenceServerException, match=message) as raised:
+        client.infer("reward_engine", tensors)
+    assert raised.value.status() == "StatusCode.INVALID_ARGUMENT"
+    worker.join()
+    assert scored[0] == pytest.approx(reference_reward(good), abs=1e-4)
+    assert client.is_model_ready("reward_engine")
+    client.close()

@@ -30,7 +30,6 @@ from pathlib import Path
 from typing import Any
 
 from reward_client import conversation as conv
-from reward_client.errors import InvalidConversationError, RewardClientError
 from reward_client.scores import Score
 
 FORMATS = ("steerlm", "float")
@@ -58,15 +57,16 @@ def record_key(record: Any) -> str:
             return [strip(v) for v in value]
         return value
 
+    if isinstance(record, list):  # a bare message list is written out as {"messages": [...], "label": ...}
+        record = {"messages": record}
     return hashlib.sha256(json.dumps(strip(record), sort_keys=True, ensure_ascii=False).encode()).hexdigest()
 
 
 def scored_turns(record: Any) -> list[list[conv.Message]]:
-    """The conversations to score for a record, one per label to write."""
+    """The conversations to score for a record, one per label to write; the whole record is validated."""
     if isinstance(record, dict) and "conversations" in record:
+        conv.normalize({**record, "conversations": _through_last_assistant(record["conversations"])})
         turns = record["conversations"]
-        if not isinstance(turns, list):
-            raise InvalidConversationError("conversations: expected a list of turns")
         cuts = []
         for k, turn in enumerate(turns):
             if isinstance(turn, dict) and turn.get("from") != record.get("mask", "User") and turn.get("label") is not None:
@@ -74,6 +74,14 @@ def scored_turns(record: Any) -> list[list[conv.Message]]:
         return cuts
     messages = record["messages"] if isinstance(record, dict) and "messages" in record else record
     return [conv.normalize(messages)]
+
+
+def _through_last_assistant(turns: Any) -> Any:
+    """The turns up to the last assistant turn (a record may end with a user turn nobody scores)."""
+    if not isinstance(turns, list):
+        return turns
+    ends = [k for k, t in enumerate(turns) if isinstance(t, dict) and t.get("from") == "Assistant"]
+    return turns[: ends[-1] + 1] if ends else turns
 
 
 def labelled(record: Any, labels: list[str]) -> Any:
@@ -141,7 +149,7 @@ async def annotate(
                 out.write(json.dumps(labelled(record, [make_label(s) for s in scores]), ensure_ascii=False) + "\n")
                 out.flush()
                 summary.written += 1
-            except (json.JSONDecodeError, RewardClientError, KeyError, TypeError) as exc:
+            except Exception as exc:
                 errors.write(json.dumps({"line": line_number, "error": f"{type(exc).__name__}: {exc}"}) + "\n")
                 errors.flush()
                 summary.failed += 1
@@ -160,9 +168,9 @@ async def annotate(
                     continue
                 tasks.append(asyncio.create_task(one(line_number, text)))
                 if len(tasks) >= 4 * concurrency:  # bounded memory on large inputs
-                    await asyncio.gather(*tasks)
+                    await asyncio.gather(*tasks, return_exceptions=True)
                     tasks = []
-        await asyncio.gather(*tasks)
+        await asyncio.gather(*tasks, return_exceptions=True)
     if not summary.failed:
         errors_file.unlink(missing_ok=True)
     return summary

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import math
+import re
 import socket
 import threading
 from collections.abc import Coroutine, Iterable, Sequence
@@ -47,6 +48,11 @@ DEFAULT_TIMEOUT, DEFAULT_RETRY = Timeout(), Retry()
 _INVALID = {"StatusCode.INVALID_ARGUMENT", "400"}
 _UNAVAILABLE = {"StatusCode.UNAVAILABLE", "503"}
 _TIMEOUT = {"StatusCode.DEADLINE_EXCEEDED", "504"}
+# Server-side conditions that pass (the supervisor restarts, a model finishes loading), anchored at the
+# start of Triton's message so that request text quoted in a validation error can never match.
+_RETRYABLE = re.compile(
+    r"^(in ensemble '[^']*', )?(Stub process '[^']*' is not healthy|Request for unknown model|(Server|[Mm]odel '[^']*') is not ready)"
+)
 
 
 def convert_error(exc: BaseException) -> RewardClientError:
@@ -55,17 +61,19 @@ def convert_error(exc: BaseException) -> RewardClientError:
         return exc
     if isinstance(exc, InferenceServerException):
         status, message = str(exc.status()), exc.message() or str(exc)
+        # First what is worth retrying: not ready, not loaded (yet), a crashed python-backend stub (the
+        # supervisor restarts the server), a call cancelled by a server shutting down. Triton's HTTP
+        # frontend answers some of these with 400 too, so they are told apart by their messages.
+        if status in _UNAVAILABLE or status == "StatusCode.CANCELLED" or _RETRYABLE.match(message):
+            return ServerUnavailableError(message)
         if status in _INVALID:
             return InvalidConversationError(message)
-        # Not ready, not loaded (yet), or a crashed python-backend stub (the server restarts it): retryable.
-        if status in _UNAVAILABLE or any(sign in message for sign in ("is not ready", "unknown model", "is not healthy")):
-            return ServerUnavailableError(message)
         if status in _TIMEOUT or "Deadline Exceeded" in message:
             return RequestTimeoutError(message)
         return ServerError(message, status)
     if isinstance(exc, (asyncio.TimeoutError, socket.timeout, TimeoutError)):
         return RequestTimeoutError(f"no answer in time: {exc!r}")
-    if isinstance(exc, (OSError, aiohttp.ClientError)):
+    if isinstance(exc, (OSError, aiohttp.ClientError)) or (isinstance(exc, RuntimeError) and "Session is closed" in str(exc)):
         return ServerUnavailableError(f"cannot reach the server: {exc!r}")
     return ServerError(f"{type(exc).__name__}: {exc}")
 
@@ -77,40 +85,61 @@ class _Transport:
         self.endpoint, self.timeout, self.tls = endpoint, timeout, tls or TLS()
         self.module: Any = grpcclient if endpoint.protocol == "grpc" else httpclient
         self._client: Any = None
+        self._opening: asyncio.Lock | None = None
 
     async def client(self) -> Any:
         if self._client is None:
-            host, port = self.endpoint.host_port
-            # An explicit connect deadline: neither tritonclient transport exposes one of its own.
-            try:
-                _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), self.timeout.connect)
-            except asyncio.TimeoutError:
-                raise ServerUnavailableError(f"no connection to {self.endpoint} within {self.timeout.connect} s") from None
-            writer.close()
-            if self.endpoint.protocol == "grpc":
-                credentials = self.tls.grpc_credentials() if self.endpoint.tls else {}
-                self._client = grpcclient.InferenceServerClient(self.endpoint.address, ssl=self.endpoint.tls, **credentials)
-            else:
-                ssl_context = self.tls.ssl_context() if self.endpoint.tls else None
-                self._client = httpclient.InferenceServerClient(
-                    self.endpoint.address, conn_timeout=self.timeout.request, ssl=self.endpoint.tls, ssl_context=ssl_context
-                )
+            self._opening = self._opening or asyncio.Lock()
+            async with self._opening:  # one client per server, however many requests start at once
+                if self._client is None:
+                    self._client = await self._open()
         return self._client
+
+    async def _open(self) -> Any:
+        host, port = self.endpoint.host_port
+        # An explicit connect deadline: neither tritonclient transport exposes one of its own.
+        try:
+            _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), self.timeout.connect)
+        except asyncio.TimeoutError:
+            raise ServerUnavailableError(f"no connection to {self.endpoint} within {self.timeout.connect} s") from None
+        writer.close()
+        if self.endpoint.protocol == "grpc":
+            credentials = self.tls.grpc_credentials() if self.endpoint.tls else {}
+            return grpcclient.InferenceServerClient(self.endpoint.address, ssl=self.endpoint.tls, **credentials)
+        ssl_context = self.tls.ssl_context() if self.endpoint.tls else None
+        return httpclient.InferenceServerClient(
+            self.endpoint.address, conn_timeout=self.timeout.request, ssl=self.endpoint.tls, ssl_context=ssl_context
+        )
 
     async def infer(self, model: str, payloads: Sequence[bytes], score_turns: bool, headers: dict[str, str]) -> Any:
         client = await self.client()
         inputs = _inputs(self.module, payloads, score_turns)
-        return await asyncio.wait_for(client.infer(model, inputs, headers=headers), self.timeout.request)
+        try:
+            return await asyncio.wait_for(client.infer(model, inputs, headers=headers), self.timeout.request)
+        except asyncio.CancelledError:
+            if not _being_cancelled():
+                await self.reset(client)  # the server cancelled the call: it may be restarting
+            raise
+        except Exception as exc:
+            if isinstance(convert_error(exc), ServerUnavailableError):
+                await self.reset(client)
+            raise
 
     async def is_ready(self, model: str, headers: dict[str, str]) -> bool:
         client = await self.client()
-        return bool(await client.is_server_ready(headers=headers) and await client.is_model_ready(model, headers=headers))
+        try:
+            return bool(await client.is_server_ready(headers=headers) and await client.is_model_ready(model, headers=headers))
+        except Exception:
+            await self.reset(client)
+            raise
 
-    async def reset(self) -> None:
-        """Drop the connection after a failure: the next try reconnects (the server may have restarted)."""
+    async def reset(self, failed: Any = None) -> None:
+        """Drop the connection `failed` (by default the current one): the next try reconnects (the
+        server may have restarted). A newer connection another request already opened is kept."""
+        if self._client is None or (failed is not None and self._client is not failed):
+            return
         client, self._client = self._client, None
-        if client is not None:
-            await client.close()
+        await client.close()
 
 
 class AsyncRewardClient:
@@ -199,7 +228,7 @@ class AsyncRewardClient:
                 if await transport.is_ready(self.model, self.headers):
                     return True
             except Exception:
-                await transport.reset()
+                continue
         return False
 
     async def close(self) -> None:
@@ -225,15 +254,12 @@ class AsyncRewardClient:
                     if _being_cancelled():
                         raise  # our caller cancelled us
                     # grpc.aio raises CancelledError for an RPC the server cancelled (it shut down mid-call).
-                    error = ServerUnavailableError(f"{transport.endpoint} cancelled the request (shutting down?)")
                     if attempt + 1 == self.retry.attempts:
-                        raise error from exc
-                    await transport.reset()
+                        raise ServerUnavailableError(f"{transport.endpoint} cancelled the request (shutting down?)") from exc
                 except Exception as exc:
                     error = convert_error(exc)
                     if not isinstance(error, ServerUnavailableError) or attempt + 1 == self.retry.attempts:
                         raise error from exc
-                    await transport.reset()
         raise AssertionError("unreachable: the last attempt raises")
 
 

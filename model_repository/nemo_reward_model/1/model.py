@@ -77,17 +77,21 @@ class TritonPythonModel:
                     ids = self.tokenizer(text.decode("utf-8"), add_special_tokens=False).input_ids
                 except UnicodeDecodeError as exc:
                     raise ValueError(f"{SENTENCES}[{b}]: not valid UTF-8 (byte {exc.start})") from None
+                if eos and self.tokenizer.eos_token_id is None:
+                    raise ValueError(f"{ADD_EOS}: this checkpoint's tokenizer has no EOS token")
                 rows.append(np.array(ids + [self.tokenizer.eos_token_id] * bool(eos), dtype=np.int32))
         else:
             if lengths is None:
                 raise ValueError(f"'{TOKENS}' needs '{LENGTHS}'")
             ids, counts = tokens.as_numpy(), lengths.as_numpy().reshape(-1)
-            if ids.ndim != 2 or len(counts) != ids.shape[0] or np.any(counts > ids.shape[1]):
-                raise ValueError(f"'{LENGTHS}' must give one length per '{TOKENS}' row, each at most {ids.shape[-1]}")
+            if ids.ndim != 2 or len(counts) != ids.shape[0] or np.any(counts < 1) or np.any(counts > ids.shape[1]):
+                raise ValueError(f"'{LENGTHS}' must give one length per '{TOKENS}' row, each between 1 and {ids.shape[-1]}")
+            rows = [ids[b, : counts[b]] for b in range(len(counts))]  # the padding is not looked at
             vocabulary = len(self.tokenizer)
-            if np.any(ids < 0) or np.any(ids >= vocabulary):
-                raise ValueError(f"'{TOKENS}': ids must lie in [0, {vocabulary})")
-            rows = [ids[b, : counts[b]].astype(np.int32) for b in range(len(counts))]
+            for b, row in enumerate(rows):
+                if row.min() < 0 or row.max() >= vocabulary:
+                    raise ValueError(f"'{TOKENS}' row {b}: ids must lie in [0, {vocabulary})")
+            rows = [row.astype(np.int32) for row in rows]
         for b, row in enumerate(rows):
             if not len(row):
                 raise ValueError(f"row {b}: nothing to score (0 tokens)")
@@ -113,5 +117,6 @@ class TritonPythonModel:
                 scores[start : start + len(chunk)] = list(values)
             except Exception as exc:
                 pb_utils.Logger.log_error(f"reward engine call failed: {traceback.format_exc()}")
-                errors[start : start + len(chunk)] = [f"reward engine failed: {exc}"] * len(chunk)
+                message = str(exc) if str(exc).startswith("reward engine failed") else f"reward engine failed: {exc}"
+                errors[start : start + len(chunk)] = [message] * len(chunk)
         return scores, errors

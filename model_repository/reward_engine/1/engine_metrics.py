@@ -26,12 +26,13 @@ class EngineMetrics:
         self.step_tokens = self.families["step_tokens"].Metric(labels=labels, buckets=protocol.STEP_TOKEN_BUCKETS)
         self.step_seconds = self.families["step_seconds"].Metric(labels=labels, buckets=protocol.STEP_SECONDS_BUCKETS)
 
-    def step(self, lengths: list[int], prefixes: list[tuple[int, list[int]]], seconds: float) -> None:
-        """One engine step over sequences of `lengths`, of which groups shared a prefix."""
+    def step(self, scored: list[int], computed: list[int], prefixes: list[tuple[int, list[int]]], seconds: float) -> None:
+        """One engine step: the lengths of every sequence it answered (`scored`, duplicates included)
+        and of the distinct ones it ran (`computed`), of which groups shared a prefix."""
         reused = sum(length * (len(members) - 1) for length, members in prefixes)
-        self.tokens.increment(sum(lengths))
+        self.tokens.increment(sum(scored))
         self.reused.increment(reused)
-        self.step_tokens.observe(sum(lengths) - reused)
+        self.step_tokens.observe(sum(computed) - reused)
         self.step_seconds.observe(seconds)
 
     def scored(self, outputs: np.ndarray) -> None:

@@ -45,6 +45,7 @@ class TritonPythonModel:
                 max_step_tokens=None if step_tokens == "auto" else protocol.parse_int(step_tokens, "max_step_tokens"),
                 min_shared_prefix=protocol.parse_int(parameters.get("min_shared_prefix", "64"), "min_shared_prefix", minimum=0),
             )
+        self.max_tokens = protocol.parse_int(parameters.get("max_tokens", "4096"), "max_tokens")
         self.names = np.array([name.encode() for name in self.engine.head.names], dtype=np.object_)
         self.metrics = EngineMetrics(args["model_name"], self.engine.head.names)
 
@@ -68,7 +69,7 @@ class TritonPythonModel:
         answered = set()
         for result in run_steps(self.engine, sequences, reads):
             if result.error is None:
-                self.metrics.step(result.computed, result.prefixes, result.seconds)
+                self.metrics.step([len(sequences[i]) for i in result.indices], result.computed, result.prefixes, result.seconds)
                 for i, output in zip(result.indices, result.outputs, strict=True):
                     outputs[i] = output
             else:
@@ -91,15 +92,24 @@ class TritonPythonModel:
         return None
 
     def _rows(self, request):
+        """Token-id rows and read positions of one request; ValueError (INVALID_ARG) names what is
+        wrong, since the engine is callable directly, not only behind preprocessing."""
         ids = pb_utils.get_input_tensor_by_name(request, protocol.INPUT_IDS).as_numpy()
         lengths = pb_utils.get_input_tensor_by_name(request, protocol.NUM_TOKENS).as_numpy().reshape(-1)
-        rows = [ids[b, : lengths[b]] for b in range(ids.shape[0])]
+        rows = []
+        for b, length in enumerate(lengths):
+            if not 1 <= length <= min(ids.shape[1], self.max_tokens):
+                raise ValueError(f"row {b}: {protocol.NUM_TOKENS} {length} is not between 1 and {min(ids.shape[1], self.max_tokens)}")
+            row = ids[b, :length]
+            if row.min() < 0 or row.max() >= self.engine.vocab_size:
+                raise ValueError(f"row {b}: token ids must lie in [0, {self.engine.vocab_size})")
+            rows.append(row)
         score_at = pb_utils.get_input_tensor_by_name(request, protocol.SCORE_AT)
         if score_at is None:
             return rows, [np.array([len(row) - 1]) for row in rows]
         reads = [positions[positions >= 0] for positions in score_at.as_numpy()]
         for b, (row, positions) in enumerate(zip(rows, reads, strict=True)):
-            if not len(row) or not len(positions) or positions[-1] >= len(row) or np.any(np.diff(positions) <= 0):
+            if not len(positions) or positions[-1] >= len(row) or np.any(np.diff(positions) <= 0):
                 raise ValueError(f"row {b}: {protocol.SCORE_AT} must list ascending positions below its {len(row)} tokens")
             if (len(positions) > 1 or positions[-1] != len(row) - 1) and not self.engine.supports_turns:
                 raise ValueError("per-turn scores need the torch runtime (this engine reads only the last token)")

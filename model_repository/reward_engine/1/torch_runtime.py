@@ -125,6 +125,7 @@ class TorchRewardEngine:
         self.min_shared_prefix = min_shared_prefix  # 0 turns prefix reuse off
         trunk, head = load_reward_model(checkpoint, DTYPES[dtype], PACKED_ATTENTION)
         self.trunk = make_batch_invariant(trunk.to(self.device).eval())
+        self.vocab_size = self.trunk.get_input_embeddings().num_embeddings
         head.weight = head.weight.to(self.device)
         head.bias = None if head.bias is None else head.bias.to(self.device)
         self.head = head
@@ -191,7 +192,9 @@ class TorchRewardEngine:
         shared = None
         if prefixes:
             heads = [sequences[members[0]][:length] for length, members in prefixes]
-            cache = DynamicCache(config=self.trunk.config)
+            # No config: a config would give sliding-window layers a cache that keeps only the last
+            # window of tokens, and the prefixes are packed in one row, sliced by their offsets.
+            cache = DynamicCache()
             self._forward(heads, [0] * len(heads), [np.array([len(h) - 1]) for h in heads], cache=cache)
             shared = SharedPrefixes(cache=cache, bounds=_bounds([len(h) for h in heads]).tolist(), owner=owner)
         positions = self.read_positions(sequences) if positions is None else positions

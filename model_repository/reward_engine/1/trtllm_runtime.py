@@ -12,6 +12,7 @@ where `tensorrt_llm` and a GPU exist, which none of this project's test machines
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -31,6 +32,7 @@ class TrtllmRewardEngine:
         from tensorrt_llm.runtime import ModelRunnerCpp  # imported here: the torch runtime must not need it
 
         self.head = read_head_spec(Path(engine_dir), ["reward"])
+        self.vocab_size = json.loads((Path(engine_dir) / "config.json").read_text())["pretrained_config"]["vocab_size"]
         self.runner = ModelRunnerCpp.from_dir(engine_dir, gather_generation_logits=True)
 
     def read_positions(self, sequences: Sequence[np.ndarray], positions: Sequence[np.ndarray] | None = None) -> list[np.ndarray]:
