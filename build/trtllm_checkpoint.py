@@ -29,8 +29,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "model_repository" / "reward_engine" / "1"))
-from head_spec import HEAD_SPEC, HEAD_WEIGHTS, read_head_spec
+from head_spec import HEAD_SPEC, default_names, head_bias, read_head_spec, read_separate_head
 
+Head = tuple[torch.Tensor, torch.Tensor | None] | None  # a separate head's weight and bias, if any
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja", "generation_config.json")
 
@@ -84,13 +85,12 @@ def trtllm_config(hf: dict, tp: int, dtype: str) -> dict:
     }
 
 
-def folded_lm_head(weights: Weights, folder: Path, vocab_size: int, hidden_size: int) -> torch.Tensor:
+def folded_lm_head(weights: Weights, folder: Path, separate: Head, vocab_size: int, hidden_size: int) -> torch.Tensor:
     """[vocab, hidden]: the reward head in rows 0..N-1, zeros elsewhere."""
-    if (folder / HEAD_WEIGHTS).exists():
-        with safe_open(folder / HEAD_WEIGHTS, framework="pt") as head:
-            rows = head.get_tensor("weight")
+    if separate is not None:
+        rows = separate[0]
     else:
-        n = len(read_head_spec(folder, ["reward"]).names)
+        n = len(read_head_spec(folder, default_names(1)).names)
         tied = "lm_head.weight" not in weights  # tie_word_embeddings: the embedding matrix is the LM head
         rows = weights["model.embed_tokens.weight" if tied else "lm_head.weight"][:n]
     if rows.shape[1] != hidden_size:
@@ -100,21 +100,12 @@ def folded_lm_head(weights: Weights, folder: Path, vocab_size: int, hidden_size:
     return head
 
 
-def head_description(folder: Path) -> dict:
+def head_description(folder: Path, separate: Head) -> dict:
     """reward_head.json for the engine: names, reward rule, and the bias the engine cannot hold."""
-    default = ["reward"]
-    bias = None
-    if (folder / HEAD_WEIGHTS).exists():
-        with safe_open(folder / HEAD_WEIGHTS, framework="pt") as head:
-            n = head.get_slice("weight").get_shape()[0]
-            bias = head.get_tensor("bias").float().tolist() if "bias" in head.keys() else None
-        default = ["reward"] if n == 1 else [f"output_{i}" for i in range(n)]
-    spec = read_head_spec(folder, default)
-    if bias is not None and spec.bias is not None:
-        raise ValueError(f"{folder / HEAD_SPEC}: bias given twice (the head has its own)")
-    bias = bias if bias is not None else (None if spec.bias is None else spec.bias.tolist())
+    spec = read_head_spec(folder, default_names(1 if separate is None else separate[0].shape[0]))
+    bias = head_bias(folder, spec, None if separate is None else separate[1])
     description = {"attributes": spec.names, "reward": {"weights": spec.reward_weights.tolist()}}
-    return description if bias is None else {**description, "bias": bias}
+    return description if bias is None else {**description, "bias": bias.float().tolist()}
 
 
 def split(tensor: torch.Tensor, parts: int, rank: int, dim: int = 0) -> torch.Tensor:
@@ -165,12 +156,13 @@ def convert(checkpoint: Path, out: Path, tp: int = 1, dtype: str | None = None) 
         raise ValueError(f"dtype {dtype!r}: expected one of {sorted(DTYPES)}")
     config = trtllm_config(hf, tp, dtype)
     weights = Weights(checkpoint)
-    lm_head = folded_lm_head(weights, checkpoint, config["vocab_size"], config["hidden_size"])
+    separate = read_separate_head(checkpoint)
+    lm_head = folded_lm_head(weights, checkpoint, separate, config["vocab_size"], config["hidden_size"])
     out.mkdir(parents=True, exist_ok=True)
     for rank in range(tp):
         save_file(rank_weights(weights, config, lm_head, tp, rank, DTYPES[dtype]), out / f"rank{rank}.safetensors")
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    (out / HEAD_SPEC).write_text(json.dumps(head_description(checkpoint), indent=2) + "\n")
+    (out / HEAD_SPEC).write_text(json.dumps(head_description(checkpoint, separate), indent=2) + "\n")
     for name in TOKENIZER_FILES:  # the engine folder stays servable on its own
         if (checkpoint / name).exists():
             shutil.copy2(checkpoint / name, out / name)

@@ -8,13 +8,15 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
 from reward_client import TLS, RewardClient
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "build"))
+from supervisor import answers  # noqa: E402  the supervisor's own health probe
+
 START_DEADLINE_S = 240
 
 
@@ -73,19 +75,12 @@ def start_server(
     server = Server(*ports, process=process, log=log, ca_file=ca_file)
     deadline = time.monotonic() + START_DEADLINE_S
     with RewardClient(server.grpc_url, tls=server.tls) as client:
-        while not (client.is_ready() and _answers(server.metrics_url)):  # the metrics service starts last
+        while not (client.is_ready() and answers(server.metrics_url)):  # the metrics service starts last
             if process.poll() is not None or time.monotonic() > deadline:
                 stop_server(server)
                 raise RuntimeError(f"tritonserver did not become ready; log:\n{log.read_text()[-4000:]}")
             time.sleep(0.5)
     return server
-
-
-def _answers(url: str) -> bool:
-    try:
-        return urllib.request.urlopen(url, timeout=5).status == 200
-    except OSError:
-        return False
 
 
 def stop_server(server: Server) -> None:

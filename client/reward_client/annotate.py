@@ -65,13 +65,9 @@ def record_key(record: Any) -> str:
 def scored_turns(record: Any) -> list[list[conv.Message]]:
     """The conversations to score for a record, one per label to write; the whole record is validated."""
     if isinstance(record, dict) and "conversations" in record:
-        conv.normalize({**record, "conversations": _through_last_assistant(record["conversations"])})
         turns = record["conversations"]
-        cuts = []
-        for k, turn in enumerate(turns):
-            if isinstance(turn, dict) and turn.get("from") != record.get("mask", "User") and turn.get("label") is not None:
-                cuts.append(conv.normalize({**record, "conversations": turns[: k + 1]}))
-        return cuts
+        conv.normalize({**record, "conversations": _through_last_assistant(turns)})
+        return [conv.normalize({**record, "conversations": turns[: k + 1]}) for k in _labelled_turns(record)]
     messages = record["messages"] if isinstance(record, dict) and "messages" in record else record
     return [conv.normalize(messages)]
 
@@ -84,12 +80,19 @@ def _through_last_assistant(turns: Any) -> Any:
     return turns[: ends[-1] + 1] if ends else turns
 
 
+def _labelled_turns(record: dict) -> list[int]:
+    """Indices of the turns of a NeMo-Aligner record whose label is to be written."""
+    mask = record.get("mask", "User")
+    return [
+        k for k, t in enumerate(record["conversations"]) if isinstance(t, dict) and t.get("from") != mask and t.get("label") is not None
+    ]
+
+
 def labelled(record: Any, labels: list[str]) -> Any:
     """The record with its labels filled in (see the module docstring)."""
     if isinstance(record, dict) and "conversations" in record:
         turns = [dict(t) for t in record["conversations"]]
-        targets = [k for k, t in enumerate(turns) if t.get("from") != record.get("mask", "User") and t.get("label") is not None]
-        for k, label in zip(targets, labels, strict=True):
+        for k, label in zip(_labelled_turns(record), labels, strict=True):
             turns[k]["label"] = label
         return {**record, "conversations": turns}
     if isinstance(record, dict):

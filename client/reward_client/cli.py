@@ -63,19 +63,16 @@ async def run_annotate(client: AsyncRewardClient, args: argparse.Namespace) -> i
 async def run_rewardbench(client: AsyncRewardClient, args: argparse.Namespace) -> int:
     rows = rewardbench.load(args.data)
 
-    async def pair(row: dict[str, Any]) -> tuple[float, float]:
-        chosen, rejected = await client.score_responses(row["prompt"], [row["chosen"], row["rejected"]])
-        return float(chosen), float(rejected)
-
     with tqdm(total=len(rows), desc="rewardbench", unit="pair", disable=args.quiet) as bar:
 
-        async def tracked(row: dict[str, Any]) -> tuple[float, float]:
-            try:
-                return await pair(row)
+        async def pair(row: dict[str, Any]) -> tuple[float, float]:
+            try:  # both responses in one request: the prompt is computed once
+                chosen, rejected = await client.score_responses(row["prompt"], [row["chosen"], row["rejected"]])
+                return float(chosen), float(rejected)
             finally:
                 bar.update(1)
 
-        outcomes = await asyncio.gather(*(tracked(row) for row in rows), return_exceptions=True)
+        outcomes = await asyncio.gather(*(pair(row) for row in rows), return_exceptions=True)
     failed = [(i, o) for i, o in enumerate(outcomes) if isinstance(o, BaseException)]
     for i, error in failed:
         print(f"pair {i} ({rows[i]['subset']}): {type(error).__name__}: {error}", file=sys.stderr)

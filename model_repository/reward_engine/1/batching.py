@@ -105,13 +105,27 @@ def run_steps(engine: Any, sequences: Sequence[np.ndarray], positions: Sequence[
     representatives, members = unique(sequences, positions)
     for step in engine.plan([sequences[r] for r in representatives], [positions[r] for r in representatives]):
         chosen = [representatives[u] for u in step.indices]
-        started = time.perf_counter()
         indices = [i for u in step.indices for i in members[u]]
+        computed = [len(sequences[i]) for i in chosen]
+        started = time.perf_counter()
         try:
             scored = engine.score_step([sequences[i] for i in chosen], step.prefixes, [positions[i] for i in chosen])
         except Exception as exc:  # reported; the caller fails only this step's requests
-            yield StepResult(indices, None, exc, [len(sequences[i]) for i in chosen], step.prefixes, time.perf_counter() - started)
+            yield StepResult(indices, None, exc, computed, step.prefixes, time.perf_counter() - started)
             continue
         bounds = np.cumsum([0, *(len(positions[i]) for i in chosen)])
         outputs = [scored[bounds[k] : bounds[k + 1]] for k, u in enumerate(step.indices) for _ in members[u]]
-        yield StepResult(indices, outputs, None, [len(sequences[i]) for i in chosen], step.prefixes, time.perf_counter() - started)
+        yield StepResult(indices, outputs, None, computed, step.prefixes, time.perf_counter() - started)
+
+
+def score_all(engine: Any, sequences: Sequence[np.ndarray], positions: Sequence[np.ndarray] | None = None) -> np.ndarray:
+    """Head outputs [P, N] at `positions` (per sequence, ascending; default: its last token),
+    sequence after sequence: [len(sequences), N] by default. Raises the first failing step's error."""
+    positions = engine.read_positions(sequences, positions)
+    outputs: list[np.ndarray] = [np.empty(0)] * len(sequences)
+    for result in run_steps(engine, sequences, positions):
+        if result.error is not None:
+            raise result.error
+        for i, output in zip(result.indices, result.outputs, strict=True):
+            outputs[i] = output
+    return np.concatenate(outputs) if outputs else np.zeros((0, len(engine.head.names)), np.float32)

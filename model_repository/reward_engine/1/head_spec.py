@@ -1,9 +1,13 @@
-"""reward_head.json: the names of a reward head's N outputs, which one (or which mix) is the reward,
-and an optional bias. Read by both runtimes and by build/trtllm_checkpoint.py; numpy only.
+"""The head description beside a checkpoint, read by both runtimes and by build/trtllm_checkpoint.py:
+
+reward_head.json: the names of a reward head's N outputs, which one (or which mix) is the reward,
+and an optional bias.
 
     {"attributes": ["helpfulness", ...], "reward": {"index": 0}}
     "reward": {"weights": [w_0, ..., w_N-1]} makes the reward their weighted sum;
     "bias": [b_0, ..., b_N-1] is added to the outputs (a head folded into a bias-free lm_head keeps its bias here)
+
+reward_head.safetensors (optional): a separate head, "weight" [N, hidden] and optional "bias" [N].
 """
 
 from __future__ import annotations
@@ -14,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
+from safetensors.torch import load_file
 
 HEAD_SPEC = "reward_head.json"
 HEAD_WEIGHTS = "reward_head.safetensors"  # a separate head: weight [N, hidden], optional bias [N]
@@ -31,6 +37,29 @@ class HeadSpec:
     def reward(self, outputs: np.ndarray) -> np.ndarray:
         """[..., N] outputs -> [...] rewards."""
         return outputs @ self.reward_weights
+
+
+def default_names(count: int) -> list[str]:
+    """Names of outputs nobody named: "reward" for a single one, output_0 ... otherwise."""
+    return ["reward"] if count == 1 else [f"output_{i}" for i in range(count)]
+
+
+def read_separate_head(folder: Path) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """reward_head.safetensors' weight [N, hidden] and bias [N] (None without one), if the folder has it."""
+    path = folder / HEAD_WEIGHTS
+    if not path.exists():
+        return None
+    tensors = load_file(path)
+    if "weight" not in tensors:
+        raise ValueError(f"{path}: no 'weight' tensor (expected weight [N, hidden] and optional bias [N])")
+    return tensors["weight"], tensors.get("bias")
+
+
+def head_bias(folder: Path, spec: HeadSpec, own: torch.Tensor | None) -> torch.Tensor | None:
+    """The bias added to the outputs: the head's own, or reward_head.json's; never both."""
+    if own is not None and spec.bias is not None:
+        raise ValueError(f"{folder / HEAD_SPEC}: bias given twice (the head has its own)")
+    return own if spec.bias is None else torch.from_numpy(spec.bias)
 
 
 def read_head_spec(folder: Path, default_names: list[str]) -> HeadSpec:

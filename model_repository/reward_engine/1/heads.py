@@ -26,10 +26,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
-from head_spec import HEAD_SPEC, HEAD_WEIGHTS, HeadSpec, read_head_spec
+from head_spec import HeadSpec, default_names, head_bias, read_head_spec, read_separate_head
 from invariance import tiled_matmul
 
 
@@ -77,24 +76,17 @@ def load_reward_model(checkpoint: str, dtype: torch.dtype, attn_implementation: 
         weight, bias = model.score.weight, model.score.bias
         spec = read_head_spec(folder, _label_names(config))
         pad_token = config.get_text_config().pad_token_id
-    elif (folder / HEAD_WEIGHTS).exists():
-        tensors = load_file(folder / HEAD_WEIGHTS)
-        if "weight" not in tensors:
-            raise ValueError(f"{folder / HEAD_WEIGHTS}: no 'weight' tensor (expected weight [N, hidden] and optional bias [N])")
-        weight, bias = tensors["weight"], tensors.get("bias")
-        n = weight.shape[0]
-        spec = read_head_spec(folder, ["reward"] if n == 1 else [f"output_{i}" for i in range(n)])
+    elif (separate := read_separate_head(folder)) is not None:
+        weight, bias = separate
+        spec = read_head_spec(folder, default_names(weight.shape[0]))
     else:  # -HF convention: the reward rows are the first rows of lm_head
         spec = read_head_spec(folder, ["reward"])
         weight, bias = model.get_output_embeddings().weight[: len(spec.names)], None
         softcap = getattr(config, "final_logit_softcapping", None)
-    if bias is not None and spec.bias is not None:
-        raise ValueError(f"{folder / HEAD_SPEC}: bias given twice (the head has its own)")
+    bias = head_bias(folder, spec, bias)
     hidden_size = model.base_model.config.hidden_size
     if weight.ndim != 2 or weight.shape[1] != hidden_size:
         raise ValueError(f"{checkpoint}: reward head weight {tuple(weight.shape)} does not take the trunk's hidden size {hidden_size}")
-    if spec.bias is not None:
-        bias = torch.from_numpy(spec.bias)
     head = RewardHead(
         weight=weight.detach().clone(),
         bias=None if bias is None else bias.detach().clone(),
@@ -110,5 +102,5 @@ def load_reward_model(checkpoint: str, dtype: torch.dtype, attn_implementation: 
 def _label_names(config) -> list[str]:
     labels = [config.id2label[i] for i in range(config.num_labels)]
     if all(re.fullmatch(r"LABEL_\d+", label) for label in labels):  # transformers' placeholders
-        return ["reward"] if len(labels) == 1 else [f"output_{i}" for i in range(len(labels))]
+        return default_names(len(labels))
     return labels

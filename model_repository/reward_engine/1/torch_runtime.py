@@ -21,7 +21,7 @@ from transformers import DynamicCache
 from transformers.masking_utils import AttentionMaskInterface
 from transformers.modeling_utils import AttentionInterface
 
-from batching import Step, plan_steps, run_steps, shared_prefixes
+from batching import Step, plan_steps, score_all, shared_prefixes
 from heads import load_reward_model
 from invariance import make_batch_invariant
 
@@ -74,10 +74,10 @@ def _no_mask(*args, **kwargs):
 
 
 AttentionInterface.register(PACKED_ATTENTION, packed_attention)
+AttentionMaskInterface.register(PACKED_ATTENTION, _no_mask)
 # Where each packed sequence starts and which shared prefix it continues, set around each trunk
 # call: not every architecture passes extra keyword arguments down to its attention (Nemotron).
 PACKING: ContextVar[tuple[list[int], SharedPrefixes | None]] = ContextVar("packing")
-AttentionMaskInterface.register(PACKED_ATTENTION, _no_mask)
 
 
 @dataclass
@@ -131,16 +131,8 @@ class TorchRewardEngine:
         self.head = head
 
     def score(self, sequences: Sequence[np.ndarray], positions: Sequence[np.ndarray] | None = None) -> np.ndarray:
-        """Head outputs [P, N] at `positions` (per sequence, ascending; default: its last token),
-        sequence after sequence: [len(sequences), N] by default."""
-        positions = self.read_positions(sequences, positions)
-        outputs: list[np.ndarray] = [np.empty(0)] * len(sequences)
-        for result in run_steps(self, sequences, positions):
-            if result.error is not None:
-                raise result.error
-            for i, output in zip(result.indices, result.outputs, strict=True):
-                outputs[i] = output
-        return np.concatenate(outputs) if outputs else np.zeros((0, len(self.head.names)), np.float32)
+        """Head outputs [P, N] at `positions` (see batching.score_all): [len(sequences), N] by default."""
+        return score_all(self, sequences, positions)
 
     def read_positions(self, sequences: Sequence[np.ndarray], positions: Sequence[np.ndarray] | None = None) -> list[np.ndarray]:
         """Where outputs are read: `positions` (default: each last token). A classifier with a pad

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from batching import Step
+from batching import Step, score_all
 from head_spec import read_head_spec
 
 
@@ -43,7 +43,8 @@ class TrtllmRewardEngine:
         return [Step(indices=list(range(len(sequences))), prefixes=[])] if len(sequences) else []
 
     def score(self, sequences: Sequence[np.ndarray]) -> np.ndarray:
-        return self.score_step(list(sequences)) if len(sequences) else np.zeros((0, len(self.head.names)), np.float32)
+        """[len(sequences), N] outputs (see batching.score_all)."""
+        return score_all(self, sequences)
 
     @torch.inference_mode()
     def score_step(self, sequences: list[np.ndarray], prefixes=(), positions=None) -> np.ndarray:
