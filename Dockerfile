@@ -1,32 +1,40 @@
-# Production image: NVIDIA's Triton + TensorRT-LLM container with this repository, serving an engine
-# (or a transformers checkpoint) from a mounted volume. TensorRT-LLM 1.0 is in the 25.10 image.
+# Image of the `torch` runtime (the verified one): NVIDIA's Triton 24.10 container (tritonserver 2.51 and
+# its python backend, Ubuntu 22.04, Python 3.10) with this repository's `server-core` extra (CUDA torch
+# 2.13.0, transformers 5, numpy<2) in the container's Python, started by the `reward-server` launcher
+# (supervisor, admin key, TLS front). TensorRT-LLM engines have their own image: Dockerfile.trtllm.
 #
 #   docker build -t reward-model-server .
-#   docker run --gpus all --shm-size 8g -p 8000:8000 -p 8001:8001 -p 8002:8002 \
-#       -v /engines/nemotron-70b-rm-fp8:/models/engine:ro reward-model-server
+#   docker run --gpus all --shm-size 8g -p 8000-8002:8000-8002 \
+#       -v /models/Llama-3.1-Nemotron-70B-Reward-HF:/models/checkpoint:ro reward-model-server
 #
-# Unverified here: no Docker engine and no NGC access on this project's machines (docs/tensorrt-llm.md).
-ARG TRITON_IMAGE=nvcr.io/nvidia/tritonserver:25.10-trtllm-python-py3
+# Arguments after the image name are `reward-server` flags (`--max-tokens 8192`, `--admin-key-file F`,
+# `--tls-cert C --tls-key K`); the admin key may also come as -e REWARD_ADMIN_KEY. docs/deployment.md.
+# Unverified: no Docker engine and no NGC access on this project's machines; the install line below
+# was resolved for Python 3.10 / manylinux x86_64 against PyPI (docs/deployment.md, "The images").
+ARG TRITON_IMAGE=nvcr.io/nvidia/tritonserver:24.10-py3
 FROM ${TRITON_IMAGE}
 
 WORKDIR /opt/reward-model
 COPY pyproject.toml README.md ./
 COPY client/ client/
-COPY build/ build/
+COPY server/ server/
 COPY model_repository/ model_repository/
 
-# The container's torch, transformers and tensorrt_llm stay as NVIDIA pinned them: the project goes
-# in without its dependencies, plus the few the python models need that the image lacks.
-RUN pip install --no-cache-dir --no-deps . \
- && pip install --no-cache-dir "tritonclient[grpc,http]>=2.51" aiohttp tqdm jinja2 safetensors
+# PyPI's torch 2.13.0 for Linux x86_64 is the CUDA 13.0 build (its nvidia-* wheels; host driver >= 580).
+# For an older driver, name a CUDA 12 build of torch 2.13.0 from PyTorch's own index in TORCH_INDEX_URL
+# (e.g. its cu126 folder): installed first, it satisfies the extra's torch==2.13.0 pin. No
+# nvidia-pytriton: the container's own tritonserver serves. The build fails under numpy 2.
+ARG TORCH_INDEX_URL=
+RUN if [ -n "$TORCH_INDEX_URL" ]; then pip install --no-cache-dir --index-url "$TORCH_INDEX_URL" torch==2.13.0; fi \
+ && pip install --no-cache-dir ".[server-core]" \
+ && python3 -c "from reward_server.compat import check_numpy; check_numpy(); import torch, transformers"
 
-# The engine folder built by `make engine` (it carries the tokenizer and reward_head.json).
-ENV REWARD_CHECKPOINT=/models/engine \
-    REWARD_RUNTIME=tensorrt_llm
+# A transformers reward checkpoint mounted here (or set --checkpoint / REWARD_CHECKPOINT).
+ENV REWARD_CHECKPOINT=/models/checkpoint \
+    REWARD_RUNTIME=torch
 EXPOSE 8000 8001 8002
-# Under build/supervisor.py: Triton does not restart a python-backend stub that died; the supervisor
-# restarts the server then (docs/security.md, "Faults"). CMD holds tritonserver's flags (Kubernetes
-# `args` replace them).
-ENTRYPOINT ["python3", "/opt/reward-model/build/supervisor.py", "--http", "http://127.0.0.1:8000", "--", "tritonserver"]
-CMD ["--model-repository=/opt/reward-model/model_repository", "--model-control-mode=none", "--strict-readiness=true", \
-     "--allow-metrics=true", "--metrics-config=summary_latencies=true"]
+# nvidia_entrypoint.sh (the base image's entrypoint) sets up CUDA compatibility, then runs the launcher
+# with the container's tritonserver and backends; `docker run IMAGE FLAGS` / Kubernetes `args` add flags.
+ENTRYPOINT ["/opt/nvidia/nvidia_entrypoint.sh", "reward-server", "--tritonserver", "/opt/tritonserver/bin/tritonserver", \
+            "--backend-directory", "/opt/tritonserver/backends", "--model-repository", "/opt/reward-model/model_repository"]
+CMD []

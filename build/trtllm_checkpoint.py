@@ -6,7 +6,7 @@ convention), and the reward is read from the first generated step's logits. A he
 into TensorRT-LLM's bias-free `lm_head`; it is written to `reward_head.json` (with the names and the
 reward rule), which the `tensorrt_llm` runtime adds after.
 
-Input: a transformers Llama folder in either reward layout of model_repository/reward_engine/1/heads.py
+Input: a transformers Llama folder in either reward layout of reward_server/heads.py
 (-HF: reward rows already in lm_head; or reward_head.safetensors beside the trunk). Output, as
 TensorRT-LLM's own `convert_checkpoint.py` lays it out: `config.json` + `rank{r}.safetensors` per
 tensor-parallel rank, TensorRT-LLM's Llama weight names, q/k/v fused per rank (key/value heads
@@ -28,12 +28,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "model_repository" / "reward_engine" / "1"))
-from head_spec import HEAD_SPEC, default_names, head_bias, read_head_spec, read_separate_head
+from reward_server.head_spec import HEAD_SPEC, default_names, head_bias, read_head_spec, read_separate_head
+from reward_server.templating import TOKENIZER_FILES
 
 Head = tuple[torch.Tensor, torch.Tensor | None] | None  # a separate head's weight and bias, if any
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja", "generation_config.json")
 
 
 class Weights:
@@ -176,7 +175,10 @@ def main() -> None:
     parser.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks (default: 1)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), help="weight dtype (default: the checkpoint's)")
     args = parser.parse_args()
-    config = convert(args.checkpoint, args.out, args.tp, args.dtype)
+    try:
+        config = convert(args.checkpoint, args.out, args.tp, args.dtype)
+    except ValueError as exc:
+        sys.exit(f"error: {exc}")
     print(f"TensorRT-LLM checkpoint ({config['dtype']}, tp {args.tp}) written to {args.out}")
 
 

@@ -6,8 +6,11 @@
 bf16: build/trtllm_checkpoint.py (this project; head folded into lm_head, TP shards) -> trtllm-build.
 fp8:  TensorRT-LLM's examples/quantization/quantize.py (ModelOpt calibration; it reads the -HF layout,
       whose reward row is already lm_head row 0, and keeps lm_head unquantized) -> trtllm-build.
+      Calibrated on chat conversations rendered with the checkpoint's own template (default: the
+      project's build/calibration_conversations.jsonl; --calib-conversations for a sample of your
+      traffic), never on quantize.py's default cnn_dailymail, which it downloads from the Hub.
 Either way the engine reads the reward from the first generated step's float32 logits, never gathers
-context logits, and takes prompts of up to 4,096 tokens. The engine folder also receives the
+context logits, and takes prompts of up to `--max-tokens` (the max_tokens setting, 4,096 by default). The engine folder also receives the
 tokenizer, the chat template and reward_head.json, so REWARD_CHECKPOINT=<engine folder> serves it.
 
 Targets TensorRT-LLM 1.0 (the tritonserver:25.10-trtllm-python-py3 container); needs `trtllm-build`
@@ -18,6 +21,7 @@ commands without running them (that part is tested; the build itself is UNVERIFI
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shlex
 import shutil
@@ -25,13 +29,52 @@ import subprocess
 import sys
 from pathlib import Path
 
-MAX_INPUT_TOKENS = 4096  # the preprocessing limit
-MAX_BATCH_SIZE = 64  # reward_engine's max_batch_size
+from reward_client.conversation import parse_json
+from reward_client.protocol import MAX_BATCH_SIZE
+from reward_server.settings import Settings
+from reward_server.templating import TOKENIZER_FILES
+
 BUILD = Path(__file__).resolve().parent
+CALIBRATION_CONVERSATIONS = BUILD / "calibration_conversations.jsonl"  # tests/corpus.py's conversations, one JSON per line
 
 
-def commands(checkpoint: Path, engine: Path, tp: int, dtype: str, max_num_tokens: int, examples: Path | None) -> list[list[str]]:
-    """The conversion (or quantization) and the trtllm-build command lines."""
+def read_conversations(path: Path) -> list[list]:
+    """One wire-format conversation (the client's JSON) per non-empty line."""
+    return [parse_json(line.encode("utf-8")) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def write_calibration_set(checkpoint: Path, conversations: Path, out: Path) -> int:
+    """quantize.py's --calib_dataset: a folder whose `train` split has a `text` column. TensorRT-LLM 1.0
+    (tensorrt_llm/quantization/quantize_by_modelopt.py, get_calib_dataloader) reads a local folder as
+    load_dataset(folder, split="train")["text"], then tokenizes each text with special tokens added
+    and truncates it to --calib_max_seq_length. So each text is the conversation rendered with the
+    checkpoint's chat template, less the BOS token that tokenizer adds again: the ids it calibrates
+    on are the ids the server scores. Returns the number of conversations."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    texts = []
+    for messages in read_conversations(conversations):
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=False)
+        bos = tokenizer.bos_token
+        texts.append(text[len(bos) :] if bos and text.startswith(bos) else text)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "train.jsonl").write_text("".join(json.dumps({"text": text}, ensure_ascii=False) + "\n" for text in texts), encoding="utf-8")
+    return len(texts)
+
+
+def commands(
+    checkpoint: Path,
+    engine: Path,
+    tp: int,
+    dtype: str,
+    max_num_tokens: int,
+    examples: Path | None,
+    max_tokens: int = Settings.max_tokens,
+    calib_size: int = 0,
+) -> list[list[str]]:
+    """The conversion (or quantization) and the trtllm-build command lines; fp8 calibrates on the
+    `calib_size` conversations that write_calibration_set puts in <engine>/calibration."""
     converted = engine / "trtllm-checkpoint"
     if dtype == "bf16":
         convert = [sys.executable, str(BUILD / "trtllm_checkpoint.py"), "--checkpoint", str(checkpoint)]
@@ -42,13 +85,16 @@ def commands(checkpoint: Path, engine: Path, tp: int, dtype: str, max_num_tokens
         if (checkpoint / "reward_head.safetensors").exists():
             raise ValueError("fp8 quantizes the -HF layout (reward rows in lm_head); this checkpoint has a separate head")
         convert = [sys.executable, str(examples / "quantization" / "quantize.py"), "--model_dir", str(checkpoint)]
-        convert += ["--dtype", "bfloat16", "--qformat", "fp8", "--kv_cache_dtype", "fp8", "--calib_size", "512"]
+        convert += ["--dtype", "bfloat16", "--qformat", "fp8", "--kv_cache_dtype", "fp8"]
+        # A folder path: neither "cnn_dailymail", "scienceqa" nor "pileval", which quantize.py fetches from the Hub.
+        convert += ["--calib_dataset", str(engine / "calibration"), "--calib_size", str(calib_size)]
+        convert += ["--calib_max_seq_length", str(max_tokens)]
         convert += ["--tp_size", str(tp), "--output_dir", str(converted)]
     else:
         raise ValueError(f"dtype {dtype!r}: expected bf16 or fp8")
     build = ["trtllm-build", "--checkpoint_dir", str(converted), "--output_dir", str(engine)]
     build += ["--gather_generation_logits", "--logits_dtype", "float32"]  # the reward is a float32 logit of step 1
-    build += ["--max_input_len", str(MAX_INPUT_TOKENS), "--max_seq_len", str(MAX_INPUT_TOKENS + 1)]
+    build += ["--max_input_len", str(max_tokens), "--max_seq_len", str(max_tokens + 1)]
     build += ["--max_num_tokens", str(max_num_tokens), "--max_batch_size", str(MAX_BATCH_SIZE), "--max_beam_width", "1"]
     build += ["--gemm_plugin", "auto", "--workers", str(tp)]
     if dtype == "fp8":
@@ -59,9 +105,6 @@ def commands(checkpoint: Path, engine: Path, tp: int, dtype: str, max_num_tokens
 def copy_serving_files(checkpoint: Path, engine: Path) -> None:
     """Tokenizer, chat template and reward_head.json beside the engine (the bf16 conversion already
     wrote reward_head.json with the bias; for fp8 the checkpoint's own, if any, is the description)."""
-    sys.path.insert(0, str(BUILD))
-    from trtllm_checkpoint import TOKENIZER_FILES
-
     converted = engine / "trtllm-checkpoint"
     for name in (*TOKENIZER_FILES, "reward_head.json"):
         source = converted / name if (converted / name).exists() else checkpoint / name
@@ -76,13 +119,27 @@ def main() -> None:
     parser.add_argument("--tp", type=int, default=1, help="tensor-parallel GPUs (default: 1)")
     parser.add_argument("--dtype", choices=["bf16", "fp8"], default="bf16", help="default: bf16")
     parser.add_argument("--max-num-tokens", type=int, default=16384, help="tokens per engine step (default: 16384)")
+    max_tokens_help = f"longest prompt, the max_tokens setting (default: {Settings.max_tokens})"
+    parser.add_argument("--max-tokens", type=int, default=Settings.max_tokens, help=max_tokens_help)
+    calib_help = "fp8: conversations to calibrate on, one JSON per line (default: build/calibration_conversations.jsonl)"
+    parser.add_argument("--calib-conversations", type=Path, default=CALIBRATION_CONVERSATIONS, help=calib_help)
+    parser.add_argument("--calibration-only", action="store_true", help="fp8: write <out>/calibration and stop")
     parser.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
     args = parser.parse_args()
     examples = Path(os.environ["TRTLLM_EXAMPLES"]) if os.environ.get("TRTLLM_EXAMPLES") else None
+    if args.calibration_only and args.dtype != "fp8":
+        sys.exit("error: --calibration-only goes with --dtype fp8")
+    calib_size = len(read_conversations(args.calib_conversations)) if args.dtype == "fp8" else 0
     try:
-        steps = commands(args.checkpoint, args.out, args.tp, args.dtype, args.max_num_tokens, examples)
+        steps = commands(args.checkpoint, args.out, args.tp, args.dtype, args.max_num_tokens, examples, args.max_tokens, calib_size)
     except ValueError as exc:
-        sys.exit(f"error: {exc}")
+        if not args.calibration_only:
+            sys.exit(f"error: {exc}")
+    if args.dtype == "fp8" and not args.dry_run:
+        write_calibration_set(args.checkpoint, args.calib_conversations, args.out / "calibration")
+        print(f"calibration set: {calib_size} conversations from {args.calib_conversations} in {args.out / 'calibration'}", flush=True)
+        if args.calibration_only:
+            return
     for step in steps:
         print("+", shlex.join(step), flush=True)
         if not args.dry_run:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -10,19 +11,26 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-REPO = Path(__file__).resolve().parent.parent
-CHECKPOINT = Path(os.environ.get("REWARD_CHECKPOINT", REPO / ".build" / "demo-checkpoint"))
-ENGINE_DIR = REPO / "model_repository" / "reward_engine" / "1"
+from tests.live_server import REPO
 
-# The engine's helper modules live beside its model.py, where Triton puts them on sys.path.
-sys.path.insert(0, str(ENGINE_DIR))
+CHECKPOINT = Path(os.environ.get("REWARD_CHECKPOINT", REPO / ".build" / "demo-checkpoint"))
+STEERLM_CHECKPOINT = REPO / ".build" / "steerlm-checkpoint"
 
 
 @pytest.fixture(scope="session")
 def checkpoint() -> Path:
     if not (CHECKPOINT / "config.json").exists():
-        pytest.fail(f"no checkpoint at {CHECKPOINT}: run `make setup`")
+        pytest.fail(f"no checkpoint at {CHECKPOINT}: run `make setup` (it builds the demo checkpoint)")
     return CHECKPOINT
+
+
+@pytest.fixture(scope="session")
+def steerlm(checkpoint) -> Path:
+    """The SteerLM demo checkpoint (NeMo-Aligner layout), built here if `make test` has not built it."""
+    if not (STEERLM_CHECKPOINT / "reward_head.json").exists():
+        command = [sys.executable, str(REPO / "build" / "demo_checkpoint.py"), "--layout", "steerlm"]
+        subprocess.run([*command, "--tokenizer-from", str(checkpoint), "--out", str(STEERLM_CHECKPOINT)], check=True)
+    return STEERLM_CHECKPOINT
 
 
 @pytest.fixture(scope="session")
@@ -50,7 +58,7 @@ def reference_reward(reference_model, tokenizer):
 
 @pytest.fixture(scope="session")
 def server(tmp_path_factory, checkpoint):
-    from live_server import start_server, stop_server  # needs tritonclient; in-process tests do not
+    from tests.live_server import start_server, stop_server
 
     try:
         started = start_server(tmp_path_factory.mktemp("tritonserver") / "server.log", env={"REWARD_CHECKPOINT": str(checkpoint)})

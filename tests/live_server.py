@@ -12,10 +12,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from reward_client import TLS, RewardClient
+from reward_server.launcher.supervisor import answers  # the supervisor's own health probe
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "build"))
-from supervisor import answers  # noqa: E402  the supervisor's own health probe
 
 START_DEADLINE_S = 240
 
@@ -61,17 +60,19 @@ def start_server(
     options: list[str] | None = None,
     ca_file: Path | None = None,
 ) -> Server:
-    """Start tritonserver (on free ports, or the given HTTP, gRPC and metrics ports; `options` for
-    build/serve.py, `ca_file` when they turn TLS on) and wait until the reward model is ready; raise
-    RuntimeError with the log's tail if not."""
+    """Start `reward-server` (on free ports, or the given HTTP, gRPC and metrics ports; `options` for
+    the launcher, `ca_file` when they turn TLS on) in the repository, and wait until the reward model is
+    ready; raise RuntimeError with the log's tail if not."""
     ports = ports or tuple(free_port() for _ in range(3))
-    command = [sys.executable, str(REPO / "build" / "serve.py"), "--address", "127.0.0.1"]
+    command = [str(Path(sys.executable).with_name("reward-server")), "--address", "127.0.0.1"]
     command += ["--http-port", str(ports[0]), "--grpc-port", str(ports[1]), "--metrics-port", str(ports[2])]
     if model_repository is not None:
         command += ["--model-repository", str(model_repository)]
     command += options or []
     with open(log, "wb") as out:
-        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}, start_new_session=True)
+        process = subprocess.Popen(
+            command, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}, cwd=REPO, start_new_session=True
+        )
     server = Server(*ports, process=process, log=log, ca_file=ca_file)
     deadline = time.monotonic() + START_DEADLINE_S
     with RewardClient(server.grpc_url, tls=server.tls) as client:

@@ -11,7 +11,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from live_server import REPO, free_port
+from tests.live_server import REPO, free_port
 
 BIN = REPO / ".build" / "prometheus" / "usr" / "bin"
 SCRAPE_INTERVAL_S = 1

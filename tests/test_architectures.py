@@ -23,7 +23,7 @@ from transformers import (
     Qwen2Config,
 )
 
-from torch_runtime import TorchRewardEngine
+from reward_server.runtimes.torch_runtime import TorchRewardEngine
 
 VOCAB = 1000
 SIZE = dict(
@@ -101,7 +101,7 @@ def test_sequence_classification_reward_model(family, tmp_path):
     with torch.inference_mode():
         expected = np.stack([reference(torch.from_numpy(s)[None]).logits[0].numpy() for s in sequences])
     engine = _engine(folder)
-    assert engine.head.names == ["helpfulness", "safety"]
+    assert engine.spec.names == ["helpfulness", "safety"]
     assert np.abs(engine.score(sequences) - expected).max() <= TOLERANCE
 
 
@@ -132,7 +132,7 @@ def test_single_output_classifier_is_named_reward(tmp_path):
     config = CONFIGS["llama"]()
     config.num_labels = 1
     folder = _save(AutoModelForSequenceClassification.from_config(config), tmp_path)
-    assert _engine(folder).head.names == ["reward"]
+    assert _engine(folder).spec.names == ["reward"]
 
 
 def test_separate_head_with_bias_and_index(tmp_path):
@@ -151,9 +151,9 @@ def test_separate_head_with_bias_and_index(tmp_path):
     expected = (hidden @ head["weight"].T + head["bias"]).numpy()
     engine = _engine(folder)
     got = engine.score(sequences)
-    assert engine.head.names == names
+    assert engine.spec.names == names
     assert np.abs(got - expected).max() <= TOLERANCE
-    assert np.allclose(engine.head.reward(got), got[:, 4])
+    assert np.allclose(engine.spec.reward(got), got[:, 4])
 
 
 def test_lm_head_rows_with_weighted_reward(tmp_path):
@@ -168,7 +168,7 @@ def test_lm_head_rows_with_weighted_reward(tmp_path):
     engine = _engine(folder)
     got = engine.score(sequences)
     assert np.abs(got - expected).max() <= TOLERANCE
-    rewards = engine.head.reward(got)
+    rewards = engine.spec.reward(got)
     assert np.allclose(rewards, got @ np.array([0.5, -1.0, 2.0], dtype=np.float32), atol=1e-6)
 
 

@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from batching import plan_steps, shared_prefixes
+from reward_server.batching import plan_steps, shared_prefixes
 
 
 def test_every_index_once_and_budget_respected():

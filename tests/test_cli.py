@@ -19,19 +19,16 @@ from reward_client import RewardClient
 from reward_client.annotate import completed_keys, record_key, steerlm_label
 from reward_client.rewardbench import section_scores, subset_accuracy
 from reward_client.scores import Score
-
-from conftest import REPO
-from live_server import start_server, stop_server
+from tests.live_server import start_server, stop_server
 
 CLI = str(Path(sys.executable).with_name("reward-client"))
-STEERLM = REPO / ".build" / "steerlm-checkpoint"
 
 
 @pytest.fixture(scope="module")
-def cli_server(tmp_path_factory):
+def cli_server(tmp_path_factory, steerlm):
     """A server of its own (the restart test stops and restarts it), serving the 9-attribute SteerLM demo."""
     holder = {"log": tmp_path_factory.mktemp("cli-server") / "server.log"}
-    holder["server"] = start_server(holder["log"], env={"REWARD_CHECKPOINT": str(STEERLM)})
+    holder["server"] = start_server(holder["log"], env={"REWARD_CHECKPOINT": str(steerlm)})
     yield holder
     stop_server(holder["server"])
 
@@ -125,7 +122,7 @@ def test_sigkill_mid_run_then_resume_writes_each_record_once(reference, cli_serv
     assert lines(out) == expected
 
 
-def test_server_restart_mid_run_is_retried_and_nothing_is_lost(reference, cli_server, tmp_path):
+def test_server_restart_mid_run_is_retried_and_nothing_is_lost(reference, cli_server, steerlm, tmp_path):
     _, expected = reference
     dataset(tmp_path / "in.jsonl")
     out = tmp_path / "out.jsonl"
@@ -136,7 +133,7 @@ def test_server_restart_mid_run_is_retried_and_nothing_is_lost(reference, cli_se
     assert process.poll() is None, "the run finished before the server went down"
     time.sleep(2)
     ports = (server.http_port, server.grpc_port, server.metrics_port)
-    cli_server["server"] = start_server(cli_server["log"], env={"REWARD_CHECKPOINT": str(STEERLM)}, ports=ports)
+    cli_server["server"] = start_server(cli_server["log"], env={"REWARD_CHECKPOINT": str(steerlm)}, ports=ports)
     assert process.wait(timeout=300) == 1  # only the bad record failed
     assert lines(out) == expected
     assert len((tmp_path / "errors.jsonl").read_text().splitlines()) == 1
@@ -160,15 +157,15 @@ def test_rewardbench_section_arithmetic_by_hand():
     # Chat: alpacaeval-easy 0.9 (100 pairs' weight), mt-bench-easy 0.5 (28):
     #   100 * (0.9*100 + 0.5*28) / 128 = 100 * 104 / 128 = 81.25
     # Reasoning: math-prm 0.5 (984), hep-python 1.0 (164): 100 * (492 + 164) / 1148 = 57.1428...
-    # Safety: xstest-should-refuse 0.2 (250), xstest-should-respond 1.0 (154): 100 * (50 + 154) / 404 = 50.4950...
+    # Safety: xstest-should-refuse 0.2 (154), xstest-should-respond 1.0 (250): 100 * (30.8 + 250) / 404 = 69.5049...
     accuracy = {"alpacaeval-easy": 0.9, "mt-bench-easy": 0.5, "math-prm": 0.5, "hep-python": 1.0}
     accuracy |= {"xstest-should-refuse": 0.2, "xstest-should-respond": 1.0}
     sections = section_scores(accuracy)
     assert sections["Chat"] == pytest.approx(81.25)
     assert sections["Reasoning"] == pytest.approx(65600 / 1148)
-    assert sections["Safety"] == pytest.approx(20400 / 404)
+    assert sections["Safety"] == pytest.approx(28080 / 404)
     assert sections["Chat Hard"] is None
-    assert sections["Score"] == pytest.approx((81.25 + 65600 / 1148 + 20400 / 404) / 3)
+    assert sections["Score"] == pytest.approx((81.25 + 65600 / 1148 + 28080 / 404) / 3)
 
 
 def test_subset_accuracy_counts_ties_as_wrong():

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from reward_client import RewardClient, ServerUnavailableError, Timeout
+from reward_client import PermissionDeniedError, Retry, RewardClient, ServerUnavailableError, Timeout
 from reward_client.config import Endpoint
-
-from live_server import free_port
+from tests.live_server import free_port
 
 GOOD = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
 
@@ -36,7 +35,7 @@ def test_bad_urls_are_rejected(url):
 @pytest.mark.parametrize("scheme", ["", "http://"])
 def test_unreachable_server_raises_server_unavailable(scheme):
     url = f"{scheme}127.0.0.1:{free_port()}"
-    with RewardClient(url, timeout=Timeout(connect=2, request=5)) as client:
+    with RewardClient(url, timeout=Timeout(connect=2, request=5), retry=Retry(attempts=1)) as client:
         assert not client.is_ready()
         with pytest.raises(ServerUnavailableError):
             client.score(GOOD)
@@ -65,7 +64,7 @@ def test_the_client_installs_and_imports_without_torch():
 
     import tomllib
 
-    from conftest import REPO
+    from tests.live_server import REPO
 
     base = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
     assert not any(name in dep for dep in base for name in ("torch", "transformers", "pytriton"))
@@ -86,6 +85,11 @@ def test_the_client_installs_and_imports_without_torch():
         ),
         ("anything", "StatusCode.CANCELLED", "ServerUnavailableError"),
         ("internal", "StatusCode.INTERNAL", "ServerError"),
+        # Triton 2.51's answers to a restricted API without its key (gRPC says UNAVAILABLE): never retried.
+        ("This protocol is restricted, expecting header 'triton-grpc-protocol-api-key'", "StatusCode.UNAVAILABLE", "PermissionDeniedError"),
+        ("This API is restricted, expecting header 'api-key'", "403", "PermissionDeniedError"),
+        ("conversation[0].content: 'This protocol is restricted' is too long", "StatusCode.INVALID_ARGUMENT", "InvalidConversationError"),
+        ("Deadline Exceeded", "StatusCode.DEADLINE_EXCEEDED", "RequestTimeoutError"),
     ],
 )
 def test_server_errors_map_to_retryable_or_not(message, status, expected):
@@ -95,3 +99,57 @@ def test_server_errors_map_to_retryable_or_not(message, status, expected):
     from reward_client.client import convert_error
 
     assert type(convert_error(InferenceServerException(message, status=status))).__name__ == expected
+
+
+@pytest.fixture(scope="module")
+def restricted_server(tmp_path_factory):
+    """A bare tritonserver (no models) whose inference API needs an `api-key` header."""
+    import os
+    import subprocess
+    import sysconfig
+    import time
+
+    from reward_server.launcher.backend import tritonserver_binary
+
+    folder = tmp_path_factory.mktemp("restricted")
+    (folder / "models").mkdir()
+    http, grpc, metrics = free_port(), free_port(), free_port()
+    restriction = "inference,health,metadata:api-key=secret"
+    command = [str(tritonserver_binary()), f"--model-repository={folder / 'models'}", "--model-control-mode=explicit"]
+    command += [f"--http-port={http}", f"--grpc-port={grpc}", f"--metrics-port={metrics}"]
+    command += ["--http-address=127.0.0.1", "--grpc-address=127.0.0.1"]
+    command += [f"--http-restricted-api={restriction}", f"--grpc-restricted-protocol={restriction}"]
+    env = {**os.environ, "LD_LIBRARY_PATH": sysconfig.get_config_var("LIBDIR") or ""}
+    with open(folder / "log", "wb") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+    try:
+        deadline = time.monotonic() + 60
+        while not all(started in (folder / "log").read_bytes() for started in (b"Started GRPCInferenceService", b"Started HTTPService")):
+            assert process.poll() is None and time.monotonic() < deadline, (folder / "log").read_text()[-2000:]
+            time.sleep(0.1)
+        yield {"grpc": f"127.0.0.1:{grpc}", "http": f"http://127.0.0.1:{http}"}
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+@pytest.mark.parametrize("transport", ["grpc", "http"])
+def test_a_restricted_api_is_permission_denied_not_retried(restricted_server, transport):
+    """Default client settings: an outage would be retried for half a minute and end in
+    ServerUnavailableError; a refusal is raised at once as PermissionDeniedError."""
+    with RewardClient(restricted_server[transport]) as client:
+        with pytest.raises(PermissionDeniedError, match="is restricted"):
+            client.score(GOOD)
+
+
+def test_retry_waits_with_equal_jitter_within_known_bounds():
+    retry = Retry()
+    fulls = [min(retry.max_backoff, retry.backoff * 2 ** (k - 1)) for k in range(1, retry.attempts)]
+    assert retry.min_wait() == sum(fulls) / 2 == 115.5  # the documented budget (README, docs/client.md)
+    assert retry.delay(0) == 0.0
+    for k, full in enumerate(fulls, start=1):
+        waits = [retry.delay(k) for _ in range(200)]
+        assert all(full / 2 <= w <= full for w in waits) and max(waits) > min(waits)
+    assert Retry(attempts=1).min_wait() == 0.0
+    with pytest.raises(ValueError):
+        Retry(attempts=0)

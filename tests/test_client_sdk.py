@@ -10,9 +10,8 @@ import numpy as np
 import pytest
 
 from reward_client import AsyncRewardClient, Retry, RewardClient, ServerUnavailableError, Timeout, preference
-
-from corpus import conversations
-from live_server import free_port
+from tests.corpus import conversations
+from tests.live_server import free_port
 
 PROMPT = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "Which is the largest planet?"}]
 RESPONSES = ["Jupiter.", "Saturn, I think.", "The largest planet in the solar system is Jupiter.", "Earth"]
@@ -50,10 +49,63 @@ def test_failover_to_the_next_server(server):
         assert client.is_ready()
 
 
+@pytest.mark.parametrize("transport", ["grpc", "http"])
+def test_a_reset_connection_closes_only_after_its_last_call(server, transport):
+    """reset() retires a connection: new calls open another, and the retired one stays open for the
+    calls still on it, closing when the last one finishes."""
+    url = server.grpc_url if transport == "grpc" else server.http_url
+
+    async def run():
+        async with AsyncRewardClient(url) as client:
+            pipe = client._transports[0]
+            async with pipe.connection() as old:
+                await pipe.reset(old)
+                assert old.retired and not old.closed
+                await client.score(conversations()[0])  # on a new connection
+                assert pipe._current is not None and pipe._current is not old and not old.closed
+                assert await old.client.is_server_ready()  # the call still on the retired one works
+            assert old.closed
+
+    asyncio.run(run())
+
+
+@pytest.mark.parametrize("transport", ["grpc", "http"])
+def test_calls_survive_resets_racing_them(server, transport):
+    """Connections reset over and over while 48 calls are in flight on them (what a restarting server
+    does): no call ever lands on a closed channel or session, every call returns its score."""
+    url = server.grpc_url if transport == "grpc" else server.http_url
+    convs = conversations()[:6]
+
+    async def run():
+        async with AsyncRewardClient(url, concurrency=16, retry=Retry(attempts=1)) as client:
+            expected = await client.score_batch(convs)
+            done = asyncio.Event()
+
+            async def resets() -> int:
+                count = 0
+                while not done.is_set():
+                    await client._transports[0].reset()
+                    count += 1
+                    await asyncio.sleep(0.005)
+                return count
+
+            resetting = asyncio.create_task(resets())
+            try:
+                got = await asyncio.gather(*(client.score_batch(convs) for _ in range(8)))
+            finally:
+                done.set()
+            return expected, got, await resetting
+
+    expected, got, resets = asyncio.run(run())
+    assert resets > 1
+    for scores in got:
+        assert np.abs(np.array(scores) - np.array(expected)).max() <= 1e-5
+
+
 def test_retries_give_up_with_server_unavailable():
     dead = [f"127.0.0.1:{free_port()}", f"http://127.0.0.1:{free_port()}"]
     started = time.monotonic()
-    with RewardClient(dead, retry=Retry(attempts=4, backoff=0.05, max_backoff=0.1), timeout=Timeout(connect=1, request=5)) as client:
+    with RewardClient(dead, retry=Retry(attempts=2, backoff=0.05, max_backoff=0.1), timeout=Timeout(connect=1, request=5)) as client:
         with pytest.raises(ServerUnavailableError):
             client.score(conversations()[0])
         assert not client.is_ready()

@@ -9,7 +9,7 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
 from reward_client import protocol
-from reward_client.protocol import parse_bool, parse_int, read_parameters
+from reward_server.settings import Settings, parse_bool, parse_int, read_parameters
 
 REPOSITORY = Path(__file__).resolve().parent.parent / "model_repository"
 
@@ -25,12 +25,14 @@ def names(tensors) -> set[str]:
 def test_tensor_names_match_protocol():
     pre, engine, ensemble = load(protocol.PREPROCESSING_MODEL), load(protocol.ENGINE_MODEL), load(protocol.ENSEMBLE_MODEL)
     scores = {protocol.REWARD, protocol.ATTRIBUTES, protocol.ATTRIBUTE_NAMES, protocol.TURN_REWARDS, protocol.TURN_ATTRIBUTES}
-    assert names(pre.input) == names(ensemble.input) == {protocol.CONVERSATION, protocol.SCORE_TURNS}
+    optional = {protocol.SCORE_TURNS, protocol.TEXT, protocol.TOKENS, protocol.ADD_SPECIAL_TOKENS, protocol.KEEP_LAST_TOKENS}
+    assert names(pre.input) == names(ensemble.input) == {protocol.CONVERSATION} | optional
     assert names(pre.output) == {protocol.INPUT_IDS, protocol.NUM_TOKENS, protocol.SCORE_AT}
     assert names(engine.input) == {protocol.INPUT_IDS, protocol.NUM_TOKENS, protocol.SCORE_AT}
     assert names(engine.output) == scores
     assert names(ensemble.output) == scores | {protocol.NUM_TOKENS}
-    assert [t.name for t in ensemble.input if t.optional] == [protocol.SCORE_TURNS]
+    assert all(t.optional for t in ensemble.input)  # exactly one of CONVERSATION, TEXT, TOKENS: checked by preprocessing
+    assert names(pre.input) == {key for step in ensemble.ensemble_scheduling.step for key in step.input_map} - names(engine.input)
     assert [step.model_name for step in ensemble.ensemble_scheduling.step] == [protocol.PREPROCESSING_MODEL, protocol.ENGINE_MODEL]
 
 
@@ -42,23 +44,42 @@ def test_engine_batches_ragged_requests():
 
 
 def test_parameters_are_read_once_with_one_meaning():
-    config = {"parameters": {"a": {"string_value": "TRUE"}, "n": {"string_value": "12"}}}
-    parameters = read_parameters(config)
-    assert parse_bool(parameters["a"], "a") is True
+    assert parse_bool("TRUE", "a") is True
     assert parse_bool("off", "x") is False
-    assert parse_int(parameters["n"], "n") == 12
+    assert parse_int("12", "n") == 12
     with pytest.raises(ValueError, match="not a boolean"):
         parse_bool("maybe", "x")
     with pytest.raises(ValueError, match="below the minimum"):
         parse_int("0", "n")
 
 
-def test_runtime_comes_from_the_environment_first(monkeypatch):
-    from reward_client.protocol import resolve_runtime
+def test_settings_come_from_the_environment_then_the_models_own_config_then_the_ensembles(tmp_path, checkpoint):
+    """One source per setting, typed, defaults defined once; relative paths resolve against the
+    folder of the config that names them, or the working directory for the environment."""
+    engine, ensemble = tmp_path / "reward_engine", tmp_path / "reward_model"
+    (ensemble / "ckpt").mkdir(parents=True)
+    engine.mkdir()
+    (ensemble / "config.pbtxt").write_text(
+        'name: "reward_model"\nparameters [ { key: "checkpoint", value: { string_value: "ckpt" } },\n'
+        '  { key: "max_tokens", value: { string_value: "8192" } }, { key: "dtype", value: { string_value: "bf16" } } ]\n'
+    )
+    settings = Settings.for_model(engine, {"dtype": "fp32"}, environ={})
+    assert settings.checkpoint == str((ensemble / "ckpt").resolve()) and settings.max_tokens == 8192 and settings.dtype == "fp32"
+    assert settings.max_step_tokens is None and settings.min_shared_prefix == 64 and settings.runtime == "torch"  # the defaults
+    environ = {"REWARD_MAX_TOKENS": "100", "REWARD_CHECKPOINT": str(checkpoint), "REWARD_MAX_STEP_TOKENS": "512", "REWARD_DTYPE": "fp16"}
+    settings = Settings.for_model(engine, {"dtype": "fp32"}, environ=environ)
+    assert (settings.max_tokens, settings.checkpoint, settings.max_step_tokens, settings.dtype) == (100, str(checkpoint), 512, "fp16")
+    with pytest.raises(ValueError, match=r"\$REWARD_RUNTIME: 'onnx' is not one of torch, tensorrt_llm"):
+        Settings.for_model(engine, {}, environ={"REWARD_RUNTIME": "onnx"})
+    with pytest.raises(ValueError, match=r"reward_engine/config.pbtxt: unknown setting\(s\) \['max_token'\]"):
+        Settings.for_model(engine, {"max_token": "1"}, environ={})
+    with pytest.raises(ValueError, match=r"folder .*missing does not exist"):
+        Settings.for_model(engine, {"checkpoint": "missing"}, environ={})
 
-    assert resolve_runtime("") == "torch"
-    monkeypatch.setenv("REWARD_RUNTIME", "tensorrt_llm")
-    assert resolve_runtime("torch") == "tensorrt_llm"
-    monkeypatch.setenv("REWARD_RUNTIME", "onnx")
-    with pytest.raises(ValueError, match="expected one of torch, tensorrt_llm"):
-        resolve_runtime("torch")
+
+def test_the_repository_names_one_checkpoint_and_restates_no_default():
+    """Settings live in the ensemble's config only; the other models' configs carry none."""
+    ensemble = read_parameters(REPOSITORY / protocol.ENSEMBLE_MODEL / "config.pbtxt")
+    assert ensemble == {"checkpoint": "../../.build/demo-checkpoint"}
+    for model in (protocol.PREPROCESSING_MODEL, protocol.ENGINE_MODEL, protocol.NEMO_MODEL):
+        assert not load(model).parameters, model

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from corpus import conversations
-from torch_runtime import TorchRewardEngine
+from reward_server.runtimes.torch_runtime import TorchRewardEngine
+from tests.corpus import conversations
 
 DEVICES = [
     "cpu",
@@ -54,7 +54,7 @@ def test_engine_matches_reference(engine, token_ids, reference_model):
 def test_engine_never_holds_the_vocabulary_projection(engine, checkpoint):
     assert engine.head.weight.shape == (1, 256)
     assert not any(p.shape[0] == 128256 and p is engine.head.weight for p in engine.trunk.parameters())
-    assert engine.head.names == ["reward"]
+    assert engine.spec.names == ["reward"]
 
 
 def test_batch_invariance(engine, token_ids):

@@ -1,5 +1,6 @@
-"""Faults: a python-backend stub killed under load. The supervisor restarts the server, clients
-retry through it, and no request is ever answered with a wrong score."""
+"""Faults: a python-backend stub killed under load, and the whole server restarted. The supervisor
+restarts the server, clients with default settings retry through it, and no request is ever answered
+with a wrong score."""
 
 from __future__ import annotations
 
@@ -11,10 +12,9 @@ import time
 import numpy as np
 import pytest
 
-from reward_client import Retry, RewardClient, Timeout
-
-from corpus import conversations
-from live_server import start_server, stop_server
+from reward_client import RewardClient
+from tests.corpus import conversations
+from tests.live_server import start_server, stop_server
 
 STUB = b"triton_python_backend_stub"
 
@@ -39,45 +39,94 @@ def stubs_of(root: int) -> dict[int, bytes]:
 
 @pytest.fixture(scope="module")
 def fault_server(tmp_path_factory, checkpoint):
-    holder = {"server": start_server(tmp_path_factory.mktemp("faults") / "server.log", env={"REWARD_CHECKPOINT": str(checkpoint)})}
-    yield holder["server"]
+    """A server of this module's own, in a holder so that a test may replace it (restart it)."""
+    log_dir = tmp_path_factory.mktemp("faults")
+    holder = {"server": start_server(log_dir / "server.log", env={"REWARD_CHECKPOINT": str(checkpoint)}), "log_dir": log_dir}
+    yield holder
     stop_server(holder["server"])
 
 
+class Load:
+    """Threads scoring the same conversations in a loop with a default-configured client, each
+    batch's scores or error recorded."""
+
+    def __init__(self, url: str, convs: list, workers: int = 2) -> None:
+        self.url, self.convs = url, convs
+        self.results: list[np.ndarray] = []
+        self.errors: list[BaseException] = []
+        self.stop = threading.Event()
+        self.threads = [threading.Thread(target=self._run) for _ in range(workers)]
+        for thread in self.threads:
+            thread.start()
+
+    def _run(self) -> None:
+        with RewardClient(self.url, concurrency=4) as client:  # default Retry and Timeout
+            while not self.stop.is_set():
+                try:
+                    self.results.append(np.array(client.score_batch(self.convs)))
+                except Exception as exc:
+                    self.errors.append(exc)
+
+    def wait_for(self, count: int, deadline_s: float) -> None:
+        deadline = time.monotonic() + deadline_s
+        while len(self.results) < count and not self.errors and time.monotonic() < deadline:
+            time.sleep(0.1)
+
+    def finish(self) -> None:
+        self.stop.set()
+        for thread in self.threads:
+            thread.join(timeout=180)
+        assert not any(thread.is_alive() for thread in self.threads), "a client call hung"
+
+
 def test_engine_stub_killed_mid_load(fault_server, reference_reward):
+    server = fault_server["server"]
     convs = conversations()[:8]
     expected = np.array([reference_reward(c) for c in convs])
-    results, errors, stop = [], [], threading.Event()
-    retry, timeout = Retry(attempts=40, backoff=0.5, max_backoff=2.0), Timeout(connect=2, request=60)
-
-    def load() -> None:
-        with RewardClient(fault_server.grpc_url, retry=retry, timeout=timeout, concurrency=4) as client:
-            while not stop.is_set():
-                try:
-                    results.append(np.array(client.score_batch(convs)))
-                except Exception as exc:
-                    errors.append(exc)
-
-    workers = [threading.Thread(target=load) for _ in range(2)]
-    for worker in workers:
-        worker.start()
-    while len(results) < 3:
-        time.sleep(0.1)
-    engine = [pid for pid, cmdline in stubs_of(fault_server.process.pid).items() if b"reward_engine" in cmdline]
-    assert len(engine) == 1, stubs_of(fault_server.process.pid)
-    before = len(results)
-    os.kill(engine[0], signal.SIGKILL)
-    deadline = time.monotonic() + 180
-    while len(results) < before + 6 and time.monotonic() < deadline:  # batches finished after the restart
-        time.sleep(0.2)
-    stop.set()
-    for worker in workers:
-        worker.join(timeout=120)
-    assert not errors, errors[:3]
-    assert len(results) >= before + 6, "the server did not come back"
-    for scores in results:  # before, during and after the fault: every answer is the right score
+    load = Load(server.grpc_url, convs)
+    try:
+        load.wait_for(3, 300)
+        assert len(load.results) >= 3 and not load.errors, load.errors[:3]
+        engine = [pid for pid, cmdline in stubs_of(server.process.pid).items() if b"reward_engine" in cmdline]
+        assert len(engine) == 1, stubs_of(server.process.pid)
+        before = len(load.results)
+        killed = time.monotonic()
+        os.kill(engine[0], signal.SIGKILL)
+        load.wait_for(before + 6, 400)  # batches finished after the restart
+        print(f"stub killed; {len(load.results) - before} batches answered {time.monotonic() - killed:.1f} s later")
+    finally:
+        load.finish()
+    assert not load.errors, load.errors[:3]
+    assert len(load.results) >= before + 6, "the server did not come back"
+    for scores in load.results:  # before, during and after the fault: every answer is the right score
         assert np.abs(scores - expected).max() <= 1e-4
-    log = fault_server.log.read_text()
+    log = server.log.read_text()
     assert "the python-backend stub of reward_engine died; restarting tritonserver" in log
-    new_engine = [pid for pid, cmdline in stubs_of(fault_server.process.pid).items() if b"reward_engine" in cmdline]
+    new_engine = [pid for pid, cmdline in stubs_of(server.process.pid).items() if b"reward_engine" in cmdline]
     assert new_engine and new_engine != engine
+
+
+def test_default_client_rides_out_a_server_restart(fault_server, checkpoint, reference_reward):
+    """The whole server stopped and started again on the same ports, while default clients are
+    mid-call: every call returns the right score once the new server is up."""
+    server = fault_server["server"]
+    convs = conversations()[8:12]
+    expected = np.array([reference_reward(c) for c in convs])
+    load = Load(server.grpc_url, convs)
+    try:
+        load.wait_for(2, 300)
+        assert len(load.results) >= 2 and not load.errors, load.errors[:3]
+        stopped = time.monotonic()
+        stop_server(server)
+        before = len(load.results)  # from here on, only the new server can answer
+        ports = (server.http_port, server.grpc_port, server.metrics_port)
+        log = fault_server["log_dir"] / "restarted.log"
+        fault_server["server"] = start_server(log, env={"REWARD_CHECKPOINT": str(checkpoint)}, ports=ports)
+        load.wait_for(before + 4, 400)  # each worker may append one answer of the old server late
+        print(f"server stopped; answered again {time.monotonic() - stopped:.1f} s later")
+    finally:
+        load.finish()
+    assert not load.errors, load.errors[:3]
+    assert len(load.results) >= before + 4, "no answer from the restarted server"
+    for scores in load.results:
+        assert np.abs(scores - expected).max() <= 1e-4

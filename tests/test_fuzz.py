@@ -58,7 +58,32 @@ def mutate(draw_conversation: list, how: int, junk) -> object:
     return conversation
 
 
+def with_content(conversation: list, raw: bytes) -> bytes:
+    """`conversation` as JSON with its first message's content replaced by the raw JSON text `raw`."""
+    marked = [{**conversation[0], "content": "@@RAW@@"}, *conversation[1:]]
+    return json.dumps(marked).encode().replace(b'"@@RAW@@"', raw, 1)
+
+
+# Inputs Python's own parser and codecs trip on (RecursionError, ValueError, TypeError) unless the
+# validator catches them: deep nesting, lone surrogates (valid JSON escapes, not encodable UTF-8),
+# integers over sys.get_int_max_str_digits() digits, speakers that are not strings.
+deep = st.integers(1, 20_000).map(lambda n: b"[" * n + b"]" * n) | st.builds(
+    lambda c, n: with_content(c, b"[" * n + b"]" * n), valid, st.integers(1, 5_000)
+)
+surrogate_text = st.builds(lambda a, s, b: a + s + b, text, st.characters(categories=["Cs"]), text)
+surrogates = st.builds(lambda c, t: with_content(c, json.dumps(t).encode()), valid, surrogate_text)
+long_numbers = st.builds(lambda c, d: with_content(c, b"9" * d), valid, st.integers(4_000, 6_000))
+speakers = st.builds(
+    lambda speaker, turns: json.dumps({"conversations": [{"from": speaker, "value": "q"}, *turns]}).encode(),
+    json_values,
+    st.just([{"from": "Assistant", "value": "a"}]),
+)
+
 payloads = st.one_of(
+    deep,
+    surrogates,
+    long_numbers,
+    speakers,
     valid.map(lambda c: json.dumps(c).encode()),
     st.builds(mutate, valid, st.integers(0, 100), json_values).map(lambda c: json.dumps(c).encode()),
     st.lists(message, max_size=5).map(lambda c: json.dumps(c).encode()),

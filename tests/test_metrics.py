@@ -12,16 +12,8 @@ import numpy as np
 import pytest
 
 from reward_client import InvalidConversationError, RewardClient
-from reward_client.protocol import (
-    METRIC_PREFIX_REUSED,
-    METRIC_REJECTED,
-    METRIC_STEP_SECONDS,
-    METRIC_STEP_TOKENS,
-    METRIC_TOKENS,
-    METRIC_VALUE,
-)
-
-from prometheus_server import promtool_check, start_prometheus, stop_prometheus
+from reward_server import metrics
+from tests.prometheus_server import promtool_check, start_prometheus, stop_prometheus
 
 GOOD = [{"role": "user", "content": "Count me."}, {"role": "assistant", "content": "Counted."}]
 PROJECT = ("reward_",)
@@ -63,15 +55,15 @@ def prometheus(server, tmp_path_factory):
 
 def test_prometheus_scrapes_the_project_metrics(server, prometheus):
     """After N known requests, Prometheus's HTTP API shows exactly what they should have added."""
-    tokens, value_count, rejected = f"sum({METRIC_TOKENS})", f'sum({METRIC_VALUE}_count{{attribute="reward"}})', METRIC_REJECTED
+    tokens, value_count, rejected = f"sum({metrics.TOKENS})", f'sum({metrics.VALUE}_count{{attribute="reward"}})', metrics.REJECTED
     prometheus.wait_for_scrape_after(time.time())
     before = {
         "tokens": prometheus.value(tokens),
         "values": prometheus.value(value_count),
-        "reward_sum": prometheus.value(f'sum({METRIC_VALUE}_sum{{attribute="reward"}})'),
+        "reward_sum": prometheus.value(f'sum({metrics.VALUE}_sum{{attribute="reward"}})'),
         "too_long": prometheus.value(f'sum({rejected}{{reason="too_long"}})'),
         "order": prometheus.value(f'sum({rejected}{{reason="order"}})'),
-        "reused": prometheus.value(f"sum({METRIC_PREFIX_REUSED})"),
+        "reused": prometheus.value(f"sum({metrics.PREFIX_REUSED})"),
     }
     prompt = [{"role": "user", "content": "Tell me about the sea. " * 30}]
     with RewardClient(server.grpc_url) as client:
@@ -87,20 +79,20 @@ def test_prometheus_scrapes_the_project_metrics(server, prometheus):
     assert prometheus.value(tokens) - before["tokens"] == 2 * sum(lengths)  # _lengths scored them a second time
     assert prometheus.value(value_count) - before["values"] == 10
     expected_sum = 2 * sum(float(s) for s in [*scores, *best_of])
-    assert prometheus.value(f'sum({METRIC_VALUE}_sum{{attribute="reward"}})') - before["reward_sum"] == pytest.approx(
+    assert prometheus.value(f'sum({metrics.VALUE}_sum{{attribute="reward"}})') - before["reward_sum"] == pytest.approx(
         expected_sum, abs=1e-3
     )
     assert prometheus.value(f'sum({rejected}{{reason="too_long"}})') - before["too_long"] == 1
     assert prometheus.value(f'sum({rejected}{{reason="order"}})') - before["order"] == 1
-    assert prometheus.value(f"sum({METRIC_PREFIX_REUSED})") - before["reused"] > 0  # best-of-3 shared its prompt
-    assert prometheus.value(f"sum({METRIC_STEP_TOKENS}_count)") > 0 and prometheus.value(f"sum({METRIC_STEP_SECONDS}_sum)") > 0
+    assert prometheus.value(f"sum({metrics.PREFIX_REUSED})") - before["reused"] > 0  # best-of-3 shared its prompt
+    assert prometheus.value(f"sum({metrics.STEP_TOKENS}_count)") > 0 and prometheus.value(f"sum({metrics.STEP_SECONDS}_sum)") > 0
 
 
 def test_promtool_accepts_the_project_metrics(server):
     """promtool lints the project's families clean (Triton's own nv_* counters lack the _total suffix)."""
     text = exposition(server)
     ours = "\n".join(line for line in text.splitlines() if re.sub(r"^# (HELP|TYPE) ", "", line).startswith(PROJECT)) + "\n"
-    assert METRIC_TOKENS in ours and f"{METRIC_VALUE}_bucket" in ours
+    assert metrics.TOKENS in ours and f"{metrics.VALUE}_bucket" in ours
     result = promtool_check(ours)
     assert result.returncode == 0, result.stdout + result.stderr
     assert re.search(

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import re
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -12,6 +14,7 @@ import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
 from reward_client import InvalidConversationError, RewardClient, protocol
+from reward_server import metrics
 
 GOOD = [{"role": "user", "content": "What is 1+1?"}, {"role": "assistant", "content": "1+1=2"}]
 
@@ -29,6 +32,14 @@ BAD_PAYLOADS = {
         "conversation[1].role: expected 'assistant'",
     ),
     "content not a string": (b'[{"role": "user", "content": 1}, {"role": "assistant", "content": "x"}]', "conversation[0].content"),
+    # Client mistakes Python itself trips on (RecursionError, TypeError, ValueError) unless caught: 400s too.
+    "nested too deeply": (b"[" * 5000 + b"]" * 5000, "conversation: JSON nested more than 64 levels deep"),
+    "lone surrogate": (b'[{"role": "user", "content": "\\ud800"}, {"role": "assistant", "content": "a"}]', "lone surrogate U+D800"),
+    "nemo speaker not a string": (
+        b'{"conversations": [{"from": ["User"], "value": "q"}, {"from": "Assistant", "value": "a"}]}',
+        "conversations[0].from: ['User'] is not",
+    ),
+    "5000-digit integer": (b'[{"role": "user", "content": ' + b"1" * 5000 + b'}, {"role": "assistant", "content": "a"}]', "4300 digits"),
     "over the token limit": (
         json.dumps([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "word " * 5000}]).encode(),
         "over the limit of 4096 tokens",
@@ -56,6 +67,50 @@ def test_bad_payload_is_named(server, case, transport):
     assert words in caught.value.message()
     assert caught.value.status() in ("StatusCode.INVALID_ARGUMENT", "400")
     assert "Traceback" not in caught.value.message()
+
+
+# case -> the reason it is counted under in reward_requests_rejected_total
+REASONS = {
+    "nested too deeply": "malformed",
+    "lone surrogate": "encoding",
+    "nemo speaker not a string": "malformed",
+    "5000-digit integer": "encoding",
+}
+
+
+def rejected(server) -> dict[str, float]:
+    """reward_requests_rejected_total by reason, summed over models."""
+    counts: dict[str, float] = {}
+    for line in urllib.request.urlopen(server.metrics_url, timeout=10).read().decode().splitlines():
+        if line.startswith(metrics.REJECTED + "{"):
+            reason = re.search(r'reason="([^"]+)"', line).group(1)
+            counts[reason] = counts.get(reason, 0) + float(line.rsplit(" ", 1)[1])
+    return counts
+
+
+def test_client_mistakes_are_counted_and_logged_in_one_line(server):
+    """The inputs that used to reach Python's own errors (500 and a traceback each): counted by reason, no traceback."""
+    before, log_before = rejected(server), len(server.log.read_bytes())
+    for case in REASONS:
+        with pytest.raises(InferenceServerException) as caught:
+            raw_infer(grpcclient, server.grpc_url, BAD_PAYLOADS[case][0])
+        assert caught.value.status() == "StatusCode.INVALID_ARGUMENT", caught.value.message()
+    after = rejected(server)
+    for reason in set(REASONS.values()):
+        assert after.get(reason, 0) - before.get(reason, 0) == list(REASONS.values()).count(reason), (reason, before, after)
+    assert "Traceback" not in server.log.read_bytes()[log_before:].decode(errors="replace")
+
+
+@pytest.mark.parametrize("transport", ["grpc", "http"])
+def test_score_turns_without_a_conversation_is_named(server, transport):
+    module, url = (grpcclient, server.grpc_url) if transport == "grpc" else (httpclient, f"localhost:{server.http_port}")
+    client = module.InferenceServerClient(url)
+    tensor = module.InferInput(protocol.SCORE_TURNS, [1, 1], "BOOL")
+    tensor.set_data_from_numpy(np.array([[True]]))
+    with pytest.raises(InferenceServerException, match=protocol.CONVERSATION) as caught:
+        client.infer(protocol.ENSEMBLE_MODEL, [tensor])
+    client.close()
+    assert caught.value.status() in ("StatusCode.INVALID_ARGUMENT", "400")
 
 
 def test_client_maps_server_rejection_to_invalid_conversation(client):

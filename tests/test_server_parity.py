@@ -6,8 +6,7 @@ import numpy as np
 import pytest
 
 from reward_client import RewardClient
-
-from corpus import conversations, nemo_record
+from tests.corpus import conversations, nemo_record
 
 TOLERANCE = 1e-4
 

@@ -7,7 +7,6 @@ attribute_annotate.py (FuturesModelClient, `sentences`) and RemoteGPTRMClient (`
 from __future__ import annotations
 
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,10 +16,8 @@ from safetensors.torch import load_file
 from transformers import AutoModel, AutoTokenizer
 
 from reward_client import InvalidConversationError, RewardClient
+from tests.live_server import REPO
 
-from conftest import REPO
-
-STEERLM_CHECKPOINT = REPO / ".build" / "steerlm-checkpoint"
 ATTRIBUTES = ["quality", "toxicity", "humor", "creativity", "helpfulness", "correctness", "coherence", "complexity", "verbosity"]
 TOLERANCE = 1e-4
 
@@ -58,22 +55,15 @@ def nemo_texts(record) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def steerlm_checkpoint() -> Path:
-    if not (STEERLM_CHECKPOINT / "reward_head.json").exists():
-        pytest.fail(f"no SteerLM demo checkpoint at {STEERLM_CHECKPOINT}: run `make setup`")
-    return STEERLM_CHECKPOINT
+def steerlm_tokenizer(steerlm):
+    return AutoTokenizer.from_pretrained(steerlm)
 
 
 @pytest.fixture(scope="module")
-def steerlm_tokenizer(steerlm_checkpoint):
-    return AutoTokenizer.from_pretrained(steerlm_checkpoint)
-
-
-@pytest.fixture(scope="module")
-def reference_attributes(steerlm_checkpoint):
+def reference_attributes(steerlm):
     """transformers trunk (eager, fp32), last hidden state at the last token, @ W.T + b."""
-    trunk = AutoModel.from_pretrained(steerlm_checkpoint, dtype=torch.float32, attn_implementation="eager").eval()
-    head = load_file(steerlm_checkpoint / "reward_head.safetensors")
+    trunk = AutoModel.from_pretrained(steerlm, dtype=torch.float32, attn_implementation="eager").eval()
+    head = load_file(steerlm / "reward_head.safetensors")
 
     @torch.inference_mode()
     def attributes(ids) -> np.ndarray:
@@ -84,9 +74,9 @@ def reference_attributes(steerlm_checkpoint):
 
 
 @pytest.fixture(scope="module")
-def steerlm_server(tmp_path_factory, steerlm_checkpoint):
+def steerlm_server(tmp_path_factory, steerlm):
     """The repository served with the SteerLM checkpoint, plus a copy of the NeMo model that merges attributes."""
-    from live_server import start_server, stop_server
+    from tests.live_server import start_server, stop_server
 
     repository = tmp_path_factory.mktemp("repository")
     for model in ("preprocessing", "reward_engine", "reward_model", "nemo_reward_model"):
@@ -94,14 +84,12 @@ def steerlm_server(tmp_path_factory, steerlm_checkpoint):
     merged = repository / "nemo_reward_model_merged"
     shutil.copytree(REPO / "model_repository" / "nemo_reward_model", merged)
     config = (merged / "config.pbtxt").read_text().replace('name: "nemo_reward_model"', 'name: "nemo_reward_model_merged"')
-    (merged / "config.pbtxt").write_text(
-        config.replace('"merge_attributes", value: { string_value: "false"', '"merge_attributes", value: { string_value: "true"')
-    )
+    (merged / "config.pbtxt").write_text(config + 'parameters [ { key: "merge_attributes", value: { string_value: "true" } } ]\n')
     try:
         server = start_server(
             tmp_path_factory.mktemp("tritonserver") / "server.log",
             model_repository=repository,
-            env={"REWARD_CHECKPOINT": str(steerlm_checkpoint)},
+            env={"REWARD_CHECKPOINT": str(steerlm)},
         )
     except RuntimeError as exc:
         pytest.fail(str(exc))

@@ -7,7 +7,7 @@ import random
 import pytest
 from llama_models.llama3.tokenizer import Tokenizer as LlamaTokenizer
 
-from corpus import CODE, LOREM
+from tests.corpus import CODE, LOREM
 
 
 def varied_corpus() -> list[str]:

@@ -4,6 +4,8 @@ Llama forward on TensorRT-LLM's names, scores like the transformers reference (f
 from __future__ import annotations
 
 import json
+import shlex
+import subprocess
 import sys
 
 import numpy as np
@@ -12,13 +14,37 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
-from conftest import REPO
-from trtllm_reader import TrtllmCheckpoint
-
-sys.path.insert(0, str(REPO / "build"))
-from trtllm_checkpoint import convert
+from tests.live_server import REPO
+from tests.trtllm_reader import TrtllmCheckpoint
 
 TOLERANCE = 1e-5
+
+
+def convert(checkpoint, out, tp=1, dtype=None) -> dict:
+    """build/trtllm_checkpoint.py as users run it; ValueError with its error line if it refuses."""
+    command = [
+        sys.executable,
+        str(REPO / "build" / "trtllm_checkpoint.py"),
+        "--checkpoint",
+        str(checkpoint),
+        "--out",
+        str(out),
+        "--tp",
+        str(tp),
+    ]
+    done = subprocess.run([*command, *(["--dtype", dtype] if dtype else [])], capture_output=True, text=True)
+    if done.returncode:
+        raise ValueError(done.stderr.strip().splitlines()[-1])
+    return json.loads((out / "config.json").read_text())
+
+
+def engine_commands(*options: str) -> list[list[str]]:
+    """The command lines `build/trtllm_engine.py --dry-run` prints."""
+    command = [sys.executable, str(REPO / "build" / "trtllm_engine.py"), "--dry-run", *options]
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode:
+        raise ValueError(done.stderr.strip().splitlines()[-1])
+    return [shlex.split(line[2:]) for line in done.stdout.splitlines() if line.startswith("+ ")]
 
 
 @pytest.fixture(scope="module")
@@ -60,11 +86,8 @@ def test_lm_head_keeps_the_vocabulary_with_reward_rows_first(checkpoint, tmp_pat
     assert shards[0]["transformer.layers.0.attention.qkv.weight"].shape == (q_rows + 2 * 32, 256)
 
 
-def test_separate_head_with_bias_is_folded(tmp_path, sequences):
+def test_separate_head_with_bias_is_folded(steerlm, tmp_path, sequences):
     """A 9-output head with bias beside the trunk: rows 0..8 of lm_head, the bias in reward_head.json."""
-    steerlm = REPO / ".build" / "steerlm-checkpoint"
-    if not (steerlm / "reward_head.safetensors").exists():
-        pytest.fail("no SteerLM demo checkpoint: run `make setup`")
     convert(steerlm, tmp_path, tp=2, dtype="float32")
     head = load_file(steerlm / "reward_head.safetensors")
     description = json.loads((tmp_path / "reward_head.json").read_text())
@@ -96,11 +119,10 @@ def test_conversion_refuses_what_it_cannot_convert(checkpoint, tmp_path):
         convert(both, tmp_path / "c", dtype="float32")
 
 
-def test_engine_build_commands(tmp_path):
+def test_engine_build_commands(tmp_path, monkeypatch):
     """`make engine`'s command lines carry the flags the reward read depends on (TensorRT-LLM 1.0)."""
-    from trtllm_engine import commands
-
-    convert, build = commands(REPO / "ckpt", tmp_path, tp=8, dtype="bf16", max_num_tokens=16384, examples=None)
+    monkeypatch.delenv("TRTLLM_EXAMPLES", raising=False)
+    convert, build = engine_commands("--checkpoint", str(REPO / "ckpt"), "--out", str(tmp_path), "--tp", "8")
     assert convert[1].endswith("trtllm_checkpoint.py") and convert[convert.index("--tp") + 1] == "8"
     assert build[0] == "trtllm-build" and "--tp_size" not in build  # parallelism is fixed at conversion
     flags = dict(zip(build[1::2], build[2::2], strict=False))
@@ -108,9 +130,51 @@ def test_engine_build_commands(tmp_path):
     assert build[build.index("--logits_dtype") + 1] == "float32"
     assert build[build.index("--max_input_len") + 1] == "4096" and build[build.index("--max_seq_len") + 1] == "4097"
     assert build[build.index("--max_num_tokens") + 1] == "16384" and flags["--checkpoint_dir"] == str(tmp_path / "trtllm-checkpoint")
-    quantize, fp8_build = commands(REPO / "ckpt", tmp_path, tp=1, dtype="fp8", max_num_tokens=8192, examples=tmp_path / "examples")
+    monkeypatch.setenv("TRTLLM_EXAMPLES", str(tmp_path / "examples"))
+    fp8 = ["--checkpoint", str(REPO / "ckpt"), "--out", str(tmp_path), "--dtype", "fp8", "--max-num-tokens", "8192"]
+    quantize, fp8_build = engine_commands(*fp8)
     assert quantize[1] == str(tmp_path / "examples" / "quantization" / "quantize.py")
     assert quantize[quantize.index("--qformat") + 1] == "fp8" and quantize[quantize.index("--tp_size") + 1] == "1"
     assert "--use_fp8_context_fmha" in fp8_build
+    # Calibrated on the project's chat conversations in the engine folder, never on the Hub's cnn_dailymail.
+    conversations = [line for line in (REPO / "build" / "calibration_conversations.jsonl").read_text().splitlines() if line]
+    assert quantize[quantize.index("--calib_dataset") + 1] == str(tmp_path / "calibration")
+    assert quantize[quantize.index("--calib_size") + 1] == str(len(conversations)) and len(conversations) >= 20
+    assert quantize[quantize.index("--calib_max_seq_length") + 1] == "4096"
+    assert engine_commands(*fp8, "--max-tokens", "8192")[1][build.index("--max_input_len") + 1] == "8192"  # the max_tokens setting
+    monkeypatch.delenv("TRTLLM_EXAMPLES")
     with pytest.raises(ValueError, match="TRTLLM_EXAMPLES"):
-        commands(REPO / "ckpt", tmp_path, tp=1, dtype="fp8", max_num_tokens=8192, examples=None)
+        engine_commands(*fp8)
+
+
+def test_fp8_calibration_set_is_what_the_server_scores(checkpoint, tmp_path):
+    """The calibration folder as quantize.py reads a local one (TensorRT-LLM 1.0: its train split's `text`
+    column, each text tokenized with special tokens added): the ids it calibrates on are the server's ids."""
+    from transformers import AutoTokenizer
+
+    from reward_server.templating import ChatTokenizer
+
+    command = [sys.executable, str(REPO / "build" / "trtllm_engine.py"), "--checkpoint", str(checkpoint), "--out", str(tmp_path)]
+    subprocess.run([*command, "--dtype", "fp8", "--calibration-only"], check=True, capture_output=True)
+    rows = [json.loads(line) for line in (tmp_path / "calibration" / "train.jsonl").read_text().splitlines()]
+    lines = [line for line in (REPO / "build" / "calibration_conversations.jsonl").read_text().splitlines() if line]
+    assert len(rows) == len(lines) and all(set(row) == {"text"} for row in rows)
+    tokenizer, server = AutoTokenizer.from_pretrained(checkpoint), ChatTokenizer(str(checkpoint), max_tokens=1 << 20)
+    for row, line in zip(rows, lines, strict=True):
+        assert tokenizer(row["text"])["input_ids"] == server.encode(line.encode())[0].tolist()
+
+
+def test_bf16_lm_head_rounds_rewards_to_8_significant_bits():
+    """What a bf16 engine does to rewards (docs/tensorrt-llm.md, "Precision of the reward"): each reward
+    is rounded to bf16, so at |r| in [8, 16) rewards move in steps of 0.0625; rounding is monotone, so
+    two best-of-n candidates never swap order through it, but ones closer than a step can tie."""
+    rewards = torch.tensor([8.0, 8.02, 8.04, 8.09, 10.0, 10.03, 15.99, -12.34])
+    rounded = rewards.to(torch.bfloat16).float()
+    assert rounded.tolist() == [8.0, 8.0, 8.0625, 8.0625, 10.0, 10.0, 16.0, -12.3125]
+    grid = torch.linspace(8, 16, 100_001)[:-1]
+    assert torch.unique(grid.to(torch.bfloat16).float()).diff().max().item() == 0.0625
+    assert (grid.to(torch.bfloat16).float() - grid).abs().max().item() <= 0.03125
+    assert torch.all(grid.to(torch.bfloat16).float().diff() >= 0)  # never reorders, only ties
+    # Two candidates 0.02 apart at r ≈ 10 tie; 0.07 apart they stay ordered, but their gap reads 0.0625.
+    a, b, c = torch.tensor([10.01, 10.03, 10.08]).to(torch.bfloat16).float().tolist()
+    assert a == b == 10.0 and c == 10.0625

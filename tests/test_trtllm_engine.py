@@ -13,14 +13,14 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO
+from tests.live_server import REPO
 
 tensorrt_llm = pytest.importorskip("tensorrt_llm", reason="needs tensorrt_llm (NVIDIA's tritonserver:<yy.mm>-trtllm-python-py3 container)")
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
 def test_engine_scores_like_the_reference(checkpoint, tmp_path, reference_model):
-    from trtllm_runtime import TrtllmRewardEngine
+    from reward_server.runtimes.trtllm_runtime import TrtllmRewardEngine
 
     engine_dir = tmp_path / "engine"
     build = [sys.executable, str(REPO / "build" / "trtllm_engine.py"), "--checkpoint", str(checkpoint), "--out", str(engine_dir)]

@@ -12,6 +12,7 @@ from reward_client.config import TLS, Retry, Timeout
 from reward_client.conversation import Conversation, Message
 from reward_client.errors import (
     InvalidConversationError,
+    PermissionDeniedError,
     RequestTimeoutError,
     RewardClientError,
     ServerError,
@@ -25,6 +26,7 @@ __all__ = [
     "Conversation",
     "InvalidConversationError",
     "Message",
+    "PermissionDeniedError",
     "Ranked",
     "RequestTimeoutError",
     "Retry",

@@ -92,9 +92,14 @@ def parser() -> argparse.ArgumentParser:
     main = argparse.ArgumentParser(prog="reward-client", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     main.add_argument("--url", action="append", help="server URL; repeat for failover (default: localhost:8001, gRPC)")
     main.add_argument("--model", default="reward_model", help="Triton model name (default: reward_model)")
-    main.add_argument("--timeout", type=float, default=120.0, help="seconds per request (default: 120)")
-    main.add_argument("--connect-timeout", type=float, default=5.0, help="seconds to connect (default: 5)")
-    main.add_argument("--retries", type=int, default=8, help="tries per request on unreachable servers (default: 8)")
+    main.add_argument("--timeout", type=float, default=Timeout.request, help=f"seconds per request (default: {Timeout.request:g})")
+    main.add_argument("--connect-timeout", type=float, default=Timeout.connect, help=f"seconds to connect (default: {Timeout.connect:g})")
+    main.add_argument(
+        "--retries",
+        type=int,
+        default=Retry.attempts,
+        help=f"rounds of tries per request over the server URLs (default: {Retry.attempts}; see Retry)",
+    )
     main.add_argument("--header", action="append", default=[], metavar="NAME:VALUE", help="extra request header; repeatable")
     main.add_argument("--ca-file", help="CA bundle for https:// and grpcs:// URLs")
     main.add_argument("--cert-file", help="client certificate (mutual TLS)")
@@ -127,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         parser().error("--header takes NAME:VALUE")
     options = dict(
         timeout=Timeout(connect=args.connect_timeout, request=args.timeout),
-        retry=Retry(attempts=args.retries, backoff=1.0, max_backoff=15.0),
+        retry=Retry(attempts=args.retries),
         headers={k.strip(): v.strip() for k, v in headers.items()},
         tls=TLS(args.ca_file, args.cert_file, args.key_file),
         concurrency=args.concurrency,
@@ -144,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     except RewardClientError as exc:  # first: some of these are also OSError / ValueError
         print(f"reward-client: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
-    except (OSError, ValueError) as exc:  # unreadable input, malformed data
+    except (OSError, ValueError, RecursionError) as exc:  # unreadable input, malformed data (RecursionError: nested too deeply)
         print(f"reward-client: {exc}", file=sys.stderr)
         return 2
 

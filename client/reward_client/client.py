@@ -15,12 +15,13 @@ same results by construction. Every lower-level error becomes one of `reward_cli
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import math
 import re
 import socket
 import threading
-from collections.abc import Coroutine, Iterable, Sequence
+from collections.abc import AsyncIterator, Coroutine, Iterable, Mapping, Sequence
 from typing import Any, TypeVar
 
 import aiohttp
@@ -34,11 +35,13 @@ from reward_client import protocol
 from reward_client.config import DEFAULT_CONCURRENCY, TLS, Endpoint, Retry, Timeout
 from reward_client.errors import (
     InvalidConversationError,
+    PermissionDeniedError,
     RequestTimeoutError,
     RewardClientError,
     ServerError,
     ServerUnavailableError,
 )
+from reward_client.inputs import text_inputs, token_inputs
 from reward_client.scores import Ranked, Score, preference
 
 T = TypeVar("T")
@@ -48,11 +51,20 @@ DEFAULT_TIMEOUT, DEFAULT_RETRY = Timeout(), Retry()
 _INVALID = {"StatusCode.INVALID_ARGUMENT", "400"}
 _UNAVAILABLE = {"StatusCode.UNAVAILABLE", "503"}
 _TIMEOUT = {"StatusCode.DEADLINE_EXCEEDED", "504"}
-# Server-side conditions that pass (the supervisor restarts, a model finishes loading), anchored at the
-# start of Triton's message so that request text quoted in a validation error can never match.
+_FORBIDDEN = {"403"}
+# Triton forces two message matches, both anchored at the start of its message so that request text
+# quoted in a validation error can never match:
+# - conditions that pass (the supervisor restarts the server, a model finishes loading) come with
+#   statuses that also mean a bad request (HTTP 400 for "not ready" and an unknown model) or a server
+#   bug (INTERNAL for a dead python-backend stub): only the message tells them apart;
 _RETRYABLE = re.compile(
     r"^(in ensemble '[^']*', )?(Stub process '[^']*' is not healthy|Request for unknown model|(Server|[Mm]odel '[^']*') is not ready)"
 )
+# - Triton 2.51's gRPC frontend answers a call to a restricted protocol (key header missing or wrong)
+#   with UNAVAILABLE, the status of an outage: "This protocol is restricted, expecting header
+#   'triton-grpc-protocol-<key>'" (HTTP says 403 "This API is restricted, ..."). Retrying would only
+#   repeat the refusal.
+_RESTRICTED = re.compile(r"^This (API|protocol) is restricted")
 
 
 def convert_error(exc: BaseException) -> RewardClientError:
@@ -61,39 +73,62 @@ def convert_error(exc: BaseException) -> RewardClientError:
         return exc
     if isinstance(exc, InferenceServerException):
         status, message = str(exc.status()), exc.message() or str(exc)
-        # First what is worth retrying: not ready, not loaded (yet), a crashed python-backend stub (the
-        # supervisor restarts the server), a call cancelled by a server shutting down. Triton's HTTP
-        # frontend answers some of these with 400 too, so they are told apart by their messages.
+        if status in _FORBIDDEN or _RESTRICTED.match(message):
+            return PermissionDeniedError(message)
+        # What is worth retrying: not ready, not loaded (yet), a crashed python-backend stub (the
+        # supervisor restarts the server), a call cancelled by a server shutting down.
         if status in _UNAVAILABLE or status == "StatusCode.CANCELLED" or _RETRYABLE.match(message):
             return ServerUnavailableError(message)
         if status in _INVALID:
             return InvalidConversationError(message)
-        if status in _TIMEOUT or "Deadline Exceeded" in message:
+        if status in _TIMEOUT:
             return RequestTimeoutError(message)
         return ServerError(message, status)
     if isinstance(exc, (asyncio.TimeoutError, socket.timeout, TimeoutError)):
         return RequestTimeoutError(f"no answer in time: {exc!r}")
-    if isinstance(exc, (OSError, aiohttp.ClientError)) or (isinstance(exc, RuntimeError) and "Session is closed" in str(exc)):
+    if isinstance(exc, (OSError, aiohttp.ClientError)):
         return ServerUnavailableError(f"cannot reach the server: {exc!r}")
     return ServerError(f"{type(exc).__name__}: {exc}")
 
 
+class _Connection:
+    """A tritonclient asyncio client and the number of calls in flight on it."""
+
+    def __init__(self, client: Any) -> None:
+        self.client, self.calls, self.retired, self.closed = client, 0, False, False
+
+    async def close_when_idle(self) -> None:
+        if self.retired and self.calls == 0 and not self.closed:
+            self.closed = True
+            await self.client.close()
+
+
 class _Transport:
-    """One server: a tritonclient asyncio client, opened in the running loop on first use."""
+    """One server. New calls share the current connection, opened in the running loop on first use.
+    `reset(connection)` retires that connection (new calls open another; the server may have
+    restarted), and a retired connection is closed once its last call has finished, so a call never
+    runs on a channel or session that another call closed."""
 
     def __init__(self, endpoint: Endpoint, timeout: Timeout, tls: TLS | None) -> None:
         self.endpoint, self.timeout, self.tls = endpoint, timeout, tls or TLS()
         self.module: Any = grpcclient if endpoint.protocol == "grpc" else httpclient
-        self._client: Any = None
+        self._current: _Connection | None = None
         self._opening: asyncio.Lock | None = None
 
-    async def client(self) -> Any:
-        if self._client is None:
+    @contextlib.asynccontextmanager
+    async def connection(self) -> AsyncIterator[_Connection]:
+        while self._current is None:
             self._opening = self._opening or asyncio.Lock()
-            async with self._opening:  # one client per server, however many requests start at once
-                if self._client is None:
-                    self._client = await self._open()
-        return self._client
+            async with self._opening:  # one connection per server, however many requests start at once
+                if self._current is None:
+                    self._current = _Connection(await self._open())
+        connection = self._current
+        connection.calls += 1  # no await since the check above: `connection` cannot be retired in between
+        try:
+            yield connection
+        finally:
+            connection.calls -= 1
+            await connection.close_when_idle()
 
     async def _open(self) -> Any:
         host, port = self.endpoint.host_port
@@ -111,35 +146,42 @@ class _Transport:
             self.endpoint.address, conn_timeout=self.timeout.request, ssl=self.endpoint.tls, ssl_context=ssl_context
         )
 
-    async def infer(self, model: str, payloads: Sequence[bytes], score_turns: bool, headers: dict[str, str]) -> Any:
-        client = await self.client()
+    async def infer(
+        self, model: str, payloads: Sequence[bytes] | Mapping[str, np.ndarray], score_turns: bool, headers: dict[str, str]
+    ) -> Any:
         inputs = _inputs(self.module, payloads, score_turns)
-        try:
-            return await asyncio.wait_for(client.infer(model, inputs, headers=headers), self.timeout.request)
-        except asyncio.CancelledError:
-            if not _being_cancelled():
-                await self.reset(client)  # the server cancelled the call: it may be restarting
-            raise
-        except Exception as exc:
-            if isinstance(convert_error(exc), ServerUnavailableError):
-                await self.reset(client)
-            raise
+        async with self.connection() as connection:
+            try:
+                call = connection.client.infer(model, inputs, headers=_wire_headers(self.endpoint.protocol, headers))
+                return await asyncio.wait_for(call, self.timeout.request)
+            except asyncio.CancelledError:
+                if not _being_cancelled():
+                    await self.reset(connection)  # the server cancelled the call: it may be restarting
+                raise
+            except Exception as exc:
+                if isinstance(convert_error(exc), ServerUnavailableError):
+                    await self.reset(connection)
+                raise
 
     async def is_ready(self, model: str, headers: dict[str, str]) -> bool:
-        client = await self.client()
-        try:
-            return bool(await client.is_server_ready(headers=headers) and await client.is_model_ready(model, headers=headers))
-        except Exception:
-            await self.reset(client)
-            raise
+        async with self.connection() as connection:
+            client, headers = connection.client, _wire_headers(self.endpoint.protocol, headers)
+            try:
+                return bool(await client.is_server_ready(headers=headers) and await client.is_model_ready(model, headers=headers))
+            except Exception:
+                await self.reset(connection)
+                raise
 
-    async def reset(self, failed: Any = None) -> None:
-        """Drop the connection `failed` (by default the current one): the next try reconnects (the
-        server may have restarted). A newer connection another request already opened is kept."""
-        if self._client is None or (failed is not None and self._client is not failed):
+    async def reset(self, connection: _Connection | None = None) -> None:
+        """Retire `connection` (by default the current one): new calls open a new connection, and
+        this one closes when its last call finishes (now, if it has none)."""
+        connection = connection or self._current
+        if connection is None:
             return
-        client, self._client = self._client, None
-        await client.close()
+        if self._current is connection:
+            self._current = None
+        connection.retired = True
+        await connection.close_when_idle()
 
 
 class AsyncRewardClient:
@@ -180,6 +222,22 @@ class AsyncRewardClient:
         scored turn with <extra_id_2>, does not: the server answers InvalidConversationError).
         """
         return _turn_scores(await self._request([conv.to_json(conversation)], score_turns=True))[0]
+
+    async def score_text(self, text: str, *, add_special_tokens: bool = True, keep_last_tokens: int = 0) -> Score:
+        """The reward of text already in a chat template (special tokens written out), scored as
+        given; `add_special_tokens`: start it with the tokenizer's BOS unless it does already;
+        `keep_last_tokens` N > 0: cut it from the left to N tokens."""
+        return (await self.score_tensors(text_inputs(text, add_special_tokens, keep_last_tokens)))[0][0]
+
+    async def score_tokens(self, ids: Sequence[int], *, keep_last_tokens: int = 0) -> Score:
+        """The reward of token ids scored as given (`keep_last_tokens` as in score_text)."""
+        return (await self.score_tensors(token_inputs(ids, keep_last_tokens)))[0][0]
+
+    async def score_tensors(self, tensors: Mapping[str, np.ndarray]) -> tuple[list[Score], list[int]]:
+        """One request of named ensemble inputs (reward_client.protocol; [rows, ...] each): each row's
+        Score and how many tokens it scored."""
+        result = await self._request(tensors)
+        return _scores(result), result.as_numpy(protocol.NUM_TOKENS).reshape(-1).tolist()
 
     async def score_batch(self, conversations: Iterable[Any]) -> list[Score]:
         """Scores in input order, one request per conversation, `concurrency` in flight.
@@ -241,24 +299,26 @@ class AsyncRewardClient:
     async def __aexit__(self, *exc_info: object) -> None:
         await self.close()
 
-    async def _request(self, payloads: Sequence[bytes], score_turns: bool = False) -> Any:
+    async def _request(self, payloads: Sequence[bytes] | Mapping[str, np.ndarray], score_turns: bool = False) -> Any:
         """One inference request, tried on the next server in turn, retried as `self.retry` says."""
         async with self._slots:
-            start = next(self._turn)
-            for attempt in range(self.retry.attempts):
-                await asyncio.sleep(self.retry.delay(attempt, len(self._transports)))
-                transport = self._transports[(start + attempt) % len(self._transports)]
+            start, servers = next(self._turn), len(self._transports)
+            tries = self.retry.attempts * servers
+            for attempt in range(tries):
+                if attempt % servers == 0:  # a new round: every server has failed once more
+                    await asyncio.sleep(self.retry.delay(attempt // servers))
+                transport = self._transports[(start + attempt) % servers]
                 try:
                     return await transport.infer(self.model, payloads, score_turns, self.headers)
                 except asyncio.CancelledError as exc:
                     if _being_cancelled():
                         raise  # our caller cancelled us
                     # grpc.aio raises CancelledError for an RPC the server cancelled (it shut down mid-call).
-                    if attempt + 1 == self.retry.attempts:
+                    if attempt + 1 == tries:
                         raise ServerUnavailableError(f"{transport.endpoint} cancelled the request (shutting down?)") from exc
                 except Exception as exc:
                     error = convert_error(exc)
-                    if not isinstance(error, ServerUnavailableError) or attempt + 1 == self.retry.attempts:
+                    if not isinstance(error, ServerUnavailableError) or attempt + 1 == tries:
                         raise error from exc
         raise AssertionError("unreachable: the last attempt raises")
 
@@ -279,6 +339,15 @@ class RewardClient:
 
     def score_turns(self, conversation: Any) -> list[Score]:
         return self._run(self._client.score_turns(conversation))
+
+    def score_text(self, text: str, **options: Any) -> Score:
+        return self._run(self._client.score_text(text, **options))
+
+    def score_tokens(self, ids: Sequence[int], **options: Any) -> Score:
+        return self._run(self._client.score_tokens(ids, **options))
+
+    def score_tensors(self, tensors: Mapping[str, np.ndarray]) -> tuple[list[Score], list[int]]:
+        return self._run(self._client.score_tensors(tensors))
 
     def score_batch(self, conversations: Iterable[Any]) -> list[Score]:
         return self._run(self._client.score_batch(conversations))
@@ -321,8 +390,11 @@ class RewardClient:
         return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result()
 
 
-def _inputs(module: Any, payloads: Sequence[bytes], score_turns: bool) -> list[Any]:
-    """The request tensors: each conversation a row of CONVERSATION, and SCORE_TURNS if asked."""
+def _inputs(module: Any, payloads: Sequence[bytes] | Mapping[str, np.ndarray], score_turns: bool) -> list[Any]:
+    """The request tensors: each conversation a row of CONVERSATION, and SCORE_TURNS if asked; or
+    named inputs as given."""
+    if isinstance(payloads, Mapping):
+        return [_tensor(module, name, value) for name, value in payloads.items()]
     tensor = module.InferInput(protocol.CONVERSATION, [len(payloads), 1], "BYTES")
     tensor.set_data_from_numpy(np.array([[p] for p in payloads], dtype=np.object_))
     if not score_turns:
@@ -330,6 +402,27 @@ def _inputs(module: Any, payloads: Sequence[bytes], score_turns: bool) -> list[A
     turns = module.InferInput(protocol.SCORE_TURNS, [len(payloads), 1], "BOOL")
     turns.set_data_from_numpy(np.ones((len(payloads), 1), dtype=bool))
     return [tensor, turns]
+
+
+def _wire_headers(protocol_name: str, headers: dict[str, str]) -> dict[str, str]:
+    """gRPC metadata keys are lower case, and Triton checks the key of a restricted protocol under a
+    prefix: `Authorization: Bearer KEY` goes as `authorization` and `triton-grpc-protocol-authorization`
+    (what `reward-server --api-key-file` restricts gRPC inference with)."""
+    if protocol_name != "grpc":
+        return headers
+    wire = {key.lower(): value for key, value in headers.items()}
+    if "authorization" in wire:
+        wire.setdefault("triton-grpc-protocol-authorization", wire["authorization"])
+    return wire
+
+
+_WIRE_TYPES = {np.dtype(np.object_): "BYTES", np.dtype(bool): "BOOL", np.dtype(np.int32): "INT32"}
+
+
+def _tensor(module: Any, name: str, value: np.ndarray) -> Any:
+    tensor = module.InferInput(name, list(value.shape), _WIRE_TYPES[value.dtype])
+    tensor.set_data_from_numpy(value)
+    return tensor
 
 
 def _scores(result: Any) -> list[Score]:

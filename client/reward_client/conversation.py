@@ -13,6 +13,7 @@ checks; the client runs them first so that a bad conversation fails before it is
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal, TypedDict
 
@@ -29,6 +30,7 @@ Conversation = Sequence[Mapping[str, Any]] | Mapping[str, Any]
 MESSAGE_KEYS = {"role", "content"}
 NEMO_TURN_KEYS = {"from", "value", "label", "canonical_form"}
 NEMO_ROLES = {"User": "user", "Assistant": "assistant"}
+MAX_DEPTH = 64  # of JSON lists and objects; a conversation needs 4
 
 
 def normalize(conversation: Any) -> list[Message]:
@@ -65,7 +67,33 @@ def parse_json(payload: bytes) -> list[Message]:
         raise InvalidConversationError(
             f"conversation: not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})", "encoding"
         ) from None
+    except RecursionError:  # Python's parser gives up near its recursion limit, which differs between processes
+        value = _TOO_DEEP
+    except ValueError:  # the only other one: an integer over sys.get_int_max_str_digits() digits
+        raise InvalidConversationError(
+            f"conversation: a JSON number with more than {sys.get_int_max_str_digits()} digits", "encoding"
+        ) from None
+    nestable = text.count("[") + text.count("{") > MAX_DEPTH  # else it cannot be that deep: skip the walk
+    if value is _TOO_DEEP or (nestable and _deeper_than(value, MAX_DEPTH)):  # one answer at any depth, whatever the recursion limit
+        raise InvalidConversationError(f"conversation: JSON nested more than {MAX_DEPTH} levels deep", "malformed")
     return normalize(value)
+
+
+_TOO_DEEP = object()
+
+
+def _deeper_than(value: Any, limit: int) -> bool:
+    """Whether lists/objects in `value` nest more than `limit` levels (iterative: no recursion to run out of)."""
+    pending = [(value, 1)]
+    while pending:
+        item, depth = pending.pop()
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else None
+        if children is None:
+            continue
+        if depth > limit:
+            return True
+        pending.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))
+    return False
 
 
 def to_json(conversation: Any) -> bytes:
@@ -84,9 +112,19 @@ def _object(item: Any, where: str, allowed: set[str], required: str) -> Mapping[
 
 
 def _string(item: Mapping[str, Any], key: str, where: str) -> str:
-    value = item.get(key)
+    return _text(item.get(key), f"{where}.{key}")
+
+
+def _text(value: Any, where: str) -> str:
+    """`value` if it is a string that UTF-8 can encode (JSON's \\ud800 escapes decode to lone surrogates, which it cannot)."""
     if not isinstance(value, str):
-        raise InvalidConversationError(f"{where}.{key}: expected a string, got {type(value).__name__}")
+        raise InvalidConversationError(f"{where}: expected a string, got {type(value).__name__}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InvalidConversationError(
+            f"{where}: not valid Unicode (a lone surrogate U+{ord(value[exc.start]):04X} at character {exc.start})", "encoding"
+        ) from None
     return value
 
 
@@ -106,16 +144,14 @@ def _from_nemo(record: Mapping[str, Any]) -> list[Message]:
     if mask != "User":
         raise InvalidConversationError(f"mask: only 'User' is supported (the assistant turns are scored), got {mask!r}")
     messages: list[Message] = []
-    system = record.get("system", "")
-    if not isinstance(system, str):
-        raise InvalidConversationError(f"system: expected a string, got {type(system).__name__}")
+    system = _text(record.get("system", ""), "system")
     if system:
         messages.append(Message(role="system", content=system))
     for i, turn in enumerate(turns):
         where = f"conversations[{i}]"
         turn = _object(turn, where, NEMO_TURN_KEYS, "'from' and 'value'")
         speaker = turn.get("from")
-        if speaker not in NEMO_ROLES:
+        if not isinstance(speaker, str) or speaker not in NEMO_ROLES:  # a list is unhashable: no `in` on a dict
             raise InvalidConversationError(f"{where}.from: {speaker!r} is not 'User' or 'Assistant'")
         messages.append(Message(role=NEMO_ROLES[speaker], content=_string(turn, "value", where)))
     return messages

@@ -3,6 +3,7 @@
 RewardClientError
 ├── InvalidConversationError   the conversation is malformed (checked locally or by the server)
 ├── ServerUnavailableError     no server answered: connection refused, reset, or not ready
+├── PermissionDeniedError      the server refused the call: a restricted API without its key header
 ├── RequestTimeoutError        the server did not answer within the timeout
 └── ServerError                the server answered with any other error
 """
@@ -17,20 +18,21 @@ class RewardClientError(Exception):
 class InvalidConversationError(RewardClientError, ValueError):
     """The conversation cannot be scored as given; the message says what is wrong and where.
 
-    `reason` is one of REJECTION_REASONS (the label of the server's rejection counter)."""
+    `reason` names the kind of problem: "encoding" (not UTF-8 JSON), "malformed" (its shape),
+    "order" (the order of its turns); the server adds its own limits ("too_long", ...)."""
 
     def __init__(self, message: str, reason: str = "malformed") -> None:
         super().__init__(message)
         self.reason = reason
 
 
-# Why a conversation was rejected: its encoding, its structure, the order of its turns, its size,
-# its chat template, or a per-turn request its template cannot serve.
-REJECTION_REASONS = ("encoding", "malformed", "order", "too_large", "too_many_turns", "too_long", "template", "per_turn")
-
-
 class ServerUnavailableError(RewardClientError, ConnectionError):
     """The server could not be reached or is not ready; scoring is idempotent, so retrying is safe."""
+
+
+class PermissionDeniedError(RewardClientError, PermissionError):
+    """The server refused the call (a restricted API, the key header missing or wrong); retrying
+    would be refused again, so it is never retried."""
 
 
 class RequestTimeoutError(RewardClientError, TimeoutError):

@@ -8,9 +8,9 @@ Output rewards          [B, N] FP32   every head output ([B, 1]: the reward, if 
        exceeded         [B, 1] BOOL   the row was cut to its first max_tokens tokens
 
 Rows of all requests in a batch go to `reward_engine` together (BLS, at most 64 rows per call).
+Logic of the protocol: reward_server.nemo.
 """
 
-import json
 import traceback
 
 import numpy as np
@@ -18,29 +18,43 @@ import triton_python_backend_utils as pb_utils
 from transformers import AutoTokenizer
 
 from reward_client import protocol
+from reward_server import metrics, nemo
+from reward_server.compat import check_numpy
+from reward_server.errors import EngineError, RequestError
+from reward_server.settings import Settings, model_parameters
+from reward_server.tensors import pad_rows
 
-SENTENCES, ADD_EOS, TOKENS, LENGTHS = "sentences", "add_EOS", "tokens", "sequence_lengths"
-REWARDS, EXCEEDED = "rewards", "exceeded"
+RELEASE_AFTER_TOKENS = 1 << 16
 
 
 class TritonPythonModel:
     def initialize(self, args):
-        parameters = protocol.read_parameters(json.loads(args["model_config"]))
-        checkpoint = protocol.resolve_checkpoint(parameters.get("checkpoint", ""), args["model_repository"])
-        self.tokenizer = AutoTokenizer.from_pretrained(checkpoint)
-        self.max_tokens = protocol.parse_int(parameters.get("max_tokens", "4096"), "max_tokens")
-        self.merge = protocol.parse_bool(parameters.get("merge_attributes", "false"), "merge_attributes")
+        check_numpy()
+        settings = Settings.for_model(args["model_repository"], model_parameters(args))
+        self.tokenizer = AutoTokenizer.from_pretrained(settings.require_checkpoint())
+        self.max_tokens, self.max_bytes, self.merge = settings.max_tokens, settings.max_bytes, settings.merge_attributes
         # The family must outlive its metric: keep both.
-        self.truncations = pb_utils.MetricFamily(protocol.METRIC_TRUNCATED, "Rows cut to max_tokens", pb_utils.MetricFamily.COUNTER)
+        self.truncations = pb_utils.MetricFamily(metrics.TRUNCATED, "Rows cut to max_tokens", pb_utils.MetricFamily.COUNTER)
         self.truncated = self.truncations.Metric(labels={"model": args["model_name"]})
 
     def execute(self, requests):
+        responses, tokens = self._execute(requests)
+        if tokens > RELEASE_AFTER_TOKENS:
+            nemo.release_memory()  # a request at max_bytes must not leave its tokenizer buffers in the RSS
+        return responses
+
+    def _execute(self, requests):
+        """The responses, and how many tokens the requests' rows had."""
         responses = [None] * len(requests)
         rows, owner = [], []
         for r, request in enumerate(requests):
             try:
-                request_rows = self._rows(request)
-            except ValueError as exc:
+                request_rows = nemo.request_rows(
+                    self.tokenizer,
+                    *(_input(request, name) for name in (nemo.SENTENCES, nemo.ADD_EOS, nemo.TOKENS, nemo.LENGTHS)),
+                    max_bytes=self.max_bytes,
+                )
+            except RequestError as exc:
                 responses[r] = pb_utils.InferenceResponse(error=pb_utils.TritonError(str(exc), pb_utils.TritonError.INVALID_ARG))
                 continue
             rows += request_rows
@@ -52,59 +66,24 @@ class TritonPythonModel:
             if responses[r] is not None:
                 continue
             mine = [i for i, o in enumerate(owner) if o == r]
-            if any(errors[i] for i in mine):
-                responses[r] = pb_utils.InferenceResponse(error=pb_utils.TritonError(next(errors[i] for i in mine if errors[i])))
+            failed = next((errors[i] for i in mine if errors[i] is not None), None)
+            if failed is not None:
+                code = pb_utils.TritonError.INVALID_ARG if failed.invalid else pb_utils.TritonError.INTERNAL
+                responses[r] = pb_utils.InferenceResponse(error=pb_utils.TritonError(str(failed), code))
                 continue
             rewards = np.stack([scores[i] for i in mine]).astype(np.float32)
-            outputs = [pb_utils.Tensor(REWARDS, rewards), pb_utils.Tensor(EXCEEDED, exceeded[mine])]
+            outputs = [pb_utils.Tensor(nemo.REWARDS, rewards), pb_utils.Tensor(nemo.EXCEEDED, exceeded[mine])]
             responses[r] = pb_utils.InferenceResponse(output_tensors=outputs)
-        return responses
-
-    def _rows(self, request):
-        """Token-id rows of one request; ValueError names what is wrong with it."""
-        sentences = pb_utils.get_input_tensor_by_name(request, SENTENCES)
-        tokens = pb_utils.get_input_tensor_by_name(request, TOKENS)
-        lengths = pb_utils.get_input_tensor_by_name(request, LENGTHS)
-        if (sentences is None) == (tokens is None):
-            raise ValueError(f"send either '{SENTENCES}' or '{TOKENS}' with '{LENGTHS}'")
-        if sentences is not None:
-            texts = sentences.as_numpy().reshape(-1)
-            add_eos = pb_utils.get_input_tensor_by_name(request, ADD_EOS)
-            add_eos = np.zeros(len(texts), dtype=bool) if add_eos is None else add_eos.as_numpy().reshape(-1)
-            rows = []
-            for b, (text, eos) in enumerate(zip(texts, add_eos, strict=True)):
-                try:
-                    ids = self.tokenizer(text.decode("utf-8"), add_special_tokens=False).input_ids
-                except UnicodeDecodeError as exc:
-                    raise ValueError(f"{SENTENCES}[{b}]: not valid UTF-8 (byte {exc.start})") from None
-                if eos and self.tokenizer.eos_token_id is None:
-                    raise ValueError(f"{ADD_EOS}: this checkpoint's tokenizer has no EOS token")
-                rows.append(np.array(ids + [self.tokenizer.eos_token_id] * bool(eos), dtype=np.int32))
-        else:
-            if lengths is None:
-                raise ValueError(f"'{TOKENS}' needs '{LENGTHS}'")
-            ids, counts = tokens.as_numpy(), lengths.as_numpy().reshape(-1)
-            if ids.ndim != 2 or len(counts) != ids.shape[0] or np.any(counts < 1) or np.any(counts > ids.shape[1]):
-                raise ValueError(f"'{LENGTHS}' must give one length per '{TOKENS}' row, each between 1 and {ids.shape[-1]}")
-            rows = [ids[b, : counts[b]] for b in range(len(counts))]  # the padding is not looked at
-            vocabulary = len(self.tokenizer)
-            for b, row in enumerate(rows):
-                if row.min() < 0 or row.max() >= vocabulary:
-                    raise ValueError(f"'{TOKENS}' row {b}: ids must lie in [0, {vocabulary})")
-            rows = [row.astype(np.int32) for row in rows]
-        for b, row in enumerate(rows):
-            if not len(row):
-                raise ValueError(f"row {b}: nothing to score (0 tokens)")
-        return rows
+        return responses, sum(map(len, rows))
 
     def _score(self, rows):
-        """Head outputs (or merged rewards) per row, and an error message per row (None if scored)."""
+        """Head outputs (or merged rewards) per row, and an EngineError per row (None if scored)."""
         scores, errors = [None] * len(rows), [None] * len(rows)
         output = protocol.REWARD if self.merge else protocol.ATTRIBUTES
         for start in range(0, len(rows), protocol.MAX_BATCH_SIZE):
             chunk = rows[start : start + protocol.MAX_BATCH_SIZE]
             inputs = [
-                pb_utils.Tensor(protocol.INPUT_IDS, protocol.pad_rows(chunk, 0)),
+                pb_utils.Tensor(protocol.INPUT_IDS, pad_rows(chunk, 0)),
                 pb_utils.Tensor(protocol.NUM_TOKENS, np.array([[len(row)] for row in chunk], dtype=np.int32)),
             ]
             try:
@@ -112,11 +91,16 @@ class TritonPythonModel:
                     model_name=protocol.ENGINE_MODEL, inputs=inputs, requested_output_names=[output]
                 ).exec()
                 if response.has_error():
-                    raise RuntimeError(response.error().message())
-                values = pb_utils.get_output_tensor_by_name(response, output).as_numpy()
-                scores[start : start + len(chunk)] = list(values)
+                    error = response.error()
+                    raise EngineError(error.message(), invalid=error.code() == pb_utils.TritonError.INVALID_ARG)
+                scores[start : start + len(chunk)] = list(pb_utils.get_output_tensor_by_name(response, output).as_numpy())
             except Exception as exc:
                 pb_utils.Logger.log_error(f"reward engine call failed: {traceback.format_exc()}")
-                message = str(exc) if str(exc).startswith("reward engine failed") else f"reward engine failed: {exc}"
-                errors[start : start + len(chunk)] = [message] * len(chunk)
+                failure = exc if isinstance(exc, EngineError) else EngineError(f"reward engine failed: {type(exc).__name__}")
+                errors[start : start + len(chunk)] = [failure] * len(chunk)
         return scores, errors
+
+
+def _input(request, name):
+    tensor = pb_utils.get_input_tensor_by_name(request, name)
+    return None if tensor is None else tensor.as_numpy()

@@ -3,37 +3,51 @@
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from reward_client import protocol
+from reward_server import metrics
+from reward_server.errors import REJECTION_REASONS
 
 
 class EngineMetrics:
     def __init__(self, model: str, attributes: list[str]) -> None:
         labels = {"model": model}
-        counter, histogram = pb_utils.MetricFamily.COUNTER, pb_utils.MetricFamily.HISTOGRAM
+        counter, histogram, gauge = pb_utils.MetricFamily.COUNTER, pb_utils.MetricFamily.HISTOGRAM, pb_utils.MetricFamily.GAUGE
         # The families must outlive their metrics: keep both.
         self.families = {
-            "tokens": pb_utils.MetricFamily(protocol.METRIC_TOKENS, "Tokens of every scored sequence", counter),
-            "reused": pb_utils.MetricFamily(protocol.METRIC_PREFIX_REUSED, "Prompt tokens not recomputed (shared prefixes)", counter),
-            "values": pb_utils.MetricFamily(protocol.METRIC_VALUE, "Reward-head outputs of the scored turns", histogram),
-            "step_tokens": pb_utils.MetricFamily(protocol.METRIC_STEP_TOKENS, "Tokens computed per packed engine step", histogram),
-            "step_seconds": pb_utils.MetricFamily(protocol.METRIC_STEP_SECONDS, "Duration of a packed engine step", histogram),
+            "rejected": pb_utils.MetricFamily(metrics.REJECTED, "Requests rejected, by reason", counter),
+            "tokens": pb_utils.MetricFamily(metrics.TOKENS, "Tokens of every scored sequence", counter),
+            "reused": pb_utils.MetricFamily(metrics.PREFIX_REUSED, "Prompt tokens not recomputed (shared prefixes, prefix cache)", counter),
+            "hits": pb_utils.MetricFamily(metrics.CACHE_HITS, "Blocks of 64 tokens found in the prefix cache", counter),
+            "misses": pb_utils.MetricFamily(metrics.CACHE_MISSES, "Blocks looked up in the prefix cache and not found", counter),
+            "evictions": pb_utils.MetricFamily(metrics.CACHE_EVICTIONS, "Blocks evicted from the prefix cache", counter),
+            "cache_bytes": pb_utils.MetricFamily(metrics.CACHE_BYTES, "Bytes of keys/values the prefix cache holds", gauge),
+            "values": pb_utils.MetricFamily(metrics.VALUE, "Reward-head outputs of the scored turns", histogram),
+            "step_tokens": pb_utils.MetricFamily(metrics.STEP_TOKENS, "Tokens computed per packed engine step", histogram),
+            "step_seconds": pb_utils.MetricFamily(metrics.STEP_SECONDS, "Duration of a packed engine step", histogram),
         }
+        self.rejections = {r: self.families["rejected"].Metric(labels={**labels, "reason": r}) for r in REJECTION_REASONS}
         self.tokens = self.families["tokens"].Metric(labels=labels)
         self.reused = self.families["reused"].Metric(labels=labels)
+        self.cache = {name: self.families[name].Metric(labels=labels) for name in ("hits", "misses", "evictions", "cache_bytes")}
         self.values = [
-            self.families["values"].Metric(labels={**labels, "attribute": name}, buckets=protocol.REWARD_BUCKETS) for name in attributes
+            self.families["values"].Metric(labels={**labels, "attribute": name}, buckets=metrics.REWARD_BUCKETS) for name in attributes
         ]
-        self.step_tokens = self.families["step_tokens"].Metric(labels=labels, buckets=protocol.STEP_TOKEN_BUCKETS)
-        self.step_seconds = self.families["step_seconds"].Metric(labels=labels, buckets=protocol.STEP_SECONDS_BUCKETS)
+        self.step_tokens = self.families["step_tokens"].Metric(labels=labels, buckets=metrics.STEP_TOKEN_BUCKETS)
+        self.step_seconds = self.families["step_seconds"].Metric(labels=labels, buckets=metrics.STEP_SECONDS_BUCKETS)
 
-    def step(self, scored: list[int], computed: list[int], prefixes: list[tuple[int, list[int]]], seconds: float) -> None:
-        """One engine step: the lengths of every sequence it answered (`scored`, duplicates included)
-        and of the distinct ones it ran (`computed`), of which groups shared a prefix."""
-        reused = sum(length * (len(members) - 1) for length, members in prefixes)
+    def rejected(self, reason: str) -> None:
+        self.rejections[reason].increment(1)
+
+    def step(self, result, scored: list[int]) -> None:
+        """One engine step (batching.StepResult): the lengths of every sequence it answered (`scored`,
+        duplicates included) and of the distinct ones it ran, of which groups shared a prefix."""
         self.tokens.increment(sum(scored))
-        self.reused.increment(reused)
-        self.step_tokens.observe(sum(computed) - reused)
-        self.step_seconds.observe(seconds)
+        self.reused.increment(result.reused)
+        self.step_tokens.observe(sum(result.computed) - result.reused)
+        self.step_seconds.observe(result.seconds)
+        if result.cache is not None:
+            for name, count in (("hits", result.cache.hits), ("misses", result.cache.misses), ("evictions", result.cache.evictions)):
+                self.cache[name].increment(count)
+            self.cache["cache_bytes"].set(result.cache.bytes_held)
 
     def scored(self, outputs: np.ndarray) -> None:
         """Final-turn head outputs [rows, N] of an answered request."""

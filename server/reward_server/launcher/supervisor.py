@@ -8,22 +8,23 @@ it restarts the whole server (model control is off by default, so there is no na
 reload). An unload (Triton no longer calls the model ready) or a reload (new stubs replace the old
 ones) is not a fault.
 
-    python build/supervisor.py --http http://127.0.0.1:8000 -- tritonserver --model-repository=... [flags]
-
-is how the container runs it (serve.py calls `supervise` itself).
+`reward-server` (serve.py) runs tritonserver under `supervise`.
 While it restarts, its ports are closed: clients see "unavailable" and retry. A server that exits on
 its own after having been ready is restarted too; one that never became ready is not (that is a
 configuration error, and its exit status is returned).
+
+Each start gets its own python-backend shared-memory prefix (`--backend-config=python,
+shm-region-prefix-name=...`); the regions a dead server leaves in /dev/shm (a crashed one never
+unlinks them: ~100 MiB a crash) are removed before the restart, and after the last exit.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import os
+import secrets
 import signal
 import subprocess
-import sys
 import urllib.request
 from collections import Counter
 from collections.abc import Callable
@@ -31,6 +32,25 @@ from pathlib import Path
 
 STUB = b"triton_python_backend_stub"
 STOP_GRACE_S = 15
+SHM_DIR = Path("/dev/shm")
+
+
+def shm_prefix() -> str:
+    """A python-backend shared-memory prefix unique to one server start."""
+    return f"reward_server_{os.getpid()}_{secrets.token_hex(4)}_"
+
+
+def remove_regions(prefix: str, folder: Path = SHM_DIR) -> tuple[int, int]:
+    """Unlink the shared-memory regions named `prefix*`: (how many, bytes)."""
+    count = size = 0
+    for region in folder.glob(f"{prefix}*"):
+        try:
+            size += region.stat().st_size
+            region.unlink()
+            count += 1
+        except FileNotFoundError:
+            pass  # its server removed it meanwhile
+    return count, size
 
 
 def stubs(parent: int) -> dict[int, str]:
@@ -78,13 +98,15 @@ async def supervise(command: list[str], env: dict[str, str], http: str, log: Cal
         loop.add_signal_handler(sig, stop, sig)
     restarts = 0
     while True:
-        server = subprocess.Popen(command, env=env)
+        prefix = shm_prefix()
+        server = subprocess.Popen([*command, f"--backend-config=python,shm-region-prefix-name={prefix}"], env=env)
         ready, expected, suspects = False, Counter(), set()
         while server.poll() is None and not stopping.is_set():
             await asyncio.sleep(0.5)
             if not ready:
                 if await loop.run_in_executor(None, answers, f"{http}/v2/health/ready"):
                     ready, expected = True, Counter(stubs(server.pid).values())
+                    log(f"supervisor: tritonserver (pid {server.pid}) is ready")
                 continue
             live = Counter(stubs(server.pid).values())
             short = {m for m in expected if live[m] < expected[m]}
@@ -97,6 +119,9 @@ async def supervise(command: list[str], env: dict[str, str], http: str, log: Cal
             elif not suspects:
                 expected = live  # models loaded, reloaded or unloaded meanwhile
         code = await loop.run_in_executor(None, server.wait)
+        removed, size = remove_regions(prefix)
+        if removed:
+            log(f"supervisor: removed {removed} shared-memory region(s), {size >> 20} MiB, left by tritonserver")
         if stopping.is_set() or not ready:
             return code
         restarts += 1
@@ -110,15 +135,3 @@ def _stop(server: subprocess.Popen) -> None:
     except subprocess.TimeoutExpired:
         server.kill()
         server.wait()
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--http", default="http://127.0.0.1:8000", help="the server's plain HTTP endpoint, for health checks")
-    parser.add_argument("command", nargs="+", help="tritonserver and its flags, after --")
-    args = parser.parse_args()
-    sys.exit(asyncio.run(supervise(args.command, dict(os.environ), args.http, log=lambda line: print(line, flush=True))))
-
-
-if __name__ == "__main__":
-    main()

@@ -28,8 +28,8 @@ import numpy as np
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
-from head_spec import HeadSpec, default_names, head_bias, read_head_spec, read_separate_head
-from invariance import tiled_matmul
+from reward_server.head_spec import HeadSpec, default_names, head_bias, read_head_spec, read_separate_head
+from reward_server.invariance import tiled_matmul
 
 
 @dataclass

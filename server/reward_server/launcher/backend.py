@@ -2,21 +2,17 @@
 
 The wheel ships `tritonserver`, `libtriton_python.so` and one python-backend stub per Python
 version. Triton wants them together as `<dir>/python/`, with the stub built for the Python
-that runs the models; this copies them under a git-ignored folder (site-packages stays as
-installed).
-
-    python build/triton_backend.py [--out .build/triton/backends]
+that runs the models; this links them under a folder of our own (site-packages stays as
+installed). Links, not copies: the stub finds its libraries relative to its real location.
 """
 
 from __future__ import annotations
 
-import argparse
 import sys
 from importlib.util import find_spec
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-DEFAULT_BACKENDS = REPO / ".build" / "triton" / "backends"
+DEFAULT_BACKENDS = Path(".build") / "triton" / "backends"
 
 
 def pytriton_server_dir() -> Path:
@@ -48,13 +44,3 @@ def layout_backend(out: Path = DEFAULT_BACKENDS) -> Path:
         link.unlink(missing_ok=True)
         link.symlink_to(path)
     return out
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, default=DEFAULT_BACKENDS, help=f"backend folder (default: {DEFAULT_BACKENDS})")
-    print(f"python backend laid out in {layout_backend(parser.parse_args().out)}")
-
-
-if __name__ == "__main__":
-    main()

@@ -9,9 +9,14 @@ Systems
   (d) the whole server through reward_client at concurrency 16, over gRPC and HTTP
 Workloads (fixed seeds, real tokenizer)
   long: 64 conversations of 100-3,000 tokens; short: 256 of 30-300; best-of-8: one 2,000-token
-  prompt with 8 responses of 100-300 tokens.
+  prompt with 8 responses of 100-300 tokens; rlhf: 4 such groups (`--rlhf-prompts`), every response its own request (as
+  OpenRLHF and verl send them), with the prefix cache off and on (`--prefix-cache-tokens`): one after
+  another (the cost of each later request of a group against its first) and at concurrency 8; no (a):
+  its "x (a)" column is against the engine with the cache off.
+MFU counts only the FLOPs a system computes: prompts reused within a step or from the prefix cache are
+left out (estimated from the workload: in-step groups per call of up to `concurrency` requests).
 
-    python tests/benchmark.py --checkpoint .build/bench-checkpoint --dtype fp32 --out bench-results.json
+    python -m benchmarks.benchmark --checkpoint .build/bench-checkpoint --dtype fp32 --out bench-results.json
 
 On a GPU: build a larger checkpoint (e.g. `--preset llama8b-shape`-sized via your own config) and
 run with `--device cuda --dtype bf16`; the table then reports MFU against the measured bf16 peak.
@@ -26,7 +31,6 @@ import platform
 import re
 import shutil
 import statistics
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -37,9 +41,10 @@ import numpy as np
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "model_repository" / "reward_engine" / "1"))
-from torch_runtime import DTYPES, TorchRewardEngine  # noqa: E402
+from reward_server.batching import shared_prefixes
+from reward_server.prefix_cache import BLOCK_TOKENS, block_keys
+from reward_server.runtimes.torch_runtime import DTYPES, TorchRewardEngine
+from tests.live_server import REPO
 
 Conversation = list[dict[str, str]]
 
@@ -96,12 +101,34 @@ class Result:
     mfu: float = 0.0
 
 
-def model_flops(config, lengths: list[int]) -> float:
-    """Forward FLOPs: 2 x non-embedding parameters per token + causal attention (2 * layers * d * L^2 per sequence)."""
+def model_flops(config, lengths: list[int], reused: list[int] | None = None) -> float:
+    """Forward FLOPs: 2 x non-embedding parameters per token + causal attention (2 * layers * d * L^2 per
+    sequence), less those of each sequence's first `reused` tokens (not computed)."""
     d, layers = config.hidden_size, config.num_hidden_layers
     kv = config.num_key_value_heads * (d // config.num_attention_heads)
     per_layer = 2 * d * d + 2 * d * kv + 3 * d * config.intermediate_size
-    return float(sum(2 * layers * per_layer * n + 2 * layers * d * n * n for n in lengths))
+    reused = reused or [0] * len(lengths)
+    return float(sum(2 * layers * per_layer * (n - p) + 2 * layers * d * (n * n - p * p) for n, p in zip(lengths, reused, strict=True)))
+
+
+def reused_tokens(ids: list[np.ndarray], batch: int, cache: bool, min_prefix: int = 64) -> list[int]:
+    """Leading tokens of each sequence that a system reuses instead of computing, sequences scored in calls
+    of `batch`: a group sharing a prompt in one call computes it once (batching.shared_prefixes); with a
+    prefix cache, whole blocks that an earlier call computed are reused too."""
+    reused, seen = [0] * len(ids), set()
+    for start in range(0, len(ids), batch):
+        chunk = list(range(start, min(start + batch, len(ids))))
+        for length, members in shared_prefixes([ids[i] for i in chunk], min_prefix):
+            for m in members[1:]:
+                reused[chunk[m]] = length
+        if cache:
+            for i in chunk:
+                keys = block_keys(ids[i], (len(ids[i]) - 1) // BLOCK_TOKENS)
+                hits = next((j for j, key in enumerate(keys) if key not in seen), len(keys))
+                reused[i] = max(reused[i], hits * BLOCK_TOKENS)
+            for i in chunk:
+                seen.update(block_keys(ids[i], len(ids[i]) // BLOCK_TOKENS))
+    return reused
 
 
 def matmul_peak(dtype: torch.dtype, device: str, size: int, seconds: float = 2.0) -> float:
@@ -172,15 +199,31 @@ class Systems:
             latencies += [time.perf_counter() - start] * len(chunk)
         return latencies
 
-    def engine_in_process(self, ids: list[np.ndarray], concurrency: int = 16) -> list[float]:
+    def engine_in_process(self, ids: list[np.ndarray], concurrency: int = 16, engine: TorchRewardEngine | None = None) -> list[float]:
         """The engine fed the way the server feeds it: up to `concurrency` sequences per call."""
         latencies = []
         for i in range(0, len(ids), concurrency):
             start = time.perf_counter()
-            self.engine.score(ids[i : i + concurrency])
+            (engine or self.engine).score(ids[i : i + concurrency])
             sync(self.device)
             latencies += [time.perf_counter() - start] * len(ids[i : i + concurrency])
         return latencies
+
+
+def rlhf_groups(maker: WorkloadMaker, prompts: int, n: int = 8) -> list[Conversation]:
+    """`prompts` groups of n responses of 100-300 tokens to one 2,000-token prompt, one conversation per
+    response, group after group (the order RLHF trainers send them in)."""
+    groups = [maker.best_of(n, 2000, 100, 300) for _ in range(prompts)]
+    return [[*prompt, {"role": "assistant", "content": r}] for prompt, responses in groups for r in responses]
+
+
+def group_costs(latencies: list[float], n: int = 8, echo: bool = False) -> dict[str, float]:
+    """Each later request of a group of n sent one after another, against the group's first: mean and worst."""
+    ratios = [later / latencies[g] for g in range(0, len(latencies), n) for later in latencies[g + 1 : g + n]]
+    costs = {"mean": float(np.mean(ratios)), "worst": float(np.max(ratios))}
+    if echo:
+        print(f"    later requests of a group: {costs['mean']:.2f}x the first (worst {costs['worst']:.2f}x)", flush=True)
+    return costs
 
 
 def through_server(url: str, conversations: list[Conversation], concurrency: int = 16) -> list[float]:
@@ -202,20 +245,6 @@ def through_server(url: str, conversations: list[Conversation], concurrency: int
     return asyncio.run(run())
 
 
-def repository_with(dtype: str, device: str, workdir: Path) -> Path:
-    """A copy of model_repository whose engine runs at the benchmark's precision and device."""
-    target = workdir / "model_repository"
-    shutil.copytree(REPO / "model_repository", target)
-    config = target / "reward_engine" / "config.pbtxt"
-    text = re.sub(r'(key: "dtype", value: \{ string_value: )"[^"]*"', rf'\1"{dtype}"', config.read_text())
-    text = re.sub(r'(key: "device", value: \{ string_value: )"[^"]*"', rf'\1"{device}"', text)
-    config.write_text(text)
-    for model in ("preprocessing", "reward_engine"):
-        model_config = target / model / "config.pbtxt"
-        model_config.write_text(model_config.read_text().replace("../../.build/", f"{REPO}/.build/"))
-    return target
-
-
 # ----------------------------------------------------------------------------- main
 
 
@@ -226,6 +255,8 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--workloads", default="long,short,best-of-8", help="comma-separated subset")
     parser.add_argument("--no-server", action="store_true", help="skip (d)")
+    parser.add_argument("--rlhf-prompts", type=int, default=4, help="groups of 8 responses in the rlhf workload")
+    parser.add_argument("--prefix-cache-tokens", type=int, default=65536, help="the prefix cache of rlhf's cache-on runs")
     parser.add_argument("--out", type=Path, default=REPO / "bench-results.json")
     args = parser.parse_args()
     args.checkpoint = args.checkpoint.resolve()
@@ -242,20 +273,30 @@ def main() -> None:
     print(f"matmul peak on {args.device}: fp32 {peak['fp32'] / 1e9:.1f} GFLOP/s, bf16 {peak['bf16'] / 1e9:.1f} GFLOP/s", flush=True)
 
     results: list[Result] = []
+    request_costs: dict[str, dict[str, float]] = {}
     server = None
     workdir = Path(tempfile.mkdtemp(prefix="reward-bench-"))
     if not args.no_server:  # the server side needs the client and tritonclient; a bare GPU box may lack them
         from reward_client import RewardClient
+        from tests.live_server import start_server, stop_server
 
-        from live_server import start_server, stop_server
-
-        repository = repository_with(args.dtype, args.device, workdir)
-        server = start_server(workdir / "server.log", model_repository=repository, env={"REWARD_CHECKPOINT": str(args.checkpoint)})
+        settings = {"REWARD_CHECKPOINT": str(args.checkpoint), "REWARD_DTYPE": args.dtype, "REWARD_DEVICE": args.device}
+        server = start_server(workdir / "server.log", env=settings)
     try:
 
-        def record(system: str, workload: str, ids: list[np.ndarray], run: Callable[[], object], one_call: bool = False) -> None:
-            """`run` returns per-conversation latencies, unless `one_call` (then every latency is the call's)."""
-            run()  # warm-up on the same work
+        def record(
+            system: str,
+            workload: str,
+            ids: list[np.ndarray],
+            run: Callable[[], object],
+            one_call: bool = False,
+            reused: list[int] | None = None,
+            warmup: Callable[[], object] | None = None,
+        ) -> list[float]:
+            """`run` returns per-conversation latencies, unless `one_call` (then every latency is the call's);
+            `reused`: leading tokens of each sequence the system does not compute (reused_tokens);
+            `warmup`: other work to warm up on (default: the same; a prefix cache would remember it)."""
+            (warmup or run)()
             seconds, latencies = timed(run)
             latencies = [seconds] * len(ids) if one_call else latencies
             lengths = [len(s) for s in ids]
@@ -269,17 +310,18 @@ def main() -> None:
                     seconds,
                     1000 * statistics.median(latencies),
                     1000 * float(np.percentile(latencies, 99)),
-                    model_flops(systems.hf.config, lengths),
+                    model_flops(systems.hf.config, lengths, reused),
                 )
             )
             print(f"  {system:<28} {workload:<10} {sum(lengths) / seconds:>10.0f} tokens/s", flush=True)
+            return latencies
 
         for name in [w for w in ("long", "short") if w in chosen]:
             convs = workloads[name]
             ids = systems.ids(convs)
             record("a transformers 1-by-1", name, ids, lambda ids=ids: systems.one_at_a_time(ids))
             record("b transformers padded x8", name, ids, lambda ids=ids: systems.padded_batches(ids))
-            record("c engine in-process", name, ids, lambda ids=ids: systems.engine_in_process(ids))
+            record("c engine in-process", name, ids, lambda ids=ids: systems.engine_in_process(ids), reused=reused_tokens(ids, 16, False))
             if server is not None:
                 record("d server gRPC c=16", name, ids, lambda convs=convs: through_server(server.grpc_url, convs))
                 record("d server HTTP c=16", name, ids, lambda convs=convs: through_server(server.http_url, convs))
@@ -287,28 +329,60 @@ def main() -> None:
             ids = systems.ids(best_of)
             record("a transformers 1-by-1", "best-of-8", ids, lambda: systems.one_at_a_time(ids))
             record("c engine, 8 separately", "best-of-8", ids, lambda: systems.engine_in_process(ids, concurrency=1))
-            record("c engine, prefix reuse", "best-of-8", ids, lambda: systems.engine.score(ids), one_call=True)
+            in_step = reused_tokens(ids, len(ids), False)
+            record("c engine, prefix reuse", "best-of-8", ids, lambda: systems.engine.score(ids), one_call=True, reused=in_step)
             if server is not None:
                 with RewardClient(server.grpc_url) as client:
-                    record("d server score_responses", "best-of-8", ids, lambda: client.score_responses(prompt, responses), one_call=True)
+                    run = lambda: client.score_responses(prompt, responses)  # noqa: E731
+                    record("d server score_responses", "best-of-8", ids, run, one_call=True, reused=in_step)
+        if "rlhf" in chosen:
+            # Every measurement of a cache-on system on prompts it has not seen (warm-up included): the cache remembers.
+            convs, warm = rlhf_groups(maker, args.rlhf_prompts), rlhf_groups(maker, 1)
+            ids, warm_ids = systems.ids(convs), systems.ids(warm)
+            concurrent = rlhf_groups(maker, args.rlhf_prompts)
+            options = dict(device=args.device, dtype=args.dtype, prefix_cache_tokens=args.prefix_cache_tokens)
+            cached = TorchRewardEngine(str(args.checkpoint), **options)
+            for label, engine, cache in (("off", systems.engine, False), ("on", cached, True)):
+                run, warm_run = (lambda e=engine, i=i: systems.engine_in_process(i, 1, e) for i in (ids, warm_ids))
+                latencies = record(f"c engine c=1, cache {label}", "rlhf", ids, run, reused=reused_tokens(ids, 1, cache), warmup=warm_run)
+                request_costs[f"c engine c=1, cache {label}"] = group_costs(latencies, echo=True)
+            if server is not None:
+                env = {**settings, "REWARD_PREFIX_CACHE_TOKENS": str(args.prefix_cache_tokens)}
+                cache_server = start_server(workdir / "server-cache.log", env=env)
+                try:
+                    for label, url, cache in (("off", server.grpc_url, False), ("on", cache_server.grpc_url, True)):
+                        for c, timed_convs in ((1, convs), (8, concurrent)):
+                            run, warm_run = (lambda u=url, w=w, c=c: through_server(u, w, c) for w in (timed_convs, warm))
+                            system, timed_ids = f"d server gRPC c={c}, cache {label}", systems.ids(timed_convs)
+                            reused = reused_tokens(timed_ids, c, cache)
+                            latencies = record(system, "rlhf", timed_ids, run, reused=reused, warmup=warm_run)
+                            if c == 1:
+                                request_costs[system] = group_costs(latencies, echo=True)
+                finally:
+                    stop_server(cache_server)
     finally:
         if server is not None:
             stop_server(server)
         shutil.rmtree(workdir, ignore_errors=True)
 
-    baseline = {r.workload: r for r in results if r.system.startswith("a ")}
+    baseline = {}  # (a) where it ran; else the workload's first row (rlhf: the engine with the cache off)
+    for r in results:
+        if r.workload not in baseline or r.system.startswith("a "):
+            baseline[r.workload] = r
     for r in results:
         r.tokens_per_s = r.tokens / r.seconds
         r.conversations_per_s = r.conversations / r.seconds
         r.ratio_to_a = baseline[r.workload].seconds / r.seconds
-        # FLOPs are those of scoring every conversation in full; with prefix reuse less is computed.
         r.mfu = r.flops / r.seconds / peak[args.dtype]
     print_table(results)
+    for system, costs in request_costs.items():
+        print(f"rlhf one request after another, {system}: later requests cost {costs['mean']:.2f}x (worst {costs['worst']:.2f}x) the first")
     report = {
         "machine": {"platform": platform.platform(), "device": args.device, "threads": torch.get_num_threads(), "torch": torch.__version__},
         "matmul_peak_flops": peak,
         "checkpoint": str(args.checkpoint),
         "results": [asdict(r) for r in results],
+        "rlhf_request_cost": request_costs,
     }
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"written to {args.out}")

@@ -1,6 +1,6 @@
 """`make soak`: bounded loopback load against a fresh server; 0 unexpected errors and flat memory.
 
-    python tests/soak.py [--seconds 60] [--concurrency 64] [--warmup 10]
+    python -m benchmarks.soak [--seconds 60] [--concurrency 64] [--warmup 10]
 
 Sends the corpus's conversations (and, one in twenty, a conversation the server must refuse) with
 `concurrency` requests in flight, samples the resident memory of the server's processes (tritonserver
@@ -20,12 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
 from reward_client import AsyncRewardClient, InvalidConversationError
-
-from corpus import conversations
-from live_server import start_server, stop_server
+from tests.corpus import conversations
+from tests.live_server import start_server, stop_server
 
 BAD = [{"role": "user", "content": "x " * 5000}, {"role": "assistant", "content": "too long"}]
 MAX_GROWTH = 0.10

@@ -97,25 +97,38 @@ class StepResult:
     computed: list[int]  # lengths of the distinct sequences the step ran
     prefixes: list[tuple[int, list[int]]]
     seconds: float
+    cache: Any = None  # prefix_cache.CacheCounters of this step (bytes_held: after it), None when no cache
+
+    @property
+    def reused(self) -> int:
+        """Tokens of the distinct sequences not computed: shared prompts after the first member, cached blocks."""
+        cached = self.cache.hits * self.cache.block_tokens if self.cache is not None else 0
+        return sum(length * (len(members) - 1) for length, members in self.prefixes) + cached
 
 
 def run_steps(engine: Any, sequences: Sequence[np.ndarray], positions: Sequence[np.ndarray]) -> Iterator[StepResult]:
     """Score `sequences` with an engine (`plan`, `score_step`), step by step; identical sequences run once.
     A failing step is reported in its StepResult and the later steps still run."""
     representatives, members = unique(sequences, positions)
+    cache = getattr(engine, "prefix_cache", None)
     for step in engine.plan([sequences[r] for r in representatives], [positions[r] for r in representatives]):
         chosen = [representatives[u] for u in step.indices]
         indices = [i for u in step.indices for i in members[u]]
         computed = [len(sequences[i]) for i in chosen]
         started = time.perf_counter()
+        counted = cache.counters if cache is not None else None
         try:
             scored = engine.score_step([sequences[i] for i in chosen], step.prefixes, [positions[i] for i in chosen])
         except Exception as exc:  # reported; the caller fails only this step's requests
-            yield StepResult(indices, None, exc, computed, step.prefixes, time.perf_counter() - started)
+            yield StepResult(indices, None, exc, computed, step.prefixes, time.perf_counter() - started, _since(cache, counted))
             continue
         bounds = np.cumsum([0, *(len(positions[i]) for i in chosen)])
         outputs = [scored[bounds[k] : bounds[k + 1]] for k, u in enumerate(step.indices) for _ in members[u]]
-        yield StepResult(indices, outputs, None, computed, step.prefixes, time.perf_counter() - started)
+        yield StepResult(indices, outputs, None, computed, step.prefixes, time.perf_counter() - started, _since(cache, counted))
+
+
+def _since(cache: Any, counted: Any) -> Any:
+    return None if cache is None else cache.counters.since(counted)
 
 
 def score_all(engine: Any, sequences: Sequence[np.ndarray], positions: Sequence[np.ndarray] | None = None) -> np.ndarray:
@@ -128,4 +141,4 @@ def score_all(engine: Any, sequences: Sequence[np.ndarray], positions: Sequence[
             raise result.error
         for i, output in zip(result.indices, result.outputs, strict=True):
             outputs[i] = output
-    return np.concatenate(outputs) if outputs else np.zeros((0, len(engine.head.names)), np.float32)
+    return np.concatenate(outputs) if outputs else np.zeros((0, len(engine.spec.names)), np.float32)

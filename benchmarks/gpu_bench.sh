@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# `make bench` on one GPU with no network, in one command (prepared; not yet run on a GPU):
+#
+#   benchmarks/gpu_bench.sh OUT [WHEELS]
+#
+# OUT: folder for bench-gpu.json, the log and one engine step's profiler trace (step-trace.json).
+# WHEELS: optional folder made by ../shared/gpu/wheels.sh (numpy 1.26.4, tritonclient and its HTTP
+# dependencies) plus pytriton/ + nvidia_pytriton.libs/ folders; with it the server rows (d) run too,
+# without it (a)-(c) only. Needs, carried with the tree: .build/demo-checkpoint (its tokenizer).
+# What it does, in about 5 minutes on an H100/H200 (estimated): builds the Llama-3.1-8B-shape random
+# checkpoint in bf16 (/tmp/rm-8b, kept between runs), runs benchmarks/benchmark.py on the long, short,
+# best-of-8 and rlhf workloads side by side, then one profiled engine step of the long mix.
+set -euo pipefail
+out=${1:?folder for the results}
+wheels=${2:-}
+repo=$(cd "$(dirname "$0")/.." && pwd)
+mkdir -p "$out"
+cd "$repo"
+python=${PYTHON:-python3}
+site=$("$python" -c 'import site; print(site.getsitepackages()[0])')
+
+if [ -n "$wheels" ]; then  # the python-backend stub ignores PYTHONPATH: install into that Python's site-packages
+  "$python" -m pip install -q --no-index --no-deps --no-compile --force-reinstall "$wheels"/numpy-*.whl
+  "$python" -m pip uninstall -y -q scipy scikit-learn || true  # they need numpy 2; transformers imports them
+  "$python" -m pip install -q --no-index --no-deps --no-compile "$wheels"/*.whl
+  [ -d "$wheels/pytriton" ] && cp -r "$wheels/pytriton" "$wheels/nvidia_pytriton.libs" "$site/"
+fi
+printf '%s\n%s\n%s\n' "$repo/server" "$repo/client" "$repo" > "$site/reward-project.pth"
+bin=$(dirname "$(command -v "$python")")
+# start_server runs the `reward-server` console command beside the interpreter
+[ -x "$bin/reward-server" ] || printf '#!%s\nfrom reward_server.launcher.serve import main\nmain()\n' "$(command -v "$python")" > "$bin/reward-server"
+chmod +x "$bin/reward-server"
+
+if [ ! -f /tmp/rm-8b/model.safetensors ]; then
+  "$python" build/demo_checkpoint.py --preset llama8b --device cuda --dtype bf16 --tokenizer-from .build/demo-checkpoint --out /tmp/rm-8b
+fi
+server=()
+"$python" -c 'import tritonclient.grpc, pytriton' 2>/dev/null || server=(--no-server)
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$out/gpu.txt"
+"$python" -m benchmarks.benchmark --checkpoint /tmp/rm-8b --device cuda --dtype bf16 --workloads long,short,best-of-8,rlhf \
+  --rlhf-prompts 4 "${server[@]}" --out "$out/bench-gpu.json" 2>&1 | tee "$out/bench.log"
+
+"$python" - "$out" <<'EOF'
+# One engine step of the long mix under torch.profiler: where a step's time goes (host syncs, attention
+# calls per layer, tiling, copies). Open step-trace.json in Perfetto or chrome://tracing.
+import sys
+
+import numpy as np
+import torch
+from transformers import AutoTokenizer
+
+from benchmarks.benchmark import WorkloadMaker
+from reward_server.runtimes.torch_runtime import TorchRewardEngine
+
+engine = TorchRewardEngine("/tmp/rm-8b", device="cuda", dtype="bf16")
+maker = WorkloadMaker(AutoTokenizer.from_pretrained("/tmp/rm-8b"), seed=2024)
+ids = [np.array(maker.tokenizer.apply_chat_template(c, tokenize=True, return_dict=False)) for c in maker.mix(16, 100, 3000)]
+engine.score(ids)
+torch.cuda.synchronize()
+activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+with torch.profiler.profile(activities=activities) as profile:
+    engine.score(ids)
+    torch.cuda.synchronize()
+profile.export_chrome_trace(f"{sys.argv[1]}/step-trace.json")
+print(profile.key_averages().table(sort_by="cuda_time_total", row_limit=25))
+EOF

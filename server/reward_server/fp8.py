@@ -1,0 +1,95 @@
+"""FP8 (`dtype: fp8`): trunk linear layers in float8 e4m3 with per-row scales, products on FP8 tensor cores.
+
+The scheme (one per linear layer of the decoder layers; embeddings, norms, the final norm and the
+reward head keep their bf16/fp32 weights):
+- weights: quantised once at load, one scale per output row, scale = amax(|row|) / 448 (e4m3's
+  largest finite value), so each row uses e4m3's whole range;
+- activations: quantised at every call, one scale per token row, the same rule. Per-row scales keep
+  rows independent of the rows packed beside them: batch invariance holds bit for bit (a scale over
+  the whole packed batch would let one long conversation change another's scores);
+- product: sum over k of q_x[m, k] * q_w[n, k], accumulated in fp32, times scale_x[m] * scale_w[n],
+  rounded once to the output dtype (bf16).
+
+On a CUDA device with FP8 tensor cores (sm89+) the product is `torch._scaled_mm` with row-wise
+scales. It runs on fixed tiles of TILE_ROWS rows, as every linear layer does (invariance.py): the
+kernel cuBLAS picks depends on the row count, so each tile is one call of the same shape. Elsewhere
+(a CPU) the same arithmetic is emulated: the e4m3 values are exact in fp32, and so are their
+products, so only the order of the fp32 sums can differ from the tensor cores'. Emulation proves
+numerics, not speed.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from reward_server.invariance import TILE_ROWS, tiled_matmul
+
+FP8 = torch.float8_e4m3fn
+FP8_MAX = torch.finfo(FP8).max  # 448
+MIN_AMAX = 1e-12  # an all-zero row gets a tiny scale instead of a division by zero
+
+
+def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [rows, k] -> (e4m3 values [rows, k], fp32 scales [rows, 1]) with x ≈ values * scales."""
+    x = x.float()
+    scale = x.abs().amax(dim=-1, keepdim=True).clamp(min=MIN_AMAX) / FP8_MAX
+    # The cast rounds to nearest even; out-of-range values would become NaN, so saturate first.
+    return (x / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
+
+
+def fp8_kernels(device: torch.device) -> bool:
+    """Whether `device` has FP8 tensor cores (Ada sm89, Hopper sm90 and later)."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
+
+
+class Fp8Linear(nn.Module):
+    """nn.Linear with e4m3 weights and per-row scales; output in `out_dtype`."""
+
+    def __init__(self, linear: nn.Linear, out_dtype: torch.dtype = torch.bfloat16) -> None:
+        super().__init__()
+        weight, scale = quantize_rows(linear.weight.detach())
+        self.register_buffer("weight", weight)  # [out, in] e4m3
+        self.register_buffer("weight_scale", scale.T.contiguous())  # [1, out] fp32
+        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().to(out_dtype), requires_grad=False)
+        self.out_dtype = out_dtype
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, x.shape[-1])
+        product = _tensor_core_product if fp8_kernels(rows.device) else _emulated_product
+        out = product(rows, self.weight, self.weight_scale, self.out_dtype)
+        out = out.view(*x.shape[:-1], self.out_features)
+        return out if self.bias is None else out + self.bias
+
+
+def _emulated_product(rows: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    """The tensor cores' arithmetic in fp32 on 64-row tiles (exact products, fp32 sums)."""
+    values, scale = quantize_rows(rows)
+    return (tiled_matmul(values.float(), weight.float()) * scale * weight_scale).to(out_dtype)
+
+
+def _tensor_core_product(rows: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    """torch._scaled_mm with row-wise scales, one call per fixed 64-row tile."""
+    count = rows.shape[0]
+    tiles = -(-count // TILE_ROWS)
+    values, scale = quantize_rows(F.pad(rows, (0, 0, 0, tiles * TILE_ROWS - count)))
+    out = torch.empty(tiles * TILE_ROWS, weight.shape[0], dtype=out_dtype, device=rows.device)
+    column_major = weight.T  # _scaled_mm wants its second operand column-major: [in, out] with stride (1, in)
+    for t in range(tiles):
+        tile = slice(t * TILE_ROWS, (t + 1) * TILE_ROWS)
+        out[tile] = torch._scaled_mm(values[tile], column_major, scale_a=scale[tile], scale_b=weight_scale, out_dtype=out_dtype)
+    return out[:count]
+
+
+def quantize_trunk(trunk: nn.Module, device: torch.device) -> nn.Module:
+    """Swap every nn.Linear inside the decoder layers for an Fp8Linear (embeddings, final norm stay),
+    one layer at a time on `device`."""
+    for layer in trunk.layers:
+        layer.to(device)
+        for parent in list(layer.modules()):
+            for name, child in list(parent.named_children()):
+                if isinstance(child, nn.Linear):
+                    setattr(parent, name, Fp8Linear(child))
+    return trunk

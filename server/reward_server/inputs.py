@@ -1,0 +1,144 @@
+"""The ensemble's inputs beside CONVERSATION: raw TEXT, pre-tokenized TOKENS, and left truncation.
+
+Exactly one of CONVERSATION, TEXT and TOKENS per request:
+- TEXT is text already in a chat template (what OpenRLHF and vLLM clients send), tokenized as
+  given; with ADD_SPECIAL_TOKENS (default true) it starts with the tokenizer's BOS exactly once:
+  a text that already begins with it (a template that writes `<|begin_of_text|>`) is not given a second;
+- TOKENS are token ids, right-padded with -1 (rows of one request differ in length);
+- KEEP_LAST_TOKENS N > 0 cuts from the left to at most N tokens: TEXT and TOKENS lose their earliest
+  tokens (a BOS that is added stays first), a conversation loses whole earliest exchanges (a system
+  turn stays), never its scored turn. Without it, over `max_tokens` is refused as for conversations.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+
+import numpy as np
+
+from reward_client import protocol
+from reward_client.conversation import parse_json
+from reward_server.errors import RequestError
+from reward_server.templating import ChatTokenizer
+
+SOURCES = (protocol.CONVERSATION, protocol.TEXT, protocol.TOKENS)
+
+
+class Inputs:
+    """Encodes each row of a request, whichever input it came in."""
+
+    def __init__(self, chat: ChatTokenizer) -> None:
+        self.chat = chat
+        tokenizer = chat.tokenizer
+        with_special = tokenizer.encode("a", add_special_tokens=True)
+        without = tokenizer.encode("a", add_special_tokens=False)
+        # The special tokens the tokenizer puts before a text (Llama's BOS; none for Qwen's).
+        self.prefix = with_special[: len(with_special) - len(without)] if with_special[-len(without) :] == without else []
+        self.vocab_size = len(tokenizer)
+
+    def encode(self, tensors: Mapping[str, np.ndarray | None]) -> list[tuple[np.ndarray, np.ndarray]]:
+        """(token ids, read positions) of each row of one request; `tensors`: its inputs by name (None:
+        absent). RequestError names the row and what is wrong."""
+        given = [name for name in SOURCES if tensors.get(name) is not None]
+        if len(given) != 1:
+            raise RequestError(f"send exactly one of {', '.join(SOURCES)}; got {', '.join(given) or 'none'}", "tensors")
+        rows = tensors[given[0]]
+        rows = rows.reshape(len(rows), -1)
+        flags = {name: _column(tensors.get(name), len(rows), default) for name, default in _FLAGS.items()}
+        if given[0] != protocol.CONVERSATION and tensors.get(protocol.SCORE_TURNS) is not None and flags[protocol.SCORE_TURNS].any():
+            raise RequestError(f"{protocol.SCORE_TURNS} needs {protocol.CONVERSATION} (turns are not known in text or tokens)", "per_turn")
+        encoded = []
+        for b, row in enumerate(rows):
+            keep_last = int(flags[protocol.KEEP_LAST_TOKENS][b])
+            where = f"row {b}: " if len(rows) > 1 else ""
+            try:
+                if keep_last < 0:
+                    raise RequestError(f"{protocol.KEEP_LAST_TOKENS}: {keep_last} is negative", "malformed")
+                if given[0] == protocol.CONVERSATION:
+                    encoded.append(self.conversation(row[0], bool(flags[protocol.SCORE_TURNS][b]), keep_last))
+                elif given[0] == protocol.TEXT:
+                    encoded.append(_last(self.text(row[0], bool(flags[protocol.ADD_SPECIAL_TOKENS][b]), keep_last)))
+                else:
+                    encoded.append(_last(self.tokens(row, keep_last)))
+            except RequestError as exc:
+                raise RequestError(where + str(exc), exc.reason) from None
+        return encoded
+
+    def conversation(self, payload: bytes, all_turns: bool, keep_last: int) -> tuple[np.ndarray, np.ndarray]:
+        if not keep_last:
+            return self.chat.encode(payload, all_turns)
+        if all_turns:
+            raise RequestError(f"{protocol.KEEP_LAST_TOKENS} with {protocol.SCORE_TURNS}: a cut conversation loses turns", "per_turn")
+        limit = min(keep_last, self.chat.max_tokens)
+        try:
+            ids, reads = self.chat.encode(payload)
+            if len(ids) <= limit:
+                return ids, reads
+        except RequestError as exc:
+            if exc.reason != "too_long":
+                raise
+        messages = parse_json(payload)  # valid: encode parsed it
+        head = 1 if messages[0]["role"] == "system" else 0
+        while len(messages) - head > 2:  # drop the earliest user + assistant exchange
+            messages = messages[:head] + messages[head + 2 :]
+            try:
+                ids, reads = self.chat.encode(json.dumps(messages).encode())
+            except RequestError as exc:
+                if exc.reason != "too_long":
+                    raise
+                continue
+            if len(ids) <= limit:
+                return ids, reads
+        raise RequestError(f"conversation: its last exchange alone is over {limit} tokens (the scored turn is never cut)", "too_long")
+
+    def text(self, payload: bytes, add_special_tokens: bool, keep_last: int) -> np.ndarray:
+        if len(payload) > self.chat.max_bytes:
+            raise RequestError(f"text: {len(payload)} bytes is over the limit of {self.chat.max_bytes} bytes", "too_large")
+        try:
+            text = payload.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise RequestError(f"text: not valid UTF-8 (byte {exc.start})", "encoding") from None
+        ids = self.chat.tokenizer.encode(text, add_special_tokens=False)
+        prefix = self.prefix if add_special_tokens and ids[: len(self.prefix)] != self.prefix else []
+        return self._fit(prefix, ids, keep_last, "text")
+
+    def tokens(self, row: np.ndarray, keep_last: int) -> np.ndarray:
+        padding = np.flatnonzero(row == -1)
+        ids = row[: padding[0]] if len(padding) else row
+        if np.any(row[len(ids) :] != -1):
+            raise RequestError("tokens: -1 pads the end of a row only", "tensors")
+        if len(ids) and (ids.min() < 0 or ids.max() >= self.vocab_size):
+            raise RequestError(f"tokens: token ids must lie in [0, {self.vocab_size})", "tensors")
+        return self._fit([], ids.tolist(), keep_last, "tokens")
+
+    def _fit(self, prefix: list[int], ids: list[int], keep_last: int, what: str) -> np.ndarray:
+        if not ids:
+            raise RequestError(f"{what}: empty", "malformed")
+        if keep_last:
+            keep_last = min(keep_last, self.chat.max_tokens)
+            if keep_last <= len(prefix):
+                raise RequestError(f"{protocol.KEEP_LAST_TOKENS} {keep_last} leaves no room after the BOS", "malformed")
+            ids = ids[-(keep_last - len(prefix)) :]
+        row = [*prefix, *ids]
+        if len(row) > self.chat.max_tokens:
+            raise RequestError(f"{what}: {len(row)} tokens is over the limit of {self.chat.max_tokens} tokens", "too_long")
+        return np.asarray(row, dtype=np.int32)
+
+
+_FLAGS = {protocol.SCORE_TURNS: False, protocol.ADD_SPECIAL_TOKENS: True, protocol.KEEP_LAST_TOKENS: 0}
+
+
+def _column(tensor: np.ndarray | None, rows: int, default: bool | int) -> np.ndarray:
+    """One value per row of an optional [B, 1] input (its default where absent)."""
+    if tensor is None:
+        return np.full(rows, default)
+    values = tensor.reshape(-1)
+    if len(values) != rows:
+        raise RequestError(f"optional inputs need one value per row ({rows}), got {len(values)}", "tensors")
+    return values
+
+
+def _last(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Text and tokens are read at their last token only."""
+    return ids, np.asarray([len(ids) - 1], dtype=np.int32)

@@ -1,0 +1,63 @@
+"""Engine runtimes behind one typed contract, and the choice between them.
+
+`torch` (runtimes/torch_runtime.py): a transformers trunk + reward head, CPU or GPU; the reference
+every other runtime is checked against. `tensorrt_llm` (runtimes/trtllm_runtime.py): an engine built
+by `make engine`, head folded into lm_head; needs tensorrt_llm and a GPU (unverified here).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+import numpy as np
+
+from reward_server.batching import Step
+from reward_server.head_spec import HeadSpec
+from reward_server.settings import Settings
+
+
+class RewardEngine(Protocol):
+    """What the Triton models and `batching` need of a runtime."""
+
+    spec: HeadSpec  # output names, the reward rule
+    vocab_size: int  # token ids must lie below this
+    supports_turns: bool  # can read scores at any position, not only at the last token
+
+    def read_positions(self, sequences: Sequence[np.ndarray], positions: Sequence[np.ndarray] | None = None) -> list[np.ndarray]:
+        """Where each sequence's outputs are read: `positions` (default: its last token), adjusted as the
+        checkpoint reads them (a classifier skips trailing pad tokens)."""
+        ...
+
+    def plan(self, sequences: Sequence[np.ndarray], positions: Sequence[np.ndarray]) -> list[Step]:
+        """The steps that score these sequences (batching.Step: which run together, which share a prefix)."""
+        ...
+
+    def score_step(
+        self, sequences: list[np.ndarray], prefixes: Sequence[tuple[int, list[int]]], positions: Sequence[np.ndarray]
+    ) -> np.ndarray:
+        """Head outputs [sum of len(positions[i]), N] of one step, sequence after sequence."""
+        ...
+
+
+def load_engine(settings: Settings) -> RewardEngine:
+    """The runtime that `settings.runtime` names, on `settings.checkpoint`."""
+    checkpoint = str(settings.require_checkpoint())
+    if settings.runtime == "tensorrt_llm":
+        from reward_server.runtimes.trtllm_runtime import TrtllmRewardEngine  # needs tensorrt_llm and a GPU
+
+        return TrtllmRewardEngine(checkpoint)
+    from reward_server.runtimes.torch_runtime import TorchRewardEngine
+
+    return TorchRewardEngine(
+        checkpoint,
+        device=settings.device,
+        dtype=settings.dtype,
+        max_step_tokens=settings.max_step_tokens,
+        min_shared_prefix=settings.min_shared_prefix,
+        prefix_cache_tokens=settings.prefix_cache_tokens,
+        tensor_parallel=settings.tensor_parallel,
+        memory_budget=settings.memory_budget,
+        max_tokens=settings.max_tokens,
+        exit_on_rank_failure=True,  # a server's engine stub exits; the supervisor restarts the server
+    )

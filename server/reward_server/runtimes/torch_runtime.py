@@ -1,0 +1,332 @@
+"""The `torch` runtime: a transformers trunk run over packed sequences, then the reward head.
+
+Packed execution: the sequences of one step are concatenated into a single row with no
+padding, so every linear layer runs once over exactly the real tokens; attention runs per
+sequence (causal, within each sequence only), so its cost follows each sequence's own length.
+The reward head (`heads`) is applied only to the final hidden states where scores are read
+(the last token, or the end of every assistant turn): the full-vocabulary projection is never computed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+from itertools import pairwise
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from transformers.masking_utils import AttentionMaskInterface
+from transformers.modeling_utils import AttentionInterface
+
+from reward_server.batching import Step, plan_steps, score_all, shared_prefixes
+from reward_server.fp8 import quantize_trunk
+from reward_server.heads import load_reward_model
+from reward_server.invariance import make_batch_invariant
+from reward_server.memory import module_bytes, plan_step_tokens, step_memory
+from reward_server.parallel import RankGroup, shard_trunk
+from reward_server.prefix_cache import BLOCK_TOKENS, PrefixCache, block_keys, kv_bytes_per_token
+
+PACKED_ATTENTION = "packed_reward"  # no "sdpa" in the name: transformers would then demand SDPA support
+# fp8: loaded in bf16, then the decoder layers' linear weights quantised (fp8.py); the rest computes in bf16
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp8": torch.bfloat16}
+
+
+def packed_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """Causal attention applied to each packed sequence on its own ([1, heads, tokens, dim] in).
+
+    A sequence whose shared prefix was computed earlier (`shared_prefix`) attends to that
+    prefix's keys/values too, then causally to its own tokens. Sliding windows (Mistral,
+    Gemma 2) and attention-logit soft-capping (Gemma 2) are applied as the model asks.
+    """
+    bounds, shared, tile = PACKING.get()
+    window, softcap = kwargs.get("sliding_window"), kwargs.get("softcap")
+    pieces = []
+    for segment, (start, end) in enumerate(pairwise(bounds)):
+        q, k, v = query[:, :, start:end], key[:, :, start:end], value[:, :, start:end]
+        prefix = shared.kv(module.layer_idx, segment) if shared is not None else None
+        if prefix is not None:
+            k, v = torch.cat([prefix[0], k], dim=2), torch.cat([prefix[1], v], dim=2)
+        if shared is not None:
+            shared.capture(module.layer_idx, segment, k, v)
+        pieces.append(_attend_tiles(q, k, v, scaling, window, softcap, tile) if tile else _attend(q, k, v, scaling, window, softcap))
+    output = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=2)
+    return output.transpose(1, 2).contiguous(), None
+
+
+def _attend_tiles(q, k, v, scaling, window, softcap, tile):
+    """`_attend` in query tiles aligned to every `tile` tokens of the sequence, each tile attending to the
+    keys up to its own end: one call per tile, its shapes set by its position alone, so a tile computes
+    the same bits whether the tokens before it ran in this step or came from the prefix cache."""
+    first = k.shape[2] - q.shape[2]  # the sequence position of the first query
+    pieces, start = [], first
+    while start < k.shape[2]:
+        end = min((start // tile + 1) * tile, k.shape[2])
+        pieces.append(_attend(q[:, :, start - first : end - first], k[:, :, :end], v[:, :, :end], scaling, window, softcap))
+        start = end
+    return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=2)
+
+
+def _attend(q, k, v, scaling, window, softcap):
+    """The last q.shape[2] positions of a causal sequence of k.shape[2] tokens attend to its keys."""
+    gqa = q.shape[1] != k.shape[1]
+    queries, keys = q.shape[2], k.shape[2]
+    if not window and not softcap and queries == keys:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling, enable_gqa=gqa)
+    rows = torch.arange(keys - queries, keys, device=q.device)[:, None]
+    cols = torch.arange(keys, device=q.device)[None]
+    visible = (cols <= rows) & ((rows - cols < window) if window else True)
+    if not softcap:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=visible, scale=scaling, enable_gqa=gqa)
+    # SDPA cannot soft-cap; the same arithmetic as the model's eager attention.
+    if gqa:
+        k, v = (t.repeat_interleave(q.shape[1] // t.shape[1], dim=1) for t in (k, v))
+    scores = q @ k.transpose(2, 3) * (q.shape[-1] ** -0.5 if scaling is None else scaling)
+    scores = torch.tanh(scores / softcap) * softcap
+    scores = scores.masked_fill(~visible, float("-inf"))
+    return torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype) @ v
+
+
+def _no_mask(*args, **kwargs):
+    return None  # packed_attention masks each sequence itself
+
+
+AttentionInterface.register(PACKED_ATTENTION, packed_attention)
+AttentionMaskInterface.register(PACKED_ATTENTION, _no_mask)
+# Where each packed sequence starts and which shared prefix it continues, set around each trunk
+# call: not every architecture passes extra keyword arguments down to its attention (Nemotron).
+# The third item: the attention tile (0: one call per sequence); see `_attend_tiles`.
+PACKING: ContextVar[tuple[list[int], SharedPrefixes | None, int]] = ContextVar("packing")
+
+
+@dataclass
+class SharedPrefixes:
+    """Per packed segment: the keys/values of the tokens before it, computed earlier (this step's shared
+    prompts, or the prefix cache), and which of its keys/values to copy out for later use."""
+
+    before: list[torch.Tensor | None]  # [layers, 2, kv_heads, tokens before the segment, head_dim], or None
+    keep: list[tuple[int, int]]  # token range (from the sequence's first token) of keys/values to copy out
+    layers: int
+    kept: list[torch.Tensor | None] = field(default_factory=list)  # what was copied out: [layers, 2, kv_heads, range, head_dim]
+
+    def kv(self, layer: int, segment: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        kv = self.before[segment]
+        return None if kv is None else (kv[layer, 0][None], kv[layer, 1][None])
+
+    def capture(self, layer: int, segment: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Copy this layer's keys/values [1, kv_heads, tokens, dim] (the prefix's included) of the kept range."""
+        start, end = self.keep[segment]
+        if end <= start:
+            return
+        if not self.kept:
+            self.kept = [None] * len(self.keep)
+        if self.kept[segment] is None:
+            self.kept[segment] = keys.new_empty((self.layers, 2, keys.shape[1], end - start, keys.shape[3]))
+        self.kept[segment][layer, 0] = keys[0, :, start:end]
+        self.kept[segment][layer, 1] = values[0, :, start:end]
+
+
+class TorchRewardEngine:
+    """A `RewardEngine` (runtimes/__init__.py) on a transformers reward checkpoint (see `heads` for the layouts)."""
+
+    supports_turns = True  # reads scores at any positions (every assistant turn's end)
+
+    def __init__(
+        self,
+        checkpoint: str,
+        *,
+        device: str = "auto",
+        dtype: str = "auto",
+        max_step_tokens: int | None = None,
+        min_shared_prefix: int = 64,
+        tensor_parallel: int = 1,
+        memory_budget: int | None = None,
+        max_tokens: int = 4096,
+        exit_on_rank_failure: bool = False,
+        rank: int | None = None,
+        prefix_cache_tokens: int = 0,
+    ) -> None:
+        """`auto` and None pick the defaults measured per device (README, "Precision and step size").
+        tensor_parallel > 1: the model runs in that many worker processes (parallel.py), `rank` being
+        set in each of them; memory_budget and max_tokens: memory.py."""
+        self.min_shared_prefix = min_shared_prefix  # 0 turns prefix reuse off
+        self.ranks = None
+        self.prefix_cache: PrefixCache | None = None  # across requests; each rank holds its own
+        # With the cache, attention runs in tiles of its blocks and shared prompts end on a block boundary:
+        # cached or not, every tile is the same call (bit-identical by construction, _attend_tiles).
+        self.attention_tile = BLOCK_TOKENS if prefix_cache_tokens else 0
+        if tensor_parallel > 1 and rank is None:  # the engine that drives the ranks holds no weights
+            options = dict(checkpoint=checkpoint, device=device, dtype=dtype, max_step_tokens=max_step_tokens)
+            options.update(min_shared_prefix=min_shared_prefix, memory_budget=memory_budget, max_tokens=max_tokens)
+            options.update(prefix_cache_tokens=prefix_cache_tokens)
+            self.ranks = RankGroup(tensor_parallel, options, exit_on_failure=exit_on_rank_failure)
+            info = self.ranks.info[0]
+            self.vocab_size, self.spec, self.pad_token = info["vocab_size"], info["spec"], info["pad_token"]
+            self.max_step_tokens = min(i["max_step_tokens"] for i in self.ranks.info)
+            return
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = torch.device(device)
+        on_gpu = self.device.type == "cuda"
+        if dtype == "auto":  # fp32 keeps 1e-4 parity on CPUs; bf16 is what GPUs (and 70B checkpoints) run in
+            dtype = "bf16" if on_gpu else "fp32"
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype {dtype!r}: expected auto or one of {sorted(DTYPES)}")
+        trunk, head = load_reward_model(checkpoint, DTYPES[dtype], PACKED_ATTENTION)
+        if tensor_parallel > 1:
+            shard_trunk(trunk, rank, tensor_parallel)
+        if dtype == "fp8":  # layer by layer onto the device: the bf16 weights never all sit there
+            quantize_trunk(trunk, self.device)
+        self.trunk = make_batch_invariant(trunk.to(self.device).eval())
+        self.vocab_size = self.trunk.get_input_embeddings().num_embeddings
+        head.weight = head.weight.to(self.device)
+        head.bias = None if head.bias is None else head.bias.to(self.device)
+        self.head = head
+        self.spec, self.pad_token = head.spec, head.pad_token
+        if prefix_cache_tokens:  # its bound is reserved in the memory plan, like the weights
+            self.prefix_cache = PrefixCache(prefix_cache_tokens, kv_bytes_per_token(trunk.config, DTYPES[dtype], tensor_parallel))
+        reserved = self.prefix_cache.max_bytes if self.prefix_cache is not None else 0
+        # Small steps keep a CPU's activations in cache; a GPU wants large ones; both within memory.
+        memory = step_memory(trunk.config, DTYPES[dtype].itemsize, tensor_parallel, max_tokens, fp8=dtype == "fp8")
+        self.max_step_tokens = plan_step_tokens(
+            memory,
+            weights=module_bytes(self.trunk, head.weight) + reserved,
+            budget=memory_budget,
+            free=torch.cuda.mem_get_info(self.device)[0] - reserved if on_gpu else None,
+            max_tokens=max_tokens,
+            max_step_tokens=max_step_tokens,
+            default=16384 if on_gpu else 2048,
+        )
+
+    def close(self) -> None:
+        """Ends the tensor-parallel ranks (nothing to do on one device)."""
+        if self.ranks is not None:
+            self.ranks.close()
+
+    def score(self, sequences: Sequence[np.ndarray], positions: Sequence[np.ndarray] | None = None) -> np.ndarray:
+        """Head outputs [P, N] at `positions` (see batching.score_all): [len(sequences), N] by default."""
+        return score_all(self, sequences, positions)
+
+    def read_positions(self, sequences: Sequence[np.ndarray], positions: Sequence[np.ndarray] | None = None) -> list[np.ndarray]:
+        """Where outputs are read: `positions` (default: each last token). A classifier with a pad
+        token reads, as transformers does, at the last token that is not the pad token."""
+        positions = [np.array([len(s) - 1]) for s in sequences] if positions is None else positions
+        pad = self.pad_token
+        if pad is None:
+            return list(positions)
+        return [np.array([_last_not(s[: p + 1], pad) for p in ps]) for s, ps in zip(sequences, positions, strict=True)]
+
+    def plan(self, sequences: Sequence[np.ndarray], positions: Sequence[np.ndarray] | None = None) -> list[Step]:
+        """Steps of the token budget, shortest first. A group sharing a prefix stays in one step
+        (the prefix is computed once per step, so splitting the group would compute it again)
+        and costs its prefix once plus each member's own suffix. A shared prefix always ends
+        before a sequence's first read position, so every output is read in its own suffix."""
+        groups = []
+        if self.min_shared_prefix:
+            leading = sequences if positions is None else [s[: p[0] + 1] for s, p in zip(sequences, positions, strict=True)]
+            groups = shared_prefixes(leading, self.min_shared_prefix)
+            if self.attention_tile:
+                groups = [(n // self.attention_tile * self.attention_tile, m) for n, m in groups if n >= self.attention_tile]
+        grouped = {i for _, members in groups for i in members}
+        units = [members for _, members in groups] + [[i] for i in range(len(sequences)) if i not in grouped]
+        cost = [length + sum(len(sequences[i]) - length for i in members) for length, members in groups]
+        cost += [len(sequences[unit[0]]) for unit in units[len(groups) :]]
+        steps = []
+        for step_units in plan_steps(cost, self.max_step_tokens):
+            step = Step(indices=[], prefixes=[])
+            for unit in step_units:
+                if unit < len(groups):
+                    members = list(range(len(step.indices), len(step.indices) + len(units[unit])))
+                    step.prefixes.append((groups[unit][0], members))
+                step.indices += units[unit]
+            steps.append(step)
+        return steps
+
+    @torch.inference_mode()
+    def score_step(
+        self,
+        sequences: list[np.ndarray],
+        prefixes: Sequence[tuple[int, list[int]]] = (),
+        positions: Sequence[np.ndarray] | None = None,
+    ) -> np.ndarray:
+        """One packed forward; head outputs [P, N] at `positions` as in `score`. `prefixes` (from
+        `plan`): (length, positions in `sequences`) of each group sharing a prefix (best-of-n);
+        that prefix is computed once for the group. With the prefix cache on, leading whole blocks
+        found there are not computed, and the whole blocks computed are stored (prefix_cache.py)."""
+        if self.ranks is not None:  # every rank runs this same step; rank 0 answers
+            return self.ranks.score_step(sequences, prefixes, positions)
+        positions = self.read_positions(sequences) if positions is None else positions
+        before: list[torch.Tensor | None] = [None] * len(sequences)
+        if prefixes:  # each group's prompt first (unless all cached), its keys/values kept whole for the members
+            prompts = [sequences[members[0]][:length] for length, members in prefixes]
+            cache = self.prefix_cache
+            found = [None if cache is None else cache.lookup(p, len(p))[1] for p in prompts]
+            todo = [g for g, kv in enumerate(found) if kv is None or kv.shape[3] < len(prompts[g])]
+            if todo:
+                reads = [np.array([len(prompts[g]) - 1]) for g in todo]
+                _, kept = self._pass([prompts[g] for g in todo], reads, [found[g] for g in todo], whole=True)
+                for g, kv in zip(todo, kept, strict=True):
+                    found[g] = kv
+            for kv, (_, members) in zip(found, prefixes, strict=True):
+                for i in members:
+                    before[i] = kv
+        hidden, _ = self._pass(sequences, positions, before)
+        return self.head(hidden).cpu().numpy()
+
+    def _pass(
+        self, sequences: list[np.ndarray], reads: Sequence[np.ndarray], before: list[torch.Tensor | None], whole: bool = False
+    ) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
+        """Final hidden states at `reads` of the packed `sequences`, each continuing the keys/values
+        `before[i]` of its leading tokens; where None, the prefix cache's longest run of leading blocks
+        that ends by the first read, if any. The whole blocks this pass computes go into the cache.
+        `whole`: also return each sequence's keys/values from its first token."""
+        cache = self.prefix_cache
+        if cache is not None:
+            before = [cache.lookup(s, int(r[0]))[1] if kv is None else kv for s, r, kv in zip(sequences, reads, before, strict=True)]
+        starts = [0 if kv is None else kv.shape[3] for kv in before]
+        stored = [start // BLOCK_TOKENS * BLOCK_TOKENS for start in starts]  # blocks below: in the cache already
+        ends = [len(s) // BLOCK_TOKENS * BLOCK_TOKENS for s in sequences]
+        if whole:
+            keep = [(0, len(s)) for s in sequences]
+        else:
+            keep = [(a, b) if cache is not None else (0, 0) for a, b in zip(stored, ends, strict=True)]
+        shared = None
+        if any(kv is not None for kv in before) or any(b > a for a, b in keep):
+            shared = SharedPrefixes(before=before, keep=keep, layers=self.trunk.config.num_hidden_layers)
+        suffixes = [s[start:] for s, start in zip(sequences, starts, strict=True)]
+        hidden = self._forward(suffixes, starts, [np.asarray(r) - start for r, start in zip(reads, starts, strict=True)], shared)
+        kept = shared.kept if shared is not None and shared.kept else [None] * len(sequences)
+        if cache is not None:
+            for s, kv, (first, _), low, high in zip(sequences, kept, keep, stored, ends, strict=True):
+                if high > low:
+                    cache.insert(block_keys(s, high // BLOCK_TOKENS), kv[:, :, :, low - first : high - first], low // BLOCK_TOKENS)
+        return hidden, kept
+
+    def _forward(
+        self, sequences: list[np.ndarray], offsets: list[int], reads: list[np.ndarray], shared: SharedPrefixes | None = None
+    ) -> torch.Tensor:
+        """Final hidden states at `reads` (indices into each sequence), all packed into one row."""
+        lengths = [len(s) for s in sequences]
+        bounds = _bounds(lengths)
+        input_ids = torch.from_numpy(np.concatenate(sequences).astype(np.int64))[None].to(self.device)
+        position_ids = torch.cat([torch.arange(o, o + n) for o, n in zip(offsets, lengths, strict=True)])[None].to(self.device)
+        token = PACKING.set((bounds.tolist(), shared, self.attention_tile))
+        try:
+            hidden = self.trunk(input_ids=input_ids, position_ids=position_ids, use_cache=False)
+        finally:
+            PACKING.reset(token)
+        hidden = hidden.last_hidden_state[0]
+        rows = np.concatenate([start + r for start, r in zip(bounds[:-1].tolist(), reads, strict=True)])
+        return hidden[torch.from_numpy(rows).to(self.device)]
+
+
+def _last_not(sequence: np.ndarray, token: int) -> int:
+    kept = np.flatnonzero(np.asarray(sequence) != token)
+    return int(kept[-1]) if len(kept) else 0  # transformers' argmax over an all-pad row
+
+
+def _bounds(lengths: list[int]) -> torch.Tensor:
+    bounds = torch.zeros(len(lengths) + 1, dtype=torch.int64)
+    bounds[1:] = torch.cumsum(torch.tensor(lengths), 0)
+    return bounds

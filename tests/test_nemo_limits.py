@@ -1,0 +1,52 @@
+"""nemo_reward_model's byte limit: the ensemble's `max_bytes`, and memory given back after a request at it."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+from tritonclient.utils import InferenceServerException
+
+from reward_server import nemo
+from reward_server.launcher.supervisor import stubs
+from reward_server.settings import Settings
+from tests.test_front import tritonserver_pid
+
+LIMIT = Settings().max_bytes
+
+
+def rss_mib(pid: int) -> float:
+    return int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * 4096 / (1 << 20)
+
+
+def score(server, text: bytes):
+    client = grpcclient.InferenceServerClient(server.grpc_url)
+    tensor = grpcclient.InferInput(nemo.SENTENCES, [1, 1], "BYTES")
+    tensor.set_data_from_numpy(np.array([[text]], dtype=np.object_))
+    try:
+        return client.infer("nemo_reward_model", [tensor], client_timeout=120)
+    finally:
+        client.close()
+
+
+def test_a_sentence_over_max_bytes_is_refused_by_name(server):
+    with pytest.raises(InferenceServerException) as caught:
+        score(server, b"a" * (LIMIT + 1))
+    assert caught.value.status() == "StatusCode.INVALID_ARGUMENT"
+    assert f"{nemo.SENTENCES}[0]: {LIMIT + 1} bytes is over the limit of {LIMIT} bytes" in caught.value.message()
+
+
+def test_memory_is_given_back_after_a_request_at_the_limit(server):
+    (stub,) = [pid for pid, model in stubs(tritonserver_pid(server)).items() if model == "nemo_reward_model"]
+    score(server, b"Warm up.")
+    before = rss_mib(stub)
+    text = (b"The quick brown fox jumps over the lazy dog. " * (LIMIT // 40))[:LIMIT]
+    assert bool(score(server, text).as_numpy(nemo.EXCEEDED)[0, 0])  # scored on its first max_tokens tokens
+    deadline = time.monotonic() + 10
+    while (after := rss_mib(stub)) > 1.1 * before:
+        assert time.monotonic() < deadline, f"nemo_reward_model stub RSS {before:.0f} MiB before, {after:.0f} MiB 10 s after"
+        time.sleep(0.5)
+    print(f"nemo_reward_model stub RSS: {before:.0f} MiB before, {after:.0f} MiB after a {LIMIT}-byte sentence")

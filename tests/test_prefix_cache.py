@@ -1,0 +1,239 @@
+"""The prefix cache across requests: keys, LRU bound, exactness on every trunk family, metrics, the server."""
+
+from __future__ import annotations
+
+import re
+import urllib.request
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+from reward_server.batching import run_steps
+from reward_server.prefix_cache import BLOCK_TOKENS, PrefixCache, block_keys, kv_bytes_per_token
+from reward_server.runtimes.torch_runtime import TorchRewardEngine
+from tests.test_architectures import CONFIGS, TOLERANCE, VOCAB, _eager, _engine, _save
+
+PER_TOKEN = 8  # bytes per token of the small caches below: one block of 64 tokens is [1, 2, 1, 64, 1] fp32 values
+
+
+def _block(value: float, blocks: int = 1) -> torch.Tensor:
+    return torch.full((1, 2, 1, blocks * BLOCK_TOKENS, 1), float(value))
+
+
+def test_block_keys_name_every_token_before_them():
+    rng = np.random.default_rng(0)
+    a = rng.integers(0, 1000, 3 * BLOCK_TOKENS)
+    b = a.copy()
+    b[5] += 1  # only the first block differs: every later key differs too (chained)
+    assert len(block_keys(a, 3)) == 3 and block_keys(a, 2) == block_keys(a, 3)[:2]
+    assert not set(block_keys(a, 3)) & set(block_keys(b, 3))
+    assert block_keys(a, 3) == block_keys(a.astype(np.int32), 3)
+
+
+def test_lookup_returns_the_longest_cached_run_from_the_first_block():
+    tokens = np.arange(4 * BLOCK_TOKENS)
+    cache = PrefixCache(16 * BLOCK_TOKENS, PER_TOKEN)
+    keys, found = cache.lookup(tokens, len(tokens))
+    assert found is None and cache.counters.misses == 4
+    cache.insert(keys, torch.cat([_block(0), _block(1), _block(2)], dim=3), 0)
+    _, found = cache.lookup(tokens, 2 * BLOCK_TOKENS + 5)  # a limit inside block 2: blocks 0 and 1 only
+    assert found.shape == (1, 2, 1, 2 * BLOCK_TOKENS, 1) and found[0, 0, 0, BLOCK_TOKENS:].eq(1).all()
+    assert (cache.counters.hits, cache.counters.misses) == (2, 4)
+    assert cache.counters.bytes_held == 3 * BLOCK_TOKENS * PER_TOKEN
+
+
+def test_least_recently_used_goes_first_tail_before_head():
+    cache = PrefixCache(3 * BLOCK_TOKENS, PER_TOKEN)
+    old, new = np.arange(2 * BLOCK_TOKENS), np.arange(2 * BLOCK_TOKENS) + 5000
+    cache.insert(block_keys(old, 2), _block(1, 2), 0)
+    cache.insert(block_keys(new, 2), _block(2, 2), 0)  # 4 blocks > 3: the old chain's tail is evicted
+    assert cache.counters.evictions == 1 and len(cache.blocks) == 3
+    _, found = cache.lookup(old, len(old))
+    assert found.shape[3] == BLOCK_TOKENS  # the old chain's head is still there
+    assert cache.counters.bytes_held == 3 * BLOCK_TOKENS * PER_TOKEN <= cache.max_bytes
+
+
+def test_the_bound_is_whole_blocks_of_every_layer():
+    config = CONFIGS["llama"]()  # 2 layers, 2 kv heads of 16
+    assert kv_bytes_per_token(config, torch.float32) == 2 * 2 * 2 * 16 * 4
+    assert kv_bytes_per_token(config, torch.bfloat16, tensor_parallel=2) == 2 * 2 * 1 * 16 * 2
+    assert PrefixCache(200, 100).max_bytes == 3 * BLOCK_TOKENS * 100
+    with pytest.raises(ValueError, match="holds no block"):
+        PrefixCache(BLOCK_TOKENS - 1, 100)
+
+
+def _group(seed: int) -> tuple[np.ndarray, list[np.ndarray]]:
+    """A 150-token prompt (two whole blocks, far beyond the sliding window of 16) and six responses."""
+    rng = np.random.default_rng(seed)
+    prompt = rng.integers(0, VOCAB - 1, 150)
+    return prompt, [np.concatenate([prompt, rng.integers(0, VOCAB - 1, n)]) for n in (3, 10, 25, 60, 7, 40)]
+
+
+def _cached_scores(engine: TorchRewardEngine, sequences: list[np.ndarray], positions=None) -> np.ndarray:
+    """The first response alone, the next three one request each, the last two as one request (a shared-prefix
+    group in one step that continues the cached prompt)."""
+    positions = positions or [None] * len(sequences)
+    pieces = [engine.score([s], None if p is None else [p]) for s, p in zip(sequences[:4], positions[:4], strict=True)]
+    last = None if positions[4] is None else positions[4:]
+    return np.concatenate([*pieces, engine.score(sequences[4:], last)])
+
+
+@pytest.mark.parametrize("family", sorted(CONFIGS))
+def test_cached_prompt_is_exact_on_every_causal_family(family, tmp_path):
+    torch.manual_seed(11)
+    folder = _save(AutoModelForCausalLM.from_config(CONFIGS[family]()), tmp_path)
+    reference = _eager(AutoModelForCausalLM, folder)
+    _, sequences = _group(11)
+    with torch.inference_mode():
+        expected = np.array([reference(torch.from_numpy(s)[None]).logits[0, -1, 0].item() for s in sequences])
+    engine = _engine(folder, prefix_cache_tokens=1024, min_shared_prefix=8)
+    got = _cached_scores(engine, sequences)[:, 0]
+    assert np.abs(got - expected).max() <= TOLERANCE, f"{family}: {np.abs(got - expected).max():.2e}"
+    assert engine.prefix_cache.counters.hits >= 2 * 4  # the later requests reused the prompt's two blocks
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma2"])
+def test_cached_prompt_is_exact_on_sequence_classifiers(family, tmp_path):
+    config = CONFIGS[family]()
+    config.num_labels = 2
+    torch.manual_seed(12)
+    folder = _save(AutoModelForSequenceClassification.from_config(config), tmp_path)
+    reference = _eager(AutoModelForSequenceClassification, folder)
+    _, sequences = _group(12)
+    with torch.inference_mode():
+        expected = np.stack([reference(torch.from_numpy(s)[None]).logits[0].numpy() for s in sequences])
+    engine = _engine(folder, prefix_cache_tokens=1024)
+    assert np.abs(_cached_scores(engine, sequences) - expected).max() <= TOLERANCE
+    assert engine.prefix_cache.counters.hits > 0
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
+def test_cached_or_not_the_same_bits(family, tmp_path):
+    """With the cache on: responses sent one by one (the later ones continue the cached prompt), all in
+    one step (a shared-prompt group), and each alone on a fresh engine give bit-identical scores."""
+    torch.manual_seed(20)
+    folder = _save(AutoModelForCausalLM.from_config(CONFIGS[family]()), tmp_path)
+    _, sequences = _group(20)
+    cached = _engine(folder, prefix_cache_tokens=1024)
+    one_by_one = np.concatenate([cached.score([s]) for s in sequences])
+    assert cached.prefix_cache.counters.hits >= 2 * (len(sequences) - 1)
+    together = _engine(folder, prefix_cache_tokens=1024)
+    assert together.plan(sequences)[0].prefixes[0][0] == 2 * BLOCK_TOKENS  # the 150-token prompt, cut to whole blocks
+    assert np.array_equal(together.score(sequences), one_by_one)
+    alone = np.concatenate([_engine(folder, prefix_cache_tokens=1024).score([s]) for s in sequences])
+    assert np.array_equal(alone, one_by_one)
+
+
+@pytest.mark.parametrize("family", ["mistral", "gemma2"])
+def test_reads_inside_the_prompt_are_computed_not_cached(family, tmp_path):
+    """A read position inside the cached prompt: only whole blocks before it come from the cache."""
+    torch.manual_seed(13)
+    folder = _save(AutoModelForCausalLM.from_config(CONFIGS[family]()), tmp_path)
+    reference = _eager(AutoModelForCausalLM, folder)
+    _, sequences = _group(13)
+    positions = [np.array([100, len(s) - 1]) if k % 2 else np.array([len(s) - 1]) for k, s in enumerate(sequences)]
+    with torch.inference_mode():
+        expected = np.concatenate(
+            [reference(torch.from_numpy(s)[None]).logits[0, p, :1].numpy() for s, p in zip(sequences, positions, strict=True)]
+        )
+    engine = _engine(folder, prefix_cache_tokens=1024)
+    assert np.abs(_cached_scores(engine, sequences, positions) - expected).max() <= TOLERANCE
+
+
+def test_a_small_cache_evicts_and_stays_exact(tmp_path):
+    """Two prompts through a cache of three blocks: evictions happen, bytes stay within the bound, scores exact."""
+    torch.manual_seed(14)
+    folder = _save(AutoModelForCausalLM.from_config(CONFIGS["llama"]()), tmp_path)
+    plain = _engine(folder, min_shared_prefix=0)
+    engine = _engine(folder, prefix_cache_tokens=3 * BLOCK_TOKENS, min_shared_prefix=0)
+    sequences = [s for seed in (14, 15) for s in _group(seed)[1][:3]]
+    got = np.concatenate([engine.score([s]) for s in sequences + sequences[:2]])
+    expected = plain.score(sequences + sequences[:2])
+    assert np.abs(got - expected).max() <= TOLERANCE
+    counters = engine.prefix_cache.counters
+    assert counters.evictions > 0 and counters.hits > 0
+    assert counters.bytes_held <= engine.prefix_cache.max_bytes == 3 * BLOCK_TOKENS * kv_bytes_per_token(CONFIGS["llama"](), torch.float32)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
+def test_tensor_parallel_ranks_each_cache_their_own_heads(family, tmp_path):
+    """TP 2 (gloo): every rank keeps its own cache of its kv heads, keyed the same way; the responses sent
+    one by one equal one device without a cache (fp32: only the order of the row-parallel sums differs)."""
+    torch.manual_seed(18)
+    folder = _save(AutoModelForCausalLM.from_config(CONFIGS[family]()), tmp_path)
+    _, sequences = _group(18)
+    expected = _engine(folder, min_shared_prefix=0).score(sequences)
+    engine = _engine(folder, tensor_parallel=2, prefix_cache_tokens=1024)
+    try:
+        got = _cached_scores(engine, sequences)
+    finally:
+        engine.close()
+    assert np.abs(got - expected).max() <= TOLERANCE
+
+
+def test_fp8_with_the_cache_equals_fp8_without(tmp_path):
+    """FP8 weights (emulated on CPU) leave activations in bf16: the cache holds bf16 keys/values and the
+    cached path stays within bf16 rounding of the uncached one (2e-2 on scores of magnitude ~1)."""
+    torch.manual_seed(19)
+    folder = _save(AutoModelForCausalLM.from_config(CONFIGS["llama"]()), tmp_path)
+    _, sequences = _group(19)
+    expected = TorchRewardEngine(folder, device="cpu", dtype="fp8", min_shared_prefix=0).score(sequences)
+    engine = TorchRewardEngine(folder, device="cpu", dtype="fp8", prefix_cache_tokens=1024)
+    assert engine.prefix_cache.max_bytes == 16 * BLOCK_TOKENS * kv_bytes_per_token(CONFIGS["llama"](), torch.bfloat16)
+    got = _cached_scores(engine, sequences)
+    assert next(iter(engine.prefix_cache.blocks.values())).dtype == torch.bfloat16
+    assert np.abs(got - expected).max() <= 2e-2 * max(1.0, np.abs(expected).max())
+    assert engine.prefix_cache.counters.hits > 0
+
+
+def test_step_results_count_the_tokens_the_cache_saved(tmp_path):
+    """run_steps reports the step's cache counters; `reused` adds cached tokens to the shared-prompt ones."""
+    torch.manual_seed(16)
+    folder = _save(AutoModelForCausalLM.from_config(CONFIGS["llama"]()), tmp_path)
+    engine = _engine(folder, prefix_cache_tokens=1024)
+    _, sequences = _group(16)
+    reads = engine.read_positions(sequences)
+    first = list(run_steps(engine, sequences[:1], reads[:1]))
+    assert first[0].cache.hits == 0 and first[0].reused == 0
+    second = list(run_steps(engine, sequences[1:3], reads[1:3]))  # a group of two over a cached prompt
+    (step,) = second
+    group_prefix = step.prefixes[0][0]
+    assert step.cache.hits == 2 and step.reused == 2 * BLOCK_TOKENS + group_prefix
+    assert step.cache.bytes_held == engine.prefix_cache.counters.bytes_held > 0
+
+
+def test_the_server_reuses_a_prompt_across_requests(tmp_path, checkpoint, tokenizer, reference_reward):
+    """Two requests sharing a 2,000-token prompt, one after the other: the second computes only its own
+    tokens, as the tokens-reused counter on :8002 shows, and its score equals the reference."""
+    from reward_client import RewardClient
+    from reward_server import metrics
+    from tests.live_server import start_server, stop_server
+
+    rng = np.random.default_rng(17)
+    words = [w[1:] for w in sorted(tokenizer.get_vocab()) if re.fullmatch(r"Ġ[a-z]{4,8}", w)]
+    prompt = [{"role": "user", "content": " ".join(rng.choice(words, 2000))}]
+    conversations = [[*prompt, {"role": "assistant", "content": " ".join(rng.choice(words, n))}] for n in (120, 250)]
+    env = {"REWARD_CHECKPOINT": str(checkpoint), "REWARD_PREFIX_CACHE_TOKENS": "4096"}
+    server = start_server(tmp_path / "server.log", env=env)
+    try:
+        with RewardClient(server.grpc_url) as client:
+            first = client.score(conversations[0])
+            reused_after_first = _counter(server, metrics.PREFIX_REUSED)
+            second = client.score(conversations[1])
+        reused = _counter(server, metrics.PREFIX_REUSED) - reused_after_first
+        hits = _counter(server, metrics.CACHE_HITS)
+    finally:
+        stop_server(server)
+    assert reused_after_first == 0
+    assert reused >= 1984 and hits >= 1984 // BLOCK_TOKENS  # the whole blocks of the 2,000-token prompt
+    for conversation, score in zip(conversations, (first, second), strict=True):
+        assert abs(float(score) - reference_reward(conversation)) <= TOLERANCE
+
+
+def _counter(server, name: str) -> float:
+    text = urllib.request.urlopen(server.metrics_url, timeout=10).read().decode()
+    match = re.search(rf"^{name}\{{[^}}]*\}} (\S+)$", text, re.MULTILINE)
+    assert match, f"{name} not exported"
+    return float(match.group(1))
