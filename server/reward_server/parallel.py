@@ -149,6 +149,8 @@ class RankGroup:
         self.world, self.exit_on_failure = world, exit_on_failure
         self.failure: str | None = None
         self._closing = threading.Event()
+        self._close_lock = threading.Lock()  # the watcher thread and the caller may both close
+        self._closed = False
         # A fork server imports torch and transformers once; each rank is then a cheap fork of it
         # (never a fork of this process, which may hold CUDA or a Triton stub's threads).
         context = get_context("forkserver")
@@ -224,6 +226,13 @@ class RankGroup:
 
     def close(self) -> None:
         self._closing.set()
+        with self._close_lock:
+            if self._closed:
+                return  # closing a pipe twice would close whatever file reused its descriptor
+            self._closed = True
+            self._close()
+
+    def _close(self) -> None:
         for connection in self.connections:
             try:
                 connection.send(("stop", None))

@@ -82,7 +82,11 @@ def answers(url: str) -> bool:
         return False
 
 
-async def supervise(command: list[str], env: dict[str, str], http: str, log: Callable[[str], None] = print) -> int:
+def _log(line: str) -> None:
+    print(line, flush=True)  # at once: stdout is often a file (a test or a container log reads it live)
+
+
+async def supervise(command: list[str], env: dict[str, str], http: str, log: Callable[[str], None] = _log) -> int:
     """Run `command` until this process is asked to stop (SIGTERM/SIGINT, passed on); return its status.
     `http`: the server's plain HTTP endpoint (health checks)."""
     loop = asyncio.get_running_loop()
