@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -20,9 +21,16 @@ START_DEADLINE_S = 240
 
 
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    return free_ports(1)[0]
+
+
+def free_ports(count: int) -> tuple[int, ...]:
+    """`count` distinct free loopback ports (the sockets are held until all are chosen)."""
+    with contextlib.ExitStack() as held:
+        sockets = [held.enter_context(socket.socket()) for _ in range(count)]
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return tuple(sock.getsockname()[1] for sock in sockets)
 
 
 @dataclass
@@ -63,7 +71,7 @@ def start_server(
     """Start `reward-server` (on free ports, or the given HTTP, gRPC and metrics ports; `options` for
     the launcher, `ca_file` when they turn TLS on) in the repository, and wait until the reward model is
     ready; raise RuntimeError with the log's tail if not."""
-    ports = ports or tuple(free_port() for _ in range(3))
+    ports = ports or free_ports(3)
     command = [str(Path(sys.executable).with_name("reward-server")), "--address", "127.0.0.1"]
     command += ["--http-port", str(ports[0]), "--grpc-port", str(ports[1]), "--metrics-port", str(ports[2])]
     if model_repository is not None:

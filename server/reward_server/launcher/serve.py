@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import secrets
 import shutil
@@ -191,7 +192,7 @@ def main(argv: list[str] | None = None) -> None:
 async def serve(args: argparse.Namespace, admin_key: str | None) -> int:
     """The supervised tritonserver, its HTTP and metrics on loopback ports behind the front."""
     env = server_environment(args)
-    http, metrics = _free_loopback_port(), _free_loopback_port()
+    http, metrics = _free_loopback_ports(2, exclude={args.http_port, args.grpc_port, args.metrics_port})
     context = front.server_context(args.tls_cert, args.tls_key, args.tls_client_ca) if args.tls_cert else None
     counters = front.FrontMetrics()
     # The RLHF gateway's routes call the ensemble on Triton's loopback HTTP: plain, never key-restricted.
@@ -232,10 +233,17 @@ def _gateway_settings(args: argparse.Namespace, env: dict[str, str]) -> dict:
     return found
 
 
-def _free_loopback_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def _free_loopback_ports(count: int, exclude: set[int]) -> list[int]:
+    """`count` distinct free loopback ports for Triton, none of `exclude` (the public ports, which the
+    kernel could hand out again: nothing is bound to them yet)."""
+    with contextlib.ExitStack() as held:  # held until all are chosen: distinct
+        ports: list[int] = []
+        while len(ports) < count:
+            sock = held.enter_context(socket.socket())
+            sock.bind(("127.0.0.1", 0))
+            if sock.getsockname()[1] not in exclude:
+                ports.append(sock.getsockname()[1])
+        return ports
 
 
 if __name__ == "__main__":
