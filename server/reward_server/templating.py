@@ -11,6 +11,7 @@ from transformers import AutoTokenizer
 from reward_client.conversation import parse_json
 from reward_client.errors import InvalidConversationError
 from reward_server.errors import RequestError
+from reward_server.turn_cuts import Cuts, render_cuts
 
 # What a checkpoint (or engine) folder needs beside its weights for its chat template and tokenizer.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja", "generation_config.json")
@@ -45,12 +46,16 @@ class ChatTokenizer:
             ids = self._tokens(messages)
             self._check_length(ids)
             return np.asarray(ids, dtype=np.int32), np.asarray([len(ids) - 1], dtype=np.int32)
-        text = self._text(messages)
-        encoding = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=bool(self.split_ids))
+        cuts = self._cuts(messages)
+        encoding = self.tokenizer(cuts.text, add_special_tokens=False, return_offsets_mapping=bool(self.split_ids))
         ids = encoding.input_ids  # what apply_chat_template(tokenize=True) gives: it encodes its text so
         self._check_length(ids)
         ends = [end for _, end in encoding.offset_mapping] if self.split_ids else []
-        positions = [self._turn_end(messages[: k + 1], text, ids, ends, k) for k, m in enumerate(messages[:-1]) if m["role"] == "assistant"]
+        positions = [
+            self._turn_end(cuts.cut(k) or self._text(messages[: k + 1]), cuts.text, ids, ends, k)
+            for k, m in enumerate(messages[:-1])
+            if m["role"] == "assistant"
+        ]
         return np.asarray(ids, dtype=np.int32), np.asarray([*positions, len(ids) - 1], dtype=np.int32)
 
     def _check_length(self, ids: list[int]) -> None:
@@ -63,28 +68,32 @@ class ChatTokenizer:
     def _text(self, messages: list) -> str:
         return self._apply(messages, tokenize=False)
 
+    def _cuts(self, messages: list) -> Cuts:
+        """The whole conversation's text and, from that one render, the text of each cut it tells."""
+        try:
+            return render_cuts(self.tokenizer, messages)
+        except Exception:  # a template the recording view cannot serve (or that refuses): rendered plainly
+            return Cuts(self._text(messages), {})
+
     def _apply(self, messages: list, tokenize: bool):
         try:
             return self.tokenizer.apply_chat_template(messages, tokenize=tokenize, add_generation_prompt=False, return_dict=False)
         except jinja2.TemplateError as exc:  # the template's own raise_exception()
             raise RequestError(f"conversation: rejected by the chat template: {exc}", "template") from None
 
-    def _turn_end(self, head: list, text: str, ids: list[int], ends: list[int], index: int) -> int:
-        """Last token of the conversation cut after assistant turn `index`, in the whole conversation's
-        tokens: its score, read in the whole conversation's forward pass, equals scoring the cut alone
-        only if the cut renders as a prefix of the whole, text and tokens.
+    def _turn_end(self, cut: str, text: str, ids: list[int], ends: list[int], index: int) -> int:
+        """Last token of the conversation cut after assistant turn `index` (rendered as `cut`), in the
+        whole conversation's tokens: its score, read in the whole conversation's forward pass, equals
+        scoring the cut alone only if the cut renders as a prefix of the whole, text and tokens.
 
-        The whole conversation is tokenized once. Each cut is rendered as text (the template must run
-        on it: a template may treat the last turn differently) and compared as text; it is not
-        tokenized when it ends right after an added token the tokenizer never normalizes (a turn-end
-        token such as <|eot_id|>): the tokenizer splits text on those before anything else, so the
-        cut's tokens are the whole's up to there. Otherwise the cut is tokenized and compared (any
-        template stays exact, just slower)."""
-        cut = self._text(head)
+        The whole conversation is tokenized once. The cut is not tokenized when it ends right after an
+        added token the tokenizer never normalizes (a turn-end token such as <|eot_id|>): the tokenizer
+        splits text on those before anything else, so the cut's tokens are the whole's up to there.
+        Otherwise the cut is tokenized and compared (any template stays exact, just slower)."""
         token = bisect.bisect_left(ends, len(cut))
         if text.startswith(cut) and token < len(ends) and ends[token] == len(cut) and ids[token] in self.split_ids:
             return token
-        prefix = self._tokens(head) if text.startswith(cut) else None
+        prefix = self.tokenizer(cut, add_special_tokens=False).input_ids if text.startswith(cut) else None
         if prefix is None or ids[: len(prefix)] != prefix:
             raise RequestError(
                 f"conversation[{index}]: per-turn scores need a chat template that renders each turn as a prefix of "

@@ -1,0 +1,126 @@
+"""Per-turn scoring from one render: each cut's text and end token, against rendering every cut on its
+own (the oracle), on the shipped templates and on templates built to defeat the one-render reading."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+
+from reward_server.errors import RequestError
+from reward_server.templating import ChatTokenizer
+from reward_server.turn_cuts import render_cuts
+
+LOOP = "{%- for m in messages -%}<|start_header_id|>{{ m.role }}<|end_header_id|>{{ m.content }}<|eot_id|>{%- endfor -%}"
+TEMPLATES = {
+    # one-render readable: every assistant cut is told by the whole's render
+    "plain loop": "{{- bos_token -}}" + LOOP,
+    "loop variable": "{%- for m in messages -%}{{ loop.index0 }}:{{ m.role }}:{{ m.content }}<|eot_id|>{%- endfor -%}",
+    "system slice": "{%- if messages[0].role == 'system' -%}S:{{ messages[0].content }}<|eot_id|>{%- set messages = messages[1:] -%}"
+    "{%- endif -%}" + LOOP,
+    "filtered loop": "{%- for m in messages if m.role != 'system' -%}{{ m.role }}:{{ m.content }}<|eot_id|>{%- endfor -%}",
+    "text after the loop": LOOP + "<|end_of_text|>",  # cuts are told, and are not prefixes: refused
+    # each defeats the reading; the cuts are then rendered one by one
+    "last turn differs": "{%- for m in messages -%}{{ m.content }}{% if loop.last %}<|end_of_text|>{% else %}<|eot_id|>{% endif %}"
+    "{%- endfor -%}",
+    "length": "{{ messages | length }}" + LOOP,
+    "from the end": LOOP + "{% if messages[-1].role == 'assistant' %}<|end_of_text|>{% endif %}",
+    "namespace": "{%- set ns = namespace(n=0) -%}{%- for m in messages -%}{%- set ns.n = ns.n + 1 -%}{{ m.content }}<|eot_id|>"
+    "{%- endfor -%}{{ ns.n }}",
+    "buffered loop": "{%- filter upper -%}" + LOOP + "{%- endfilter -%}",
+    "read ahead": "{%- for pair in messages | batch(2) -%}{% for m in pair %}{{ m.content }}<|eot_id|>{% endfor %}{%- endfor -%}"
+    "{{ 'odd' }}",
+    "macro": "{%- macro turn(m) -%}{{ m.role }}:{{ m.content }}<|eot_id|>{%- endmacro -%}{%- for m in messages -%}{{ turn(m) }}"
+    "{%- endfor -%}",
+    "for-else": "{%- for m in messages if m.role == 'nobody' -%}x{%- else -%}none{%- endfor -%}" + LOOP,
+    "second loop": LOOP + "{%- for m in messages -%}.{%- endfor -%}",
+}
+READABLE = {"plain loop", "loop variable", "system slice", "filtered loop", "text after the loop", "macro"}
+
+
+def conversation(rng: random.Random, system: bool) -> list[dict]:
+    messages = [{"role": "system", "content": "be brief"}] if system else []
+    for turn in range(rng.randint(1, 6)):
+        messages += [{"role": "user", "content": f"question {turn} " * rng.randint(1, 3)}]
+        messages += [{"role": "assistant", "content": f" answer {turn}\n" * rng.randint(1, 3)}]
+    return messages
+
+
+def oracle(chat: ChatTokenizer, messages: list) -> list[int] | None:
+    """Each assistant cut rendered and tokenized on its own: the end token of each, or None when a cut
+    is not a prefix of the whole (per-turn scores refused)."""
+    whole = chat.tokenizer.apply_chat_template(messages, tokenize=True, return_dict=False)
+    ends = []
+    for k, message in enumerate(messages):
+        if message["role"] == "assistant":
+            cut = chat.tokenizer.apply_chat_template(messages[: k + 1], tokenize=True, return_dict=False)
+            if whole[: len(cut)] != cut:
+                return None
+            ends.append(len(cut) - 1)
+    return ends
+
+
+@pytest.fixture(scope="module")
+def chat(checkpoint) -> ChatTokenizer:
+    return ChatTokenizer(str(checkpoint), max_tokens=1 << 20)
+
+
+@pytest.mark.parametrize("name", sorted(TEMPLATES))
+def test_per_turn_positions_equal_rendering_every_cut(chat, name, monkeypatch):
+    monkeypatch.setattr(chat.tokenizer, "chat_template", TEMPLATES[name])
+    rng = random.Random(name)
+    for case in range(12):
+        messages = conversation(rng, system=case % 2 == 1)
+        expected = oracle(chat, messages)
+        cuts = render_cuts(chat.tokenizer, messages)
+        assert cuts.text == chat.tokenizer.apply_chat_template(messages, tokenize=False)
+        assistant_cuts = [k for k, m in enumerate(messages[:-1]) if m["role"] == "assistant"]
+        for k in assistant_cuts:
+            if cuts.cut(k) is not None:
+                assert cuts.cut(k) == chat.tokenizer.apply_chat_template(messages[: k + 1], tokenize=False)
+        told = all(cuts.cut(k) is not None for k in assistant_cuts)
+        assert told == (name in READABLE) or not assistant_cuts
+        if expected is None:
+            with pytest.raises(RequestError, match="prefix"):
+                chat.encode(json.dumps(messages).encode(), all_turns=True)
+        else:
+            ids, positions = chat.encode(json.dumps(messages).encode(), all_turns=True)
+            assert positions.tolist() == expected
+            assert ids.tolist() == chat.tokenizer.apply_chat_template(messages, tokenize=True, return_dict=False)
+
+
+@pytest.mark.parametrize("template", ["demo", "steerlm"])
+def test_shipped_templates_are_read_in_one_render(chat, steerlm, template):
+    """The Llama 3.1 and SteerLM templates: every cut told by the one render (SteerLM's then refused:
+    its text after the loop, <extra_id_2>, makes no cut a prefix)."""
+    tokenizer = chat.tokenizer if template == "demo" else ChatTokenizer(str(steerlm), max_tokens=1 << 20).tokenizer
+    messages = conversation(random.Random(1), system=True) + conversation(random.Random(2), system=False)
+    cuts = render_cuts(tokenizer, messages)
+    for k, message in enumerate(messages[:-1]):
+        if message["role"] == "assistant":
+            assert cuts.cut(k) == tokenizer.apply_chat_template(messages[: k + 1], tokenize=False)
+
+
+def test_one_render_and_one_tokenization_per_request(chat, monkeypatch):
+    """127 assistant turns on the shipped template: the template runs once and the tokenizer once,
+    whatever the number of turns (linear)."""
+    messages = [{"role": "system", "content": "be brief"}]
+    for turn in range(127):
+        messages += [{"role": "user", "content": f"question {turn}"}, {"role": "assistant", "content": f"answer {turn}"}]
+    calls = {"render": 0, "tokenize": 0}
+    tokenizer_class = type(chat.tokenizer)
+
+    def counted(name, method):
+        def call(*args, **kwargs):
+            calls[name] += 1
+            return method(*args, **kwargs)
+
+        return call
+
+    monkeypatch.setattr(tokenizer_class, "apply_chat_template", counted("render", tokenizer_class.apply_chat_template))
+    monkeypatch.setattr(tokenizer_class, "__call__", counted("tokenize", tokenizer_class.__call__))
+    ids, positions = chat.encode(json.dumps(messages).encode(), all_turns=True)
+    assert calls == {"render": 0, "tokenize": 1}  # the one render is render_cuts' own
+    assert len(positions) == 127
+    assert positions.tolist() == oracle(chat, messages)
