@@ -29,6 +29,11 @@ RUN if [ -n "$TORCH_INDEX_URL" ]; then pip install --no-cache-dir --index-url "$
  && pip install --no-cache-dir ".[server-core]" \
  && python3 -c "from reward_server.compat import check_numpy; check_numpy(); import torch, transformers"
 
+# The library that keeps keys out of tritonserver's command line (docs/security.md, "No key on a command
+# line"), built with a C compiler into .build/triton/ under the WORKDIR, where the launcher finds it.
+RUN (command -v cc || (apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev && rm -rf /var/lib/apt/lists/*)) \
+ && python3 -c "from reward_server.launcher.argv_secrets import build_library; print(build_library())"
+
 # A transformers reward checkpoint mounted here (or set --checkpoint / REWARD_CHECKPOINT).
 ENV REWARD_CHECKPOINT=/models/checkpoint \
     REWARD_RUNTIME=torch

@@ -105,3 +105,17 @@ def stop_server(server: Server) -> None:
     except ProcessLookupError:
         pass
     server.process.wait()
+
+
+def session_processes(server: Server) -> dict[int, tuple[bytes, bytes]]:
+    """The command line and environment of every process of the server's session (the launcher,
+    tritonserver, its stubs), by pid: what `ps` and /proc show about them."""
+    found = {}
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            session = int(open(f"/proc/{entry}/stat").read().rsplit(")", 1)[1].split()[3])
+            if session == server.process.pid:
+                found[int(entry)] = (Path(f"/proc/{entry}/cmdline").read_bytes(), Path(f"/proc/{entry}/environ").read_bytes())
+        except (OSError, ValueError, IndexError):
+            continue  # gone meanwhile
+    return found

@@ -127,6 +127,20 @@ def test_image_starts_the_launcher_on_the_containers_tritonserver(name, base, ru
     assert "ADMIN_KEY" not in " ".join(env)
 
 
+@pytest.mark.parametrize("name", [image[0] for image in IMAGES])
+def test_image_builds_the_library_that_keeps_keys_off_command_lines(name):
+    """The launcher builds argv_secrets.so under its working directory at the first start; the image
+    builds it beforehand in the WORKDIR the ENTRYPOINT runs in, from the source the install put in
+    site-packages (the package data)."""
+    from reward_server.launcher.argv_secrets import LIBRARY_DIR, SOURCE
+
+    run = [rest for op, rest in dockerfile(name) if op == "RUN"]
+    assert "build_library()" in run[-1] and "gcc" in run[-1]
+    assert LIBRARY_DIR == PurePosixPath(".build/triton") and SOURCE.exists()
+    package_data = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["reward_server"]
+    assert str(SOURCE.relative_to(REPO / "server" / "reward_server")) in package_data
+
+
 def test_torch_image_installs_the_server_without_pytriton_and_with_numpy_below_2():
     """The torch image installs `server-core`: the `server` extra less nvidia-pytriton (the container's own
     tritonserver serves), with the numpy<2 pin the 2.51 python backend needs and the pinned torch."""

@@ -244,7 +244,7 @@ def test_the_launcher_serves_the_gateway_behind_keys_on_http_and_grpc(tmp_path_f
     import openai
 
     from reward_client import PermissionDeniedError
-    from tests.live_server import start_server, stop_server
+    from tests.live_server import session_processes, start_server, stop_server
 
     env = {"REWARD_CHECKPOINT": str(steerlm), "REWARD_API_KEY": "launcher-key"}
     server = start_server(tmp_path_factory.mktemp("gateway-launcher") / "server.log", env=env)
@@ -266,6 +266,10 @@ def test_the_launcher_serves_the_gateway_behind_keys_on_http_and_grpc(tmp_path_f
         metrics = requests.get(server.metrics_url, timeout=30).text
         assert 'reward_gateway_requests_total{route="/v1/chat/completions"} 1.0' in metrics
         assert "launcher-key" not in metrics and "launcher-key" not in server.log.read_text()
+        processes = session_processes(server)
+        assert not any(b"launcher-key" in command for command, _ in processes.values())  # `ps` never shows it
+        (triton,) = [pid for pid, (command, _) in processes.items() if b"authorization=Bearer \x01REWARD_SECRET_1\x01" in command]
+        assert {pid for pid, (_, environment) in processes.items() if b"launcher-key" in environment} == {server.process.pid, triton}
     finally:
         stop_server(server)
 

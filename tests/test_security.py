@@ -15,7 +15,7 @@ import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
 from reward_client import Retry, RewardClient, RewardClientError, ServerUnavailableError
-from tests.live_server import start_server, stop_server
+from tests.live_server import session_processes, start_server, stop_server
 
 GOOD = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]
 ADMIN_KEY = "s3cret-admin-key"
@@ -193,6 +193,25 @@ def test_the_admin_key_opens_the_restricted_apis(locked_server):
     assert "log_verbose_level" in str(client.get_log_settings(headers={GRPC_ADMIN_HEADER: ADMIN_KEY}))
     assert client.get_inference_statistics(headers={GRPC_ADMIN_HEADER: ADMIN_KEY})
     client.close()
+
+
+@pytest.mark.parametrize("keyed", [False, True])
+def test_no_key_on_any_command_line(server, locked_server, keyed):
+    """`ps` shows no key: tritonserver's restricted flags carry a marker, which the preloaded
+    argv_secrets library replaces in tritonserver's own memory (the admin key working over gRPC, above,
+    shows it did). The key is in tritonserver's initial environment (readable by its user only), not in
+    its stubs'."""
+    from reward_server.launcher.front import ADMIN_HEADER, RESTRICTED
+
+    running = locked_server if keyed else server
+    processes = session_processes(running)
+    (triton,) = [pid for pid, (command, _) in processes.items() if b"--grpc-restricted-protocol" in command]
+    marker = b"%s:%s=\x01REWARD_SECRET_0\x01\x00" % (",".join(RESTRICTED).encode(), ADMIN_HEADER.encode())
+    assert b"--http-restricted-api=" + marker in processes[triton][0]
+    assert b"--grpc-restricted-protocol=" + marker in processes[triton][0]
+    assert not any(ADMIN_KEY.encode() in command for command, _ in processes.values())
+    assert {pid for pid, (_, environment) in processes.items() if ADMIN_KEY.encode() in environment} == ({triton} if keyed else set())
+    assert {pid for pid, (_, environment) in processes.items() if b"argv_secrets" in environment} == {triton}
 
 
 def test_unloading_needs_the_admin_key(locked_server):

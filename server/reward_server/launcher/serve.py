@@ -18,7 +18,8 @@ model-repository, logging, trace, shared-memory and statistics APIs are restrict
 403) and gRPC (Triton's --grpc-restricted-protocol) to requests carrying `admin-key: KEY`. Without an
 admin key, a random key made at each start that nobody is told closes them. An admin key (from
 `--admin-key-file` or $REWARD_ADMIN_KEY, never from the command line) also allows explicit model
-control. `--tls-cert/--tls-key` serve gRPC over TLS (Triton's own) and HTTP over TLS (the front);
+control. No key reaches tritonserver's command line, which `ps` shows to every local user: it gets
+them through argv_secrets.py. `--tls-cert/--tls-key` serve gRPC over TLS (Triton's own) and HTTP over TLS (the front);
 `--tls-client-ca` also requires client certificates.
 """
 
@@ -28,19 +29,20 @@ import argparse
 import asyncio
 import contextlib
 import os
-import secrets
 import shutil
 import socket
 import sys
 import sysconfig
 from dataclasses import fields
 from pathlib import Path
+from secrets import token_urlsafe
 
 from reward_client import AsyncRewardClient
 from reward_client.protocol import ENSEMBLE_MODEL
 from reward_server import gateway
 from reward_server.gateway.auth import API_KEY_ENV, read_api_keys
 from reward_server.launcher import front
+from reward_server.launcher.argv_secrets import Secrets, build_library
 from reward_server.launcher.backend import DEFAULT_BACKENDS, layout_backend, pytriton_server_dir
 from reward_server.launcher.supervisor import supervise
 from reward_server.settings import ENV_PREFIX, Settings, read_parameters
@@ -52,16 +54,18 @@ GATEWAY_CONCURRENCY = 256
 
 
 def server_command(
-    args: argparse.Namespace, admin_key: str | None, restricted_key: str, http_port: int, metrics_port: int, api_keys: tuple[str, ...] = ()
+    args: argparse.Namespace, admin_key: str | None, api_keys: tuple[str, ...], http_port: int, metrics_port: int, secrets: Secrets
 ) -> list[str]:
     """tritonserver's command: HTTP and metrics on loopback (behind the front), gRPC public; the
-    restricted APIs need `restricted_key` (the admin key, or a random one nobody is told); with API
-    keys, gRPC inference needs `authorization: Bearer KEY` with the first (a Triton flag holds one)."""
+    restricted APIs need the admin key (or a random one nobody is told); with API keys, gRPC inference
+    needs `authorization: Bearer KEY` with the first (a Triton flag holds one). Keys appear as
+    `secrets`' markers only."""
     control = ["--model-control-mode=explicit", "--load-model=*"] if admin_key else ["--model-control-mode=none"]
-    control += [f"--http-restricted-api={ADMIN_APIS}:{ADMIN_HEADER}={restricted_key}"]
-    control += [f"--grpc-restricted-protocol={ADMIN_APIS}:{ADMIN_HEADER}={restricted_key}"]
+    restricted = secrets.marker(admin_key or token_urlsafe(32))
+    control += [f"--http-restricted-api={ADMIN_APIS}:{ADMIN_HEADER}={restricted}"]
+    control += [f"--grpc-restricted-protocol={ADMIN_APIS}:{ADMIN_HEADER}={restricted}"]
     if api_keys:
-        control += [f"--grpc-restricted-protocol=inference:authorization=Bearer {api_keys[0]}"]
+        control += [f"--grpc-restricted-protocol=inference:authorization=Bearer {secrets.marker(api_keys[0])}"]
     tls = []
     if args.tls_cert:
         tls = ["--grpc-use-ssl=true", f"--grpc-server-cert={args.tls_cert}", f"--grpc-server-key={args.tls_key}"]
@@ -210,8 +214,9 @@ async def serve(args: argparse.Namespace, admin_key: str | None) -> int:
         await front.start(front.metrics_application(f"http://127.0.0.1:{metrics}", counters), args.address, args.metrics_port),
     ]
     try:
-        command = server_command(args, admin_key, admin_key or secrets.token_urlsafe(32), http, metrics, options.api_keys)
-        return await supervise(command, env, f"http://127.0.0.1:{http}")
+        keys = Secrets()
+        command = server_command(args, admin_key, options.api_keys, http, metrics, keys)
+        return await supervise(command, keys.environment(build_library(), env), f"http://127.0.0.1:{http}")
     finally:
         for runner in runners:
             await runner.cleanup()
