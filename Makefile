@@ -51,8 +51,8 @@ format: $(VENV)/.installed
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
 
-fuzz: setup $(PROMETHEUS) ## 10,000 property-based inputs against a live server (make test runs 300)
-	FUZZ_EXAMPLES=$${FUZZ_EXAMPLES:-10000} $(PY) -m pytest tests/test_fuzz.py -q --hypothesis-show-statistics
+fuzz: setup $(PROMETHEUS) ## 10,000 property-based inputs against a live server, and per-turn positions against every cut (make test runs 300)
+	FUZZ_EXAMPLES=$${FUZZ_EXAMPLES:-10000} $(PY) -m pytest tests/test_fuzz.py tests/test_turn_cuts.py -q --hypothesis-show-statistics
 
 soak: setup ## 60 s at concurrency 64 against a fresh server: 0 errors, memory flat within 10 %
 	$(PY) -m benchmarks.soak $(SOAK_ARGS)

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -13,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from reward_client import TLS, RewardClient
+from reward_server.launcher.serve import free_loopback_ports
 from reward_server.launcher.supervisor import answers  # the supervisor's own health probe
 
 REPO = Path(__file__).resolve().parent.parent
@@ -25,12 +24,8 @@ def free_port() -> int:
 
 
 def free_ports(count: int) -> tuple[int, ...]:
-    """`count` distinct free loopback ports (the sockets are held until all are chosen)."""
-    with contextlib.ExitStack() as held:
-        sockets = [held.enter_context(socket.socket()) for _ in range(count)]
-        for sock in sockets:
-            sock.bind(("127.0.0.1", 0))
-        return tuple(sock.getsockname()[1] for sock in sockets)
+    """`count` distinct free loopback ports, chosen as the launcher chooses Triton's."""
+    return tuple(free_loopback_ports(count, exclude=set()))
 
 
 @dataclass

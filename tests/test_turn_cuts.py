@@ -4,13 +4,16 @@ own (the oracle), on the shipped templates and on templates built to defeat the 
 from __future__ import annotations
 
 import json
+import os
 import random
 
 import pytest
+from hypothesis import HealthCheck, given, settings
 
 from reward_server.errors import RequestError
 from reward_server.templating import ChatTokenizer
 from reward_server.turn_cuts import render_cuts
+from tests.test_fuzz import valid  # the fuzz test's conversations: any text, template syntax and special tokens included
 
 LOOP = "{%- for m in messages -%}<|start_header_id|>{{ m.role }}<|end_header_id|>{{ m.content }}<|eot_id|>{%- endfor -%}"
 TEMPLATES = {
@@ -124,3 +127,16 @@ def test_one_render_and_one_tokenization_per_request(chat, monkeypatch):
     assert calls == {"render": 0, "tokenize": 1}  # the one render is render_cuts' own
     assert len(positions) == 127
     assert positions.tolist() == oracle(chat, messages)
+
+
+@settings(max_examples=int(os.environ.get("FUZZ_EXAMPLES", "300")), deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(messages=valid)
+def test_fuzzed_conversations_per_turn_equal_rendering_every_cut(chat, messages):
+    """`make fuzz` runs it 10,000 times (FUZZ_EXAMPLES): content with turn-end tokens, template syntax,
+    NULs and any Unicode; the one-render positions equal each cut rendered and tokenized alone."""
+    expected = oracle(chat, messages)
+    if expected is None:
+        with pytest.raises(RequestError, match="prefix"):
+            chat.encode(json.dumps(messages).encode(), all_turns=True)
+    else:
+        assert chat.encode(json.dumps(messages).encode(), all_turns=True)[1].tolist() == expected

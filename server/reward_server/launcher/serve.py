@@ -196,7 +196,7 @@ def main(argv: list[str] | None = None) -> None:
 async def serve(args: argparse.Namespace, admin_key: str | None) -> int:
     """The supervised tritonserver, its HTTP and metrics on loopback ports behind the front."""
     env = server_environment(args)
-    http, metrics = _free_loopback_ports(2, exclude={args.http_port, args.grpc_port, args.metrics_port})
+    http, metrics = free_loopback_ports(2, exclude={args.http_port, args.grpc_port, args.metrics_port})
     context = front.server_context(args.tls_cert, args.tls_key, args.tls_client_ca) if args.tls_cert else None
     counters = front.FrontMetrics()
     # The RLHF gateway's routes call the ensemble on Triton's loopback HTTP: plain, never key-restricted.
@@ -238,7 +238,7 @@ def _gateway_settings(args: argparse.Namespace, env: dict[str, str]) -> dict:
     return found
 
 
-def _free_loopback_ports(count: int, exclude: set[int]) -> list[int]:
+def free_loopback_ports(count: int, exclude: set[int]) -> list[int]:
     """`count` distinct free loopback ports for Triton, none of `exclude` (the public ports, which the
     kernel could hand out again: nothing is bound to them yet)."""
     with contextlib.ExitStack() as held:  # held until all are chosen: distinct
