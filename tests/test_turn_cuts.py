@@ -38,6 +38,16 @@ TEMPLATES = {
     "{%- endfor -%}",
     "for-else": "{%- for m in messages if m.role == 'nobody' -%}x{%- else -%}none{%- endfor -%}" + LOOP,
     "second loop": LOOP + "{%- for m in messages -%}.{%- endfor -%}",
+    "filtered loop, last": "{%- for m in messages if m.role != 'x' -%}{% if loop.last %}<END>{% endif %}{{ m.content }}<|eot_id|>"
+    "{%- endfor -%}",
+    "filtered loop, length": "{%- for m in messages if m.role != 'x' -%}{{ m.content }}/{{ loop.length }}<|eot_id|>{%- endfor -%}",
+    "cycler": "{%- set c = cycler('a', 'b', 'c') -%}{%- for m in messages -%}{{ m.content }}<|eot_id|>{%- set _ = c.next() -%}"
+    "{%- endfor -%}{{ c.current }}",
+    "joiner": "{%- set j = joiner('|') -%}{%- for m in messages -%}{% if loop.index0 == 2 %}{{ j() }}{% endif %}{{ m.content }}"
+    "<|eot_id|>{%- endfor -%}{{ j() }}",
+    "namespace, renamed": "{%- set N = namespace -%}{%- set ns = N(n=0) -%}{%- for m in messages -%}{%- set ns.n = ns.n + 1 -%}"
+    "{{ m.content }}<|eot_id|>{%- endfor -%}{{ ns.n }}",
+    "printed messages": "{{ messages }}" + LOOP,
 }
 READABLE = {"plain loop", "loop variable", "system slice", "filtered loop", "text after the loop", "macro"}
 

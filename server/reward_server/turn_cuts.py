@@ -10,7 +10,8 @@ render goes on as the whole's does once its loop ran out: the same code from the
 nothing but a `namespace()` carries state out of a Jinja loop. So the cut renders as that beginning
 plus the whole's text after its loop. Each condition is checked on each render; where one fails (the
 template asked for the length of the messages, indexed from the end, looked ahead with `loop.last`,
-read messages after its loop, produced nothing during the loop, or uses `namespace()` or a for-else),
+read messages after its loop, produced nothing during the loop, or uses a namespace, cycler, joiner or
+for-else),
 that cut is rendered on its own: always exact, only slower."""
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ _LOOP_NEXT = LoopContext.__next__.__code__  # a `for` that uses `loop` takes its
 def _asked_by_a_loop(frame) -> bool:
     """Whether the frame asking for the next message is a template's `for` (not `loop.last` looking
     ahead, nor a filter such as `batch` reading ahead)."""
+    if frame.f_code.co_filename == "<template>" and frame.f_code.co_varnames[:1] == ("fiter",):
+        frame = frame.f_back  # a loop's own `if` filter: what matters is who asked it
     return frame.f_code is _LOOP_NEXT or frame.f_code.co_filename == "<template>"
 
 
@@ -61,6 +64,16 @@ class _Messages(Sequence):
     def __init__(self, messages: list, looks: _Looks, start: int = 0) -> None:
         self._messages, self._looks, self._start = messages, looks, start
 
+    def __repr__(self) -> str:  # printed (`{{ messages }}`): as the list
+        self._looks.look(self._looks.count)
+        return repr(self._messages[self._start :])
+
+    def __eq__(self, other) -> bool:
+        self._looks.look(self._looks.count)
+        return self._messages[self._start :] == other
+
+    __hash__ = None
+
     def __len__(self) -> int:
         self._looks.look(self._looks.count)  # the length says what lies past every message
         return len(self._messages) - self._start
@@ -90,12 +103,18 @@ class _Messages(Sequence):
             index += 1
 
 
+STATEFUL_GLOBALS = {"namespace", "cycler", "joiner"}  # Jinja's objects that keep state across a loop's end
+
+
 @lru_cache(maxsize=8)
 def _carries_state(template: str) -> bool:
-    """Whether a template can carry state out of a loop (`namespace()`) or render a loop's `else`."""
+    """Whether a template can carry state out of a loop (a namespace, cycler or joiner, under any name)
+    or render a loop's `else`."""
     tree = _compile_jinja_template(template).environment.parse(template)
-    return any(node.else_ for node in tree.find_all(nodes.For)) or any(
-        isinstance(call.node, nodes.Name) and call.node.name == "namespace" for call in tree.find_all(nodes.Call)
+    return (
+        any(node.else_ for node in tree.find_all(nodes.For))
+        or any(name.name in STATEFUL_GLOBALS for name in tree.find_all(nodes.Name))
+        or any(True for _ in tree.find_all(nodes.NSRef))
     )
 
 
@@ -111,9 +130,10 @@ class Cuts:
 
 
 def render_cuts(tokenizer, messages: list) -> Cuts:
-    """Render `messages` with the tokenizer's chat template as apply_chat_template does (no generation
-    prompt); jinja2.TemplateError propagates."""
-    template = tokenizer.chat_template
+    """Render `messages` (dicts of string `role` and `content`, as the conversation schema gives: what
+    apply_chat_template's own normalisation leaves unchanged) with the tokenizer's chat template as
+    apply_chat_template does (no generation prompt); the template's errors propagate."""
+    template = tokenizer.get_chat_template()
     looks = _Looks(len(messages))
     pieces = []
     kwargs = {**tokenizer.special_tokens_map, "tools": None, "documents": None, "add_generation_prompt": False}
