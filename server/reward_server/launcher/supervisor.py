@@ -25,6 +25,7 @@ import os
 import secrets
 import signal
 import subprocess
+import urllib.error
 import urllib.request
 from collections import Counter
 from collections.abc import Callable
@@ -76,10 +77,17 @@ def alive(pid: int) -> bool:
 
 
 def answers(url: str) -> bool:
+    return ready_state(url) is True
+
+
+def ready_state(url: str) -> bool | None:
+    """True on 200, False on another HTTP answer, None when nothing answered in time (a busy host)."""
     try:
         return urllib.request.urlopen(url, timeout=2).status == 200
-    except OSError:
+    except urllib.error.HTTPError:
         return False
+    except OSError:
+        return None
 
 
 def _log(line: str) -> None:
@@ -104,18 +112,21 @@ async def supervise(command: list[str], env: dict[str, str], http: str, log: Cal
     while True:
         prefix = shm_prefix()
         server = subprocess.Popen([*command, f"--backend-config=python,shm-region-prefix-name={prefix}"], env=env)
-        ready, expected, suspects = False, Counter(), set()
+        ready, expected, suspects, loaded = False, Counter(), set(), set()
         while server.poll() is None and not stopping.is_set():
             await asyncio.sleep(0.5)
             if not ready:
+                loaded |= set(stubs(server.pid).values())
                 if await loop.run_in_executor(None, answers, f"{http}/v2/health/ready"):
-                    ready, expected = True, Counter(stubs(server.pid).values())
+                    # A stub that died between its model's load and this poll is still expected.
+                    ready, expected = True, Counter(stubs(server.pid).values()) | Counter(loaded)
                     log(f"supervisor: tritonserver (pid {server.pid}) is ready")
                 continue
             live = Counter(stubs(server.pid).values())
             short = {m for m in expected if live[m] < expected[m]}
-            still_ready = {m for m in short if await loop.run_in_executor(None, answers, f"{http}/v2/models/{m}/ready")}
-            faults = sorted(still_ready & suspects)  # short of stubs yet "ready", on two polls in a row
+            # Short of stubs and not known to be unready (no answer in time counts as ready: a loaded host).
+            still_ready = {m for m in short if await loop.run_in_executor(None, ready_state, f"{http}/v2/models/{m}/ready") is not False}
+            faults = sorted(still_ready & suspects)  # on two polls in a row
             suspects = still_ready
             if faults:
                 log(f"supervisor: the python-backend stub of {', '.join(faults)} died; restarting tritonserver")
