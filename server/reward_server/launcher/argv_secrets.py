@@ -3,7 +3,7 @@
 Triton 2.51 takes restricted-API keys only as flags. Each flag gets a marker instead of its key, the key
 goes in the environment (readable by the server's own user only), and `argv_secrets.c`, preloaded into
 tritonserver, puts the keys in place before Triton reads its arguments (see the C file). The library is
-built once with the system's C compiler (`make setup` does it; so does the Dockerfile)."""
+built once with the system's C compiler, by the launcher at its first start (and by both Dockerfiles)."""
 
 from __future__ import annotations
 
