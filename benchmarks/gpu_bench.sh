@@ -10,6 +10,8 @@
 # What it does, in about 5 minutes on an H100/H200 (estimated): builds the Llama-3.1-8B-shape random
 # checkpoint in bf16 (/tmp/rm-8b, kept between runs), runs benchmarks/benchmark.py on the long, short,
 # best-of-8 and rlhf workloads side by side, then one profiled engine step of the long mix.
+# DEVICE, DTYPE, PRESET, CHECKPOINT and TOKENIZER override the GPU defaults (a CPU dry run of this script:
+# DEVICE=cpu DTYPE=fp32 PRESET=bench CHECKPOINT=/tmp/rm-dry benchmarks/gpu_bench.sh /tmp/dry).
 set -euo pipefail
 out=${1:?folder for the results}
 wheels=${2:-}
@@ -17,6 +19,8 @@ repo=$(cd "$(dirname "$0")/.." && pwd)
 mkdir -p "$out"
 cd "$repo"
 python=${PYTHON:-python3}
+device=${DEVICE:-cuda} dtype=${DTYPE:-bf16} preset=${PRESET:-llama8b}
+checkpoint=${CHECKPOINT:-/tmp/rm-8b} tokenizer=${TOKENIZER:-.build/demo-checkpoint}
 site=$("$python" -c 'import site; print(site.getsitepackages()[0])')
 
 if [ -n "$wheels" ]; then  # the python-backend stub ignores PYTHONPATH: install into that Python's site-packages
@@ -31,16 +35,16 @@ bin=$(dirname "$(command -v "$python")")
 [ -x "$bin/reward-server" ] || printf '#!%s\nfrom reward_server.launcher.serve import main\nmain()\n' "$(command -v "$python")" > "$bin/reward-server"
 chmod +x "$bin/reward-server"
 
-if [ ! -f /tmp/rm-8b/model.safetensors ]; then
-  "$python" build/demo_checkpoint.py --preset llama8b --device cuda --dtype bf16 --tokenizer-from .build/demo-checkpoint --out /tmp/rm-8b
+if [ ! -f "$checkpoint/model.safetensors" ]; then
+  "$python" build/demo_checkpoint.py --preset "$preset" --device "$device" --dtype "$dtype" --tokenizer-from "$tokenizer" --out "$checkpoint"
 fi
 server=()
 "$python" -c 'import tritonclient.grpc, pytriton' 2>/dev/null || server=(--no-server)
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$out/gpu.txt"
-"$python" -m benchmarks.benchmark --checkpoint /tmp/rm-8b --device cuda --dtype bf16 --workloads long,short,best-of-8,rlhf \
-  --rlhf-prompts 4 "${server[@]}" --out "$out/bench-gpu.json" 2>&1 | tee "$out/bench.log"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$out/gpu.txt" || true
+"$python" -m benchmarks.benchmark --checkpoint "$checkpoint" --device "$device" --dtype "$dtype" --workloads "${WORKLOADS:-long,short,best-of-8,rlhf}" \
+  --rlhf-prompts "${RLHF_PROMPTS:-4}" "${server[@]}" --out "$out/bench-gpu.json" 2>&1 | tee "$out/bench.log"
 
-"$python" - "$out" <<'EOF'
+"$python" - "$out" "$checkpoint" "$device" "$dtype" <<'EOF'
 # One engine step of the long mix under torch.profiler: where a step's time goes (host syncs, attention
 # calls per layer, tiling, copies). Open step-trace.json in Perfetto or chrome://tracing.
 import sys
@@ -52,15 +56,19 @@ from transformers import AutoTokenizer
 from benchmarks.benchmark import WorkloadMaker
 from reward_server.runtimes.torch_runtime import TorchRewardEngine
 
-engine = TorchRewardEngine("/tmp/rm-8b", device="cuda", dtype="bf16")
-maker = WorkloadMaker(AutoTokenizer.from_pretrained("/tmp/rm-8b"), seed=2024)
+out, checkpoint, device, dtype = sys.argv[1:5]
+engine = TorchRewardEngine(checkpoint, device=device, dtype=dtype)
+maker = WorkloadMaker(AutoTokenizer.from_pretrained(checkpoint), seed=2024)
 ids = [np.array(maker.tokenizer.apply_chat_template(c, tokenize=True, return_dict=False)) for c in maker.mix(16, 100, 3000)]
+gpu = device.startswith("cuda")
 engine.score(ids)
-torch.cuda.synchronize()
-activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+if gpu:
+    torch.cuda.synchronize()
+activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if gpu else [])
 with torch.profiler.profile(activities=activities) as profile:
     engine.score(ids)
-    torch.cuda.synchronize()
-profile.export_chrome_trace(f"{sys.argv[1]}/step-trace.json")
-print(profile.key_averages().table(sort_by="cuda_time_total", row_limit=25))
+    if gpu:
+        torch.cuda.synchronize()
+profile.export_chrome_trace(f"{out}/step-trace.json")
+print(profile.key_averages().table(sort_by="cuda_time_total" if gpu else "cpu_time_total", row_limit=25))
 EOF
