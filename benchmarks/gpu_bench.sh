@@ -39,7 +39,8 @@ if [ ! -f "$checkpoint/model.safetensors" ]; then
   "$python" build/demo_checkpoint.py --preset "$preset" --device "$device" --dtype "$dtype" --tokenizer-from "$tokenizer" --out "$checkpoint"
 fi
 server=()
-"$python" -c 'import tritonclient.grpc, pytriton' 2>/dev/null || server=(--no-server)
+# the launcher needs pytriton's files (tritonserver, the stub), not its Python package (which imports zmq)
+"$python" -c 'import importlib.util, tritonclient.grpc; assert importlib.util.find_spec("pytriton")' || server=(--no-server)
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$out/gpu.txt" || true
 "$python" -m benchmarks.benchmark --checkpoint "$checkpoint" --device "$device" --dtype "$dtype" --workloads "${WORKLOADS:-long,short,best-of-8,rlhf}" \
   --rlhf-prompts "${RLHF_PROMPTS:-4}" "${server[@]}" --out "$out/bench-gpu.json" 2>&1 | tee "$out/bench.log"

@@ -61,47 +61,57 @@ def random_loader(shape: dict, seed: int):
     return load
 
 
-def engine(shape: dict, dtype: str, seed: int = 0, **options) -> TorchRewardEngine:
-    torch_runtime.load_reward_model = random_loader(shape, seed)
-    return TorchRewardEngine("random", device=DEVICE, dtype=dtype, min_shared_prefix=0, **options)
+CHECKPOINT_LOADER = torch_runtime.load_reward_model
 
 
-def speed(layers: int, step_tokens: int, repeats: int) -> dict:
+def engine(shape: dict, dtype: str, seed: int = 0, checkpoint: str | None = None, **options) -> TorchRewardEngine:
+    """The engine on random weights of `shape`, or on `checkpoint` (loaded as the server loads it)."""
+    torch_runtime.load_reward_model = CHECKPOINT_LOADER if checkpoint else random_loader(shape, seed)
+    return TorchRewardEngine(checkpoint or "random", device=DEVICE, dtype=dtype, min_shared_prefix=0, **options)
+
+
+def speed(layers: int, step_tokens: int, repeats: int, tiles: list[int]) -> dict:
+    """Per dtype and linear-layer tile size (invariance.py): a step's time per layer, and whether one
+    sequence scored alone and inside the step gives one value."""
     rng = np.random.default_rng(0)
     length = min(2048, step_tokens)
     sequences = [rng.integers(0, VOCAB, length) for _ in range(step_tokens // length)]
+    probe = sequences[0][:700]
     results = {}
     for dtype in ("bf16", "fp8"):
-        torch.cuda.empty_cache()
-        model = engine({**WIDE, "num_hidden_layers": layers}, dtype, max_step_tokens=step_tokens, max_tokens=length)
-        layer_bytes = module_bytes(model.trunk.layers[0])
-        gpu = DEVICE == "cuda"
-        model.score_step(sequences)  # warm-up: kernels chosen, allocator filled
-        if gpu:
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-        resident = torch.cuda.memory_allocated() if gpu else 0
-        start = time.perf_counter()
-        for _ in range(repeats):
-            model.score_step(sequences)
-        if gpu:
-            torch.cuda.synchronize()
-        step_s = (time.perf_counter() - start) / repeats
-        per_layer = step_s / layers
-        results[dtype] = {
-            "per_layer_ms": per_layer * 1e3,
-            "layer_weight_GiB": layer_bytes / 2**30,
-            "activation_peak_GiB": (torch.cuda.max_memory_allocated() - resident) / 2**30 if gpu else None,
-            "weights_80_layers_GiB": 80 * layer_bytes / 2**30,
-            "tokens_per_s_80_layers": step_tokens / (80 * per_layer),
-        }
-        print(f"70B-wide {dtype}: {results[dtype]}", flush=True)
-        del model
-    results["fp8_speedup"] = results["bf16"]["per_layer_ms"] / results["fp8"]["per_layer_ms"]
+        for tile in tiles:
+            torch.cuda.empty_cache()
+            model = engine({**WIDE, "num_hidden_layers": layers}, dtype, max_step_tokens=step_tokens, max_tokens=length, tile_rows=tile)
+            layer_bytes = module_bytes(model.trunk.layers[0])
+            gpu = DEVICE == "cuda"
+            model.score_step(sequences)  # warm-up: kernels chosen, allocator filled
+            if gpu:
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+            resident = torch.cuda.memory_allocated() if gpu else 0
+            start = time.perf_counter()
+            for _ in range(repeats):
+                model.score_step(sequences)
+            if gpu:
+                torch.cuda.synchronize()
+            step_s = (time.perf_counter() - start) / repeats
+            per_layer = step_s / layers
+            alone = model.score([probe])[0, 0]
+            packed = model.score([sequences[1], probe, sequences[2][:1500]])[1, 0]
+            results[f"{dtype} tile {tile}"] = row = {
+                "per_layer_ms": per_layer * 1e3,
+                "layer_weight_GiB": layer_bytes / 2**30,
+                "activation_peak_GiB": (torch.cuda.max_memory_allocated() - resident) / 2**30 if gpu else None,
+                "weights_80_layers_GiB": 80 * layer_bytes / 2**30,
+                "tokens_per_s_80_layers": step_tokens / (80 * per_layer),
+                "alone_equals_packed": bool(alone == packed),
+            }
+            print(f"70B-wide {dtype} tile {tile}: {row}", flush=True)
+            del model
     return results
 
 
-def fidelity_8b(count: int, pairs: int, longest: int = 3000) -> dict:
+def fidelity_8b(count: int, pairs: int, longest: int = 3000, checkpoint: str | None = None) -> dict:
     rng = np.random.default_rng(1)
     sets = [rng.integers(0, VOCAB, int(n)) for n in rng.integers(100, longest, count)]
     chosen = rng.integers(0, count, (pairs * 2, 2))
@@ -109,7 +119,7 @@ def fidelity_8b(count: int, pairs: int, longest: int = 3000) -> dict:
     scores, invariant = {}, {}
     for dtype in ("fp32", "bf16", "fp8"):
         torch.cuda.empty_cache()
-        model = engine(SHAPE_8B, dtype, seed=1, max_tokens=longest)
+        model = engine(SHAPE_8B, dtype, seed=1, checkpoint=checkpoint, max_tokens=longest)
         scores[dtype] = model.score(sets)[:, 0].astype(np.float64)
         alone = model.score([sets[5]])[0, 0]
         invariant[dtype] = bool(alone == scores[dtype][5] == model.score([sets[7], sets[5], sets[1]])[1, 0])
@@ -126,9 +136,12 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=2, help="70B-wide layers built (of 80)")
     parser.add_argument("--step-tokens", type=int, default=16384)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--tiles", default="64,256,512", help="linear-layer tile sizes to time (rows)")
     parser.add_argument("--conversations", type=int, default=48)
     parser.add_argument("--pairs", type=int, default=1000)
     parser.add_argument("--skip-fidelity", action="store_true")
+    parser.add_argument("--skip-speed", action="store_true")
+    parser.add_argument("--checkpoint", help="fidelity on this checkpoint (demo_checkpoint.py --preset llama8b), not random weights")
     parser.add_argument("--out", default="gpu-fp8.json")
     parser.add_argument("--cpu-dry-run", action="store_true", help="tiny shapes on the CPU (FP8 emulated): checks this script only")
     args = parser.parse_args()
@@ -147,9 +160,12 @@ def main() -> None:
         }
     print(report, flush=True)
     started = time.perf_counter()
-    report["speed_70b_wide"] = speed(args.layers, args.step_tokens, args.repeats)
+    if not args.skip_speed:
+        report["speed_70b_wide"] = speed(args.layers, args.step_tokens, args.repeats, [int(t) for t in args.tiles.split(",")])
     if not args.skip_fidelity:
-        report["fidelity_8b_shape"] = fidelity_8b(args.conversations, args.pairs, 300 if args.cpu_dry_run else 3000)
+        longest = 300 if args.cpu_dry_run else 3000
+        report["fidelity_8b_shape"] = fidelity_8b(args.conversations, args.pairs, longest, args.checkpoint)
+        report["fidelity_checkpoint"] = args.checkpoint or "random weights (seeded)"
     report["wall_s"] = time.perf_counter() - started
     Path(args.out).write_text(json.dumps(report, indent=2))
     print(json.dumps(report, indent=2))

@@ -73,10 +73,11 @@ def test_fp8_linear_is_the_scaled_e4m3_product():
     assert (got.double() - exact).norm() / exact.norm() < 0.05  # e4m3 keeps ~2 significant digits
 
 
-def test_fp8_rows_do_not_depend_on_their_neighbours():
+@pytest.mark.parametrize("tile_rows", [64, 256])
+def test_fp8_rows_do_not_depend_on_their_neighbours(tile_rows):
     """A row alone, first among 63 huge rows, and in the middle of 200 rows: bit for bit."""
     torch.manual_seed(2)
-    layer = Fp8Linear(nn.Linear(64, 32, bias=False))
+    layer = Fp8Linear(nn.Linear(64, 32, bias=False), tile_rows=tile_rows)
     row = torch.randn(1, 64, dtype=torch.bfloat16)
     alone = layer(row)
     crowd = torch.cat([row, 1e4 * torch.randn(63, 64, dtype=torch.bfloat16)])

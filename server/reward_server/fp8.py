@@ -11,7 +11,7 @@ reward head keep their bf16/fp32 weights):
   rounded once to the output dtype (bf16).
 
 On a CUDA device with FP8 tensor cores (sm89+) the product is `torch._scaled_mm` with row-wise
-scales. It runs on fixed tiles of TILE_ROWS rows, as every linear layer does (invariance.py): the
+scales. It runs on fixed tiles of `tile_rows` rows, as every linear layer does (invariance.py): the
 kernel cuBLAS picks depends on the row count, so each tile is one call of the same shape. Elsewhere
 (a CPU) the same arithmetic is emulated: the e4m3 values are exact in fp32, and so are their
 products, so only the order of the fp32 sums can differ from the tensor cores'. Emulation proves
@@ -47,43 +47,43 @@ def fp8_kernels(device: torch.device) -> bool:
 class Fp8Linear(nn.Module):
     """nn.Linear with e4m3 weights and per-row scales; output in `out_dtype`."""
 
-    def __init__(self, linear: nn.Linear, out_dtype: torch.dtype = torch.bfloat16) -> None:
+    def __init__(self, linear: nn.Linear, out_dtype: torch.dtype = torch.bfloat16, tile_rows: int = TILE_ROWS) -> None:
         super().__init__()
         weight, scale = quantize_rows(linear.weight.detach())
         self.register_buffer("weight", weight)  # [out, in] e4m3
         self.register_buffer("weight_scale", scale.T.contiguous())  # [1, out] fp32
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().to(out_dtype), requires_grad=False)
-        self.out_dtype = out_dtype
+        self.out_dtype, self.tile_rows = out_dtype, tile_rows
         self.in_features, self.out_features = linear.in_features, linear.out_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, x.shape[-1])
         product = _tensor_core_product if fp8_kernels(rows.device) else _emulated_product
-        out = product(rows, self.weight, self.weight_scale, self.out_dtype)
+        out = product(rows, self.weight, self.weight_scale, self.out_dtype, self.tile_rows)
         out = out.view(*x.shape[:-1], self.out_features)
         return out if self.bias is None else out + self.bias
 
 
-def _emulated_product(rows: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
-    """The tensor cores' arithmetic in fp32 on 64-row tiles (exact products, fp32 sums)."""
+def _emulated_product(rows: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, out_dtype: torch.dtype, tile_rows: int):
+    """The tensor cores' arithmetic in fp32 on fixed tiles (exact products, fp32 sums)."""
     values, scale = quantize_rows(rows)
-    return (tiled_matmul(values.float(), weight.float()) * scale * weight_scale).to(out_dtype)
+    return (tiled_matmul(values.float(), weight.float(), tile_rows) * scale * weight_scale).to(out_dtype)
 
 
-def _tensor_core_product(rows: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
-    """torch._scaled_mm with row-wise scales, one call per fixed 64-row tile."""
+def _tensor_core_product(rows: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, out_dtype: torch.dtype, tile_rows: int):
+    """torch._scaled_mm with row-wise scales, one call per fixed tile."""
     count = rows.shape[0]
-    tiles = -(-count // TILE_ROWS)
-    values, scale = quantize_rows(F.pad(rows, (0, 0, 0, tiles * TILE_ROWS - count)))
-    out = torch.empty(tiles * TILE_ROWS, weight.shape[0], dtype=out_dtype, device=rows.device)
+    tiles = -(-count // tile_rows)
+    values, scale = quantize_rows(F.pad(rows, (0, 0, 0, tiles * tile_rows - count)))
+    out = torch.empty(tiles * tile_rows, weight.shape[0], dtype=out_dtype, device=rows.device)
     column_major = weight.T  # _scaled_mm wants its second operand column-major: [in, out] with stride (1, in)
     for t in range(tiles):
-        tile = slice(t * TILE_ROWS, (t + 1) * TILE_ROWS)
+        tile = slice(t * tile_rows, (t + 1) * tile_rows)
         out[tile] = torch._scaled_mm(values[tile], column_major, scale_a=scale[tile], scale_b=weight_scale, out_dtype=out_dtype)
     return out[:count]
 
 
-def quantize_trunk(trunk: nn.Module, device: torch.device) -> nn.Module:
+def quantize_trunk(trunk: nn.Module, device: torch.device, tile_rows: int = TILE_ROWS) -> nn.Module:
     """Swap every nn.Linear inside the decoder layers for an Fp8Linear (embeddings, final norm stay),
     one layer at a time on `device`."""
     for layer in trunk.layers:
@@ -91,5 +91,5 @@ def quantize_trunk(trunk: nn.Module, device: torch.device) -> nn.Module:
         for parent in list(layer.modules()):
             for name, child in list(parent.named_children()):
                 if isinstance(child, nn.Linear):
-                    setattr(parent, name, Fp8Linear(child))
+                    setattr(parent, name, Fp8Linear(child, tile_rows=tile_rows))
     return trunk

@@ -6,8 +6,10 @@ apart in a step of 37 rows and in one of 2,048. Here every linear layer and the 
 fixed tiles of TILE_ROWS rows (the packed rows, zero-padded to whole tiles, as one batched
 product), so each row always goes through the same kernel. Everything else in the trunk is per row
 (embeddings, norms, rotary, activations) or per sequence (attention). Measured cost: ~3 % per
-linear layer on a CPU. Identical sequences of one batch are scored once (batching.unique), so
-copies never form a shared-prefix group among themselves.
+linear layer on a CPU. A GPU wants larger tiles: a 64-row tile reads each weight for 64 rows only,
+too few to keep the tensor cores busy (benchmarks/gpu_fp8_tp.py measures tile sizes). Identical
+sequences of one batch are scored once (batching.unique), so copies never form a shared-prefix group
+among themselves.
 """
 
 from __future__ import annotations
@@ -16,34 +18,40 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-TILE_ROWS = 64
+TILE_ROWS = 64  # on a CPU
+GPU_TILE_ROWS = 256
 
 
-def tiled_matmul(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """x [..., in] @ weight.T, computed in tiles of TILE_ROWS rows."""
+def default_tile_rows(device: torch.device) -> int:
+    return GPU_TILE_ROWS if device.type == "cuda" else TILE_ROWS
+
+
+def tiled_matmul(x: torch.Tensor, weight: torch.Tensor, tile_rows: int = TILE_ROWS) -> torch.Tensor:
+    """x [..., in] @ weight.T, computed in tiles of `tile_rows` rows."""
     rows = x.reshape(-1, x.shape[-1])
-    tiles = -(-rows.shape[0] // TILE_ROWS)
-    padded = F.pad(rows, (0, 0, 0, tiles * TILE_ROWS - rows.shape[0])).view(tiles, TILE_ROWS, -1)
-    out = torch.bmm(padded, weight.T.unsqueeze(0).expand(tiles, -1, -1)).view(tiles * TILE_ROWS, -1)
+    tiles = -(-rows.shape[0] // tile_rows)
+    padded = F.pad(rows, (0, 0, 0, tiles * tile_rows - rows.shape[0])).view(tiles, tile_rows, -1)
+    out = torch.bmm(padded, weight.T.unsqueeze(0).expand(tiles, -1, -1)).view(tiles * tile_rows, -1)
     return out[: rows.shape[0]].view(*x.shape[:-1], weight.shape[0])
 
 
 class TiledLinear(nn.Module):
     """nn.Linear whose rows do not depend on the rows beside them."""
 
-    def __init__(self, linear: nn.Linear) -> None:
+    def __init__(self, linear: nn.Linear, tile_rows: int = TILE_ROWS) -> None:
         super().__init__()
         self.weight, self.bias = linear.weight, linear.bias
+        self.tile_rows = tile_rows
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = tiled_matmul(x, self.weight)
+        out = tiled_matmul(x, self.weight, self.tile_rows)
         return out if self.bias is None else out + self.bias
 
 
-def make_batch_invariant(model: nn.Module) -> nn.Module:
+def make_batch_invariant(model: nn.Module, tile_rows: int = TILE_ROWS) -> nn.Module:
     """Swap every nn.Linear of `model` for a TiledLinear sharing its parameters."""
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if type(child) is nn.Linear:
-                setattr(parent, name, TiledLinear(child))
+                setattr(parent, name, TiledLinear(child, tile_rows))
     return model

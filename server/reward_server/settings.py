@@ -80,6 +80,13 @@ class Settings:
         "int",
         minimum=0,
     )
+    tile_rows: int | None = _setting(
+        None,
+        "rows of each linear layer's fixed tiles (batch invariance): auto (64 on cpu, 256 on cuda) or a number",
+        (ENGINE_MODEL,),
+        "auto_int",
+        minimum=1,
+    )
     max_tokens: int = _setting(4096, "longest templated conversation (tokens) scored", ALL, "int", minimum=1)
     max_bytes: int = _setting(
         1 << 20, "largest conversation accepted, in bytes (checked before parsing)", (PREPROCESSING_MODEL, NEMO_MODEL), "int", minimum=1

@@ -56,6 +56,7 @@ def load_engine(settings: Settings) -> RewardEngine:
         max_step_tokens=settings.max_step_tokens,
         min_shared_prefix=settings.min_shared_prefix,
         prefix_cache_tokens=settings.prefix_cache_tokens,
+        tile_rows=settings.tile_rows,
         tensor_parallel=settings.tensor_parallel,
         memory_budget=settings.memory_budget,
         max_tokens=settings.max_tokens,

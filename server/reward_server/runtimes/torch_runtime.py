@@ -23,7 +23,7 @@ from transformers.modeling_utils import AttentionInterface
 from reward_server.batching import Step, plan_steps, score_all, shared_prefixes
 from reward_server.fp8 import quantize_trunk
 from reward_server.heads import load_reward_model
-from reward_server.invariance import make_batch_invariant
+from reward_server.invariance import default_tile_rows, make_batch_invariant
 from reward_server.memory import module_bytes, plan_step_tokens, step_memory
 from reward_server.parallel import RankGroup, shard_trunk
 from reward_server.prefix_cache import BLOCK_TOKENS, PrefixCache, block_keys, kv_bytes_per_token
@@ -146,6 +146,7 @@ class TorchRewardEngine:
         exit_on_rank_failure: bool = False,
         rank: int | None = None,
         prefix_cache_tokens: int = 0,
+        tile_rows: int | None = None,
     ) -> None:
         """`auto` and None pick the defaults measured per device (README, "Precision and step size").
         tensor_parallel > 1: the model runs in that many worker processes (parallel.py), `rank` being
@@ -159,7 +160,7 @@ class TorchRewardEngine:
         if tensor_parallel > 1 and rank is None:  # the engine that drives the ranks holds no weights
             options = dict(checkpoint=checkpoint, device=device, dtype=dtype, max_step_tokens=max_step_tokens)
             options.update(min_shared_prefix=min_shared_prefix, memory_budget=memory_budget, max_tokens=max_tokens)
-            options.update(prefix_cache_tokens=prefix_cache_tokens)
+            options.update(prefix_cache_tokens=prefix_cache_tokens, tile_rows=tile_rows)
             self.ranks = RankGroup(tensor_parallel, options, exit_on_failure=exit_on_rank_failure)
             info = self.ranks.info[0]
             self.vocab_size, self.spec, self.pad_token = info["vocab_size"], info["spec"], info["pad_token"]
@@ -176,9 +177,10 @@ class TorchRewardEngine:
         trunk, head = load_reward_model(checkpoint, DTYPES[dtype], PACKED_ATTENTION)
         if tensor_parallel > 1:
             shard_trunk(trunk, rank, tensor_parallel)
+        tile_rows = tile_rows or default_tile_rows(self.device)
         if dtype == "fp8":  # layer by layer onto the device: the bf16 weights never all sit there
-            quantize_trunk(trunk, self.device)
-        self.trunk = make_batch_invariant(trunk.to(self.device).eval())
+            quantize_trunk(trunk, self.device, tile_rows)
+        self.trunk = make_batch_invariant(trunk.to(self.device).eval(), tile_rows)
         self.vocab_size = self.trunk.get_input_embeddings().num_embeddings
         head.weight = head.weight.to(self.device)
         head.bias = None if head.bias is None else head.bias.to(self.device)
