@@ -77,13 +77,13 @@ def speed(layers: int, step_tokens: int, repeats: int, tiles: list[int]) -> dict
     length = min(2048, step_tokens)
     sequences = [rng.integers(0, VOCAB, length) for _ in range(step_tokens // length)]
     probe = sequences[0][:700]
+    gpu = DEVICE == "cuda"
     results = {}
     for dtype in ("bf16", "fp8"):
         for tile in tiles:
             torch.cuda.empty_cache()
             model = engine({**WIDE, "num_hidden_layers": layers}, dtype, max_step_tokens=step_tokens, max_tokens=length, tile_rows=tile)
             layer_bytes = module_bytes(model.trunk.layers[0])
-            gpu = DEVICE == "cuda"
             model.score_step(sequences)  # warm-up: kernels chosen, allocator filled
             if gpu:
                 torch.cuda.synchronize()

@@ -64,13 +64,17 @@ class Fp8Linear(nn.Module):
         return out if self.bias is None else out + self.bias
 
 
-def _emulated_product(rows: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, out_dtype: torch.dtype, tile_rows: int):
+def _emulated_product(
+    rows: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, out_dtype: torch.dtype, tile_rows: int
+) -> torch.Tensor:
     """The tensor cores' arithmetic in fp32 on fixed tiles (exact products, fp32 sums)."""
     values, scale = quantize_rows(rows)
     return (tiled_matmul(values.float(), weight.float(), tile_rows) * scale * weight_scale).to(out_dtype)
 
 
-def _tensor_core_product(rows: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, out_dtype: torch.dtype, tile_rows: int):
+def _tensor_core_product(
+    rows: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, out_dtype: torch.dtype, tile_rows: int
+) -> torch.Tensor:
     """torch._scaled_mm with row-wise scales, one call per fixed tile."""
     count = rows.shape[0]
     tiles = -(-count // tile_rows)

@@ -22,7 +22,7 @@ from torch import nn
 
 SLACK = 1.5
 RESERVE = 0.1  # of the free GPU memory
-ROUND = 64  # whole tiles (invariance.TILE_ROWS)
+ROUND = 64  # whole CPU tiles (invariance.TILE_ROWS); a GPU's 256-row tiles pad at most one tile per layer call
 
 
 @dataclass(frozen=True)
