@@ -1,10 +1,12 @@
-"""The gateway's overhead: `make bench`'s long mix (64 conversations of 100-3,000 tokens, seed 2024) at
-concurrency 16, direct gRPC (reward_client) against the front's /v1/chat/completions (aiohttp), on one
-fresh server, alternating the two `--rounds` times; prints each round's wall time and the median ratio.
+"""The fronts' overhead: `make bench`'s long mix (64 conversations of 100-3,000 tokens, seed 2024) at
+concurrency 16, scored three ways: direct gRPC to Triton (reward_client, a server without API keys), the
+HTTP front's /v1/chat/completions (aiohttp, same server), and gRPC through the gRPC front (reward_client
+with a key, a second server started with $REWARD_API_KEY; only one server works at a time). Each round
+runs the three in a rotated order; prints each round's wall times and the median ratios to direct gRPC.
 
-    python -m benchmarks.gateway_overhead --checkpoint .build/bench-checkpoint --rounds 5
+    python -m benchmarks.gateway_overhead --checkpoint .build/bench-checkpoint --rounds 6
 
-Target (issue 15): gateway wall time ≤ 1.05 x direct gRPC. Run it on a quiet machine.
+Target (issue 15): each ≤ 1.05 x direct gRPC. Run it on a quiet machine.
 """
 
 from __future__ import annotations
@@ -26,8 +28,11 @@ from tests.live_server import REPO, start_server, stop_server
 CONCURRENCY = 16
 
 
-async def direct(url: str, conversations: list) -> float:
-    async with AsyncRewardClient(url, concurrency=CONCURRENCY) as client:
+KEY = "benchmark-key"
+
+
+async def direct(url: str, conversations: list, headers: dict[str, str] | None = None) -> float:
+    async with AsyncRewardClient(url, concurrency=CONCURRENCY, headers=headers) as client:
         start = time.perf_counter()
         await client.score_batch(conversations)
         return time.perf_counter() - start
@@ -52,23 +57,37 @@ def main() -> None:
     parser.add_argument("--checkpoint", type=Path, default=REPO / ".build" / "bench-checkpoint")
     parser.add_argument("--dtype", default="fp32")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=6)
     args = parser.parse_args()
     conversations = WorkloadMaker(AutoTokenizer.from_pretrained(args.checkpoint), seed=2024).mix(64, 100, 3000)
     env = {"REWARD_CHECKPOINT": str(args.checkpoint.resolve()), "REWARD_DTYPE": args.dtype, "REWARD_DEVICE": args.device}
-    server = start_server(Path(tempfile.mkdtemp(prefix="reward-gateway-")) / "server.log", env=env)
+    folder = Path(tempfile.mkdtemp(prefix="reward-gateway-"))
+    plain = start_server(folder / "plain.log", env=env)
+    keyed = None
     try:
-        asyncio.run(direct(server.grpc_url, conversations[:CONCURRENCY]))  # warm both paths
-        asyncio.run(gateway(server.http_url, conversations[:CONCURRENCY]))
-        ratios = []
+        keyed = start_server(folder / "keyed.log", env={**env, "REWARD_API_KEY": KEY})
+        ways = {
+            "direct gRPC": lambda batch: direct(plain.grpc_url, batch),
+            "HTTP gateway": lambda batch: gateway(plain.http_url, batch),
+            "gRPC front": lambda batch: direct(keyed.grpc_url, batch, {"Authorization": f"Bearer {KEY}"}),
+        }
+        for way in ways.values():  # warm every path
+            asyncio.run(way(conversations[:CONCURRENCY]))
+        ratios: dict[str, list[float]] = {name: [] for name in list(ways)[1:]}
+        names = list(ways)
         for k in range(args.rounds):
-            grpc = asyncio.run(direct(server.grpc_url, conversations))
-            front = asyncio.run(gateway(server.http_url, conversations))
-            ratios.append(front / grpc)
-            print(f"round {k}: direct gRPC {grpc:.2f} s, gateway {front:.2f} s, ratio {front / grpc:.3f}", flush=True)
-        print(f"median gateway / direct gRPC: {statistics.median(ratios):.3f} (target <= 1.05)")
+            order = names[k % 3 :] + names[: k % 3]  # each way first, second and third in turn
+            seconds = {name: asyncio.run(ways[name](conversations)) for name in order}
+            for name in ratios:
+                ratios[name].append(seconds[name] / seconds["direct gRPC"])
+            shown = ", ".join(f"{name} {seconds[name]:.2f} s" for name in order)
+            print(f"round {k}: {shown}; ratios " + ", ".join(f"{n} {r[-1]:.3f}" for n, r in ratios.items()), flush=True)
+        for name, values in ratios.items():
+            print(f"median {name} / direct gRPC: {statistics.median(values):.3f} (target <= 1.05)")
     finally:
-        stop_server(server)
+        stop_server(plain)
+        if keyed:
+            stop_server(keyed)
 
 
 if __name__ == "__main__":

@@ -75,3 +75,19 @@ def client(request, server):
     url = server.grpc_url if request.param == "grpc" else server.http_url
     with RewardClient(url) as reward_client:
         yield reward_client
+
+
+@pytest.fixture(scope="session")
+def certificates(tmp_path_factory) -> Path:
+    """A CA, and a server certificate for localhost / 127.0.0.1 signed by it (openssl)."""
+    folder = tmp_path_factory.mktemp("tls")
+
+    def openssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], cwd=folder, check=True, capture_output=True)
+
+    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem", "-days", "2", "-subj", "/CN=test-ca")
+    openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=localhost")
+    (folder / "san.ext").write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\n")
+    signing = ["-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial", "-days", "2", "-extfile", "san.ext"]
+    openssl("x509", "-req", "-in", "server.csr", *signing, "-out", "server.pem")
+    return folder

@@ -7,6 +7,9 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import os
+import signal
+import ssl
 import threading
 
 import numpy as np
@@ -237,39 +240,56 @@ def test_openai_chat_completions_with_the_openai_package(gw, grpc, tokenizer):
         client.chat.completions.create(model="m", messages=MESSAGES[:1])
 
 
-def test_the_launcher_serves_the_gateway_behind_keys_on_http_and_grpc(tmp_path_factory, steerlm):
-    """`reward-server` with $REWARD_API_KEY, on the SteerLM checkpoint: the front's routes and Triton's
-    gRPC inference need the key (health does not); N attributes are "name:value,..." with one
-    logprobs entry each, in the head's order; the metrics port carries the gateway's metrics."""
+def test_the_launcher_serves_the_gateway_behind_keys_on_http_and_grpc(tmp_path_factory, steerlm, certificates):
+    """`reward-server --api-key-file` (two keys) with TLS, on the SteerLM checkpoint: the front's routes
+    and gRPC (the gRPC front, before Triton's gRPC on loopback) take either key and refuse others (health
+    open); N attributes are "name:value,..." with one logprobs entry each, in the head's order; the
+    metrics port carries the gateway's and the gRPC front's metrics; no key in any process's command
+    line or environment; a keyed client with default settings rides out a restart of tritonserver."""
     import openai
 
-    from reward_client import PermissionDeniedError
+    from reward_client import TLS, PermissionDeniedError
     from tests.live_server import session_processes, start_server, stop_server
 
-    env = {"REWARD_CHECKPOINT": str(steerlm), "REWARD_API_KEY": "launcher-key"}
-    server = start_server(tmp_path_factory.mktemp("gateway-launcher") / "server.log", env=env)
+    folder = tmp_path_factory.mktemp("gateway-launcher")
+    (folder / "api-keys").write_text("# trainers\nlauncher-key\n\nsecond-key\n")
+    options = ["--api-key-file", str(folder / "api-keys"), "--tls-cert", str(certificates / "server.pem")]
+    options += ["--tls-key", str(certificates / "server.key")]
+    env = {"REWARD_CHECKPOINT": str(steerlm)}
+    server = start_server(folder / "server.log", env=env, options=options, ca_file=certificates / "ca.pem")
+    ca, tls = str(certificates / "ca.pem"), TLS(ca_file=str(certificates / "ca.pem"))
     try:
-        with RewardClient(server.grpc_url, headers={"Authorization": "Bearer launcher-key"}) as keyed:
+        with RewardClient(server.grpc_url, tls=tls, headers={"Authorization": "Bearer launcher-key"}) as keyed:
             score = keyed.score(MESSAGES)
-        with RewardClient(server.grpc_url) as keyless, pytest.raises(PermissionDeniedError, match="restricted"):
-            keyless.score(MESSAGES)
-        assert requests.post(server.http_url + "/get_reward", json={"query": ["x"]}, timeout=60).status_code == 401
-        client = openai.OpenAI(base_url=server.http_url + "/v1", api_key="launcher-key")
+        with RewardClient(server.grpc_url, tls=tls, headers={"Authorization": "Bearer second-key"}) as second:
+            assert second.score(MESSAGES) == score
+        with RewardClient(server.grpc_url, tls=tls) as keyless:
+            assert keyless.is_ready()
+            with pytest.raises(PermissionDeniedError, match="Unauthorized"):
+                keyless.score(MESSAGES)
+        assert requests.post(server.http_url + "/get_reward", json={"query": ["x"]}, verify=ca, timeout=60).status_code == 401
+        trusted = openai.DefaultHttpxClient(verify=ssl.create_default_context(cafile=ca))
+        client = openai.OpenAI(base_url=server.http_url + "/v1", api_key="second-key", http_client=trusted)
         completion = client.chat.completions.create(model="m", messages=MESSAGES)
         assert len(score.attributes) == 9
         assert completion.choices[0].message.content == ",".join(f"{k}:{v!r}" for k, v in score.attributes.items())
         assert [(t.token, t.logprob) for t in completion.choices[0].logprobs.content] == list(score.attributes.items())
         headers = {"Authorization": "Bearer launcher-key"}
-        classify = requests.post(server.http_url + "/classify", json={"input": "x"}, headers=headers, timeout=60).json()["data"][0]
-        assert classify["num_classes"] == 9  # a multi-attribute head is answered as it is
-        assert requests.get(server.http_url + "/v2/health/ready", timeout=30).status_code == 200
+        classify = requests.post(server.http_url + "/classify", json={"input": "x"}, headers=headers, verify=ca, timeout=60).json()
+        assert classify["data"][0]["num_classes"] == 9  # a multi-attribute head is answered as it is
+        assert requests.get(server.http_url + "/v2/health/ready", verify=ca, timeout=30).status_code == 200
         metrics = requests.get(server.metrics_url, timeout=30).text
         assert 'reward_gateway_requests_total{route="/v1/chat/completions"} 1.0' in metrics
+        assert 'reward_grpc_requests_total{code="OK",method="ModelInfer"} 2.0' in metrics
+        assert 'reward_grpc_requests_total{code="UNAUTHENTICATED",method="ModelInfer"} 1.0' in metrics
         assert "launcher-key" not in metrics and "launcher-key" not in server.log.read_text()
         processes = session_processes(server)
-        assert not any(b"launcher-key" in command for command, _ in processes.values())  # `ps` never shows it
-        (triton,) = [pid for pid, (command, _) in processes.items() if b"authorization=Bearer \x01REWARD_SECRET_1\x01" in command]
-        assert {pid for pid, (_, environment) in processes.items() if b"launcher-key" in environment} == {server.process.pid, triton}
+        assert not any(b"launcher-key" in command or b"launcher-key" in environment for command, environment in processes.values())
+        (triton,) = [pid for pid, (command, _) in processes.items() if b"--grpc-address=127.0.0.1" in command]
+        os.kill(triton, signal.SIGKILL)  # the supervisor restarts it; meanwhile the gRPC front answers UNAVAILABLE
+        with RewardClient(server.grpc_url, tls=tls, headers={"Authorization": "Bearer second-key"}) as keyed:
+            assert keyed.score(MESSAGES) == score
+        assert "tritonserver exited with -9; restart 1" in server.log.read_text()
     finally:
         stop_server(server)
 

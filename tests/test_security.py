@@ -3,11 +3,9 @@ run request text."""
 
 from __future__ import annotations
 
-import subprocess
 import time
 import urllib.error
 import urllib.request
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -121,22 +119,6 @@ def test_model_control_is_off_by_default(server):
         client.unload_model("reward_engine")
     assert client.is_model_ready("reward_engine") and client.is_model_ready("reward_model")
     client.close()
-
-
-@pytest.fixture(scope="module")
-def certificates(tmp_path_factory) -> Path:
-    """A CA, and a server certificate for localhost / 127.0.0.1 signed by it (openssl)."""
-    folder = tmp_path_factory.mktemp("tls")
-
-    def openssl(*args: str) -> None:
-        subprocess.run(["openssl", *args], cwd=folder, check=True, capture_output=True)
-
-    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem", "-days", "2", "-subj", "/CN=test-ca")
-    openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=localhost")
-    (folder / "san.ext").write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\n")
-    signing = ["-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial", "-days", "2", "-extfile", "san.ext"]
-    openssl("x509", "-req", "-in", "server.csr", *signing, "-out", "server.pem")
-    return folder
 
 
 @pytest.fixture(scope="module")

@@ -51,7 +51,7 @@ DEFAULT_TIMEOUT, DEFAULT_RETRY = Timeout(), Retry()
 _INVALID = {"StatusCode.INVALID_ARGUMENT", "400"}
 _UNAVAILABLE = {"StatusCode.UNAVAILABLE", "503"}
 _TIMEOUT = {"StatusCode.DEADLINE_EXCEEDED", "504"}
-_FORBIDDEN = {"403"}
+_FORBIDDEN = {"401", "403", "StatusCode.UNAUTHENTICATED", "StatusCode.PERMISSION_DENIED"}  # no key, a wrong key, a restricted API
 # Triton forces two message matches, both anchored at the start of its message so that request text
 # quoted in a validation error can never match:
 # - conditions that pass (the supervisor restarts the server, a model finishes loading) come with
@@ -405,15 +405,8 @@ def _inputs(module: Any, payloads: Sequence[bytes] | Mapping[str, np.ndarray], s
 
 
 def _wire_headers(protocol_name: str, headers: dict[str, str]) -> dict[str, str]:
-    """gRPC metadata keys are lower case, and Triton checks the key of a restricted protocol under a
-    prefix: `Authorization: Bearer KEY` goes as `authorization` and `triton-grpc-protocol-authorization`
-    (what `reward-server --api-key-file` restricts gRPC inference with)."""
-    if protocol_name != "grpc":
-        return headers
-    wire = {key.lower(): value for key, value in headers.items()}
-    if "authorization" in wire:
-        wire.setdefault("triton-grpc-protocol-authorization", wire["authorization"])
-    return wire
+    """gRPC metadata keys are lower case: `Authorization: Bearer KEY` goes as `authorization`."""
+    return {key.lower(): value for key, value in headers.items()} if protocol_name == "grpc" else headers
 
 
 _WIRE_TYPES = {np.dtype(np.object_): "BYTES", np.dtype(bool): "BOOL", np.dtype(np.int32): "INT32"}

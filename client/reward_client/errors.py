@@ -3,7 +3,7 @@
 RewardClientError
 ├── InvalidConversationError   the conversation is malformed (checked locally or by the server)
 ├── ServerUnavailableError     no server answered: connection refused, reset, or not ready
-├── PermissionDeniedError      the server refused the call: a restricted API without its key header
+├── PermissionDeniedError      the server refused the call: no API key or a wrong one, or a restricted API without its key
 ├── RequestTimeoutError        the server did not answer within the timeout
 └── ServerError                the server answered with any other error
 """

@@ -1,7 +1,8 @@
 """Bearer API keys on the front: every route answers 401 {"error": "Unauthorized"} (vLLM's and
-SGLang's answer) without `Authorization: Bearer KEY`, except health checks and metrics. Keys come
-from a file (one per line) or $REWARD_API_KEY, never the command line; they are compared as SHA-256
-digests in constant time (vLLM's way) and never logged."""
+SGLang's answer) without `Authorization: Bearer KEY`, except health checks and metrics (the gRPC
+front, launcher/grpc_front.py, checks the same keys). Keys come from a file (one per line) or
+$REWARD_API_KEY, never the command line; they are compared as SHA-256 digests in constant time
+(vLLM's way) and never logged."""
 
 from __future__ import annotations
 
@@ -31,24 +32,32 @@ def read_api_keys(path: Path | None, environ: dict[str, str] | os._Environ = os.
     return (key,) if key else ()
 
 
+class ApiKeys:
+    """The configured keys, kept as SHA-256 digests only."""
+
+    def __init__(self, keys: Sequence[str]) -> None:
+        self.digests = [hashlib.sha256(k.encode()).digest() for k in keys]
+
+    def accept(self, authorization: str | None) -> bool:
+        """Whether an `Authorization` value is `Bearer KEY` (scheme in any case) with one of the keys."""
+        scheme, _, token = (authorization or "").partition(" ")
+        if scheme.lower() != "bearer":
+            return False
+        digest = hashlib.sha256(token.strip().encode()).digest()
+        return any([hmac.compare_digest(digest, d) for d in self.digests])  # all compared: no early exit
+
+
 def middleware(keys: Sequence[str]):
-    digests = [hashlib.sha256(k.encode()).digest() for k in keys]
+    api_keys = ApiKeys(keys)
 
     @web.middleware
     async def check_key(request: web.Request, handler: Handler) -> web.StreamResponse:
         path = request.raw_path.split("?", 1)[0]
-        if request.method == "OPTIONS" or path.startswith(OPEN_PREFIXES) or api_of(path) == "health" or authorized(request, digests):
+        open_path = request.method == "OPTIONS" or path.startswith(OPEN_PREFIXES) or api_of(path) == "health"
+        if open_path or api_keys.accept(request.headers.get("Authorization")):
             return await handler(request)
         resource = request.match_info.route.resource  # its pattern, not the path: labels stay few
         request.app[METRICS].errors.labels(resource.canonical if resource else "other", "unauthorized").inc()
         return web.json_response({"error": "Unauthorized"}, status=401)
 
     return check_key
-
-
-def authorized(request: web.Request, digests: Sequence[bytes]) -> bool:
-    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
-    if scheme.lower() != "bearer":
-        return False
-    digest = hashlib.sha256(token.strip().encode()).digest()
-    return any([hmac.compare_digest(digest, d) for d in digests])  # all compared: no early exit

@@ -11,7 +11,9 @@ Settings of the models (reward_server/settings.py) can be given as flags (`--max
 becomes its `REWARD_*` environment variable for the models, paths made absolute here.
 
 HTTP and metrics are served by the front (front.py): Triton's own HTTP and metrics listen on loopback
-ports chosen here; gRPC is Triton's, on the public address.
+ports chosen here. gRPC is Triton's, on the public address, unless API keys are configured: then the
+gRPC front (grpc_front.py) serves the public gRPC port, checks the keys and forwards to Triton's gRPC
+on loopback.
 
 Locked down by default (docs/security.md): model control is off (`--model-control-mode=none`), and the
 model-repository, logging, trace, shared-memory and statistics APIs are restricted on HTTP (the front,
@@ -33,15 +35,15 @@ import shutil
 import socket
 import sys
 import sysconfig
-from dataclasses import fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from secrets import token_urlsafe
 
 from reward_client import AsyncRewardClient
 from reward_client.protocol import ENSEMBLE_MODEL
 from reward_server import gateway
-from reward_server.gateway.auth import API_KEY_ENV, read_api_keys
-from reward_server.launcher import front
+from reward_server.gateway.auth import API_KEY_ENV, ApiKeys, read_api_keys
+from reward_server.launcher import front, grpc_front
 from reward_server.launcher.argv_secrets import Secrets, build_library
 from reward_server.launcher.backend import DEFAULT_BACKENDS, layout_backend, pytriton_server_dir
 from reward_server.launcher.supervisor import supervise
@@ -53,21 +55,25 @@ ADMIN_KEY_ENV = "REWARD_ADMIN_KEY"
 GATEWAY_CONCURRENCY = 256
 
 
-def server_command(
-    args: argparse.Namespace, admin_key: str | None, api_keys: tuple[str, ...], http_port: int, metrics_port: int, secrets: Secrets
-) -> list[str]:
-    """tritonserver's command: HTTP and metrics on loopback (behind the front), gRPC public; the
-    restricted APIs need the admin key (or a random one nobody is told); with API keys, gRPC inference
-    needs `authorization: Bearer KEY` with the first (a Triton flag holds one). Keys appear as
-    `secrets`' markers only."""
+@dataclass(frozen=True)
+class LoopbackPorts:
+    """tritonserver's loopback ports behind the fronts; `grpc` is 0 when Triton serves gRPC publicly."""
+
+    http: int
+    metrics: int
+    grpc: int = 0
+
+
+def server_command(args: argparse.Namespace, admin_key: str | None, ports: LoopbackPorts, secrets: Secrets) -> list[str]:
+    """tritonserver's command: HTTP and metrics on loopback (behind the front), gRPC public or, with
+    `ports.grpc`, on loopback (behind the gRPC front); the restricted APIs need the admin key (or a
+    random one nobody is told), which appears as a `secrets` marker only."""
     control = ["--model-control-mode=explicit", "--load-model=*"] if admin_key else ["--model-control-mode=none"]
     restricted = secrets.marker(admin_key or token_urlsafe(32))
     control += [f"--http-restricted-api={ADMIN_APIS}:{ADMIN_HEADER}={restricted}"]
     control += [f"--grpc-restricted-protocol={ADMIN_APIS}:{ADMIN_HEADER}={restricted}"]
-    if api_keys:
-        control += [f"--grpc-restricted-protocol=inference:authorization=Bearer {secrets.marker(api_keys[0])}"]
     tls = []
-    if args.tls_cert:
+    if args.tls_cert and not ports.grpc:
         tls = ["--grpc-use-ssl=true", f"--grpc-server-cert={args.tls_cert}", f"--grpc-server-key={args.tls_key}"]
         if args.tls_client_ca:
             tls += ["--grpc-use-ssl-mutual=true", f"--grpc-root-cert={args.tls_client_ca}"]
@@ -75,11 +81,11 @@ def server_command(
         args.tritonserver,
         f"--model-repository={args.model_repository}",
         *([f"--backend-directory={args.backend_directory}"] if args.backend_directory else []),
-        f"--http-port={http_port}",
-        f"--grpc-port={args.grpc_port}",
-        f"--metrics-port={metrics_port}",
+        f"--http-port={ports.http}",
+        f"--grpc-port={ports.grpc or args.grpc_port}",
+        f"--metrics-port={ports.metrics}",
         "--http-address=127.0.0.1",
-        f"--grpc-address={args.address}",
+        f"--grpc-address={'127.0.0.1' if ports.grpc else args.address}",
         "--metrics-address=127.0.0.1",
         *control,
         *tls,
@@ -131,8 +137,8 @@ def parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--api-key-file",
         type=Path,
-        help=f"file of API keys, one per line (or ${API_KEY_ENV}): every inference route needs 'Authorization: Bearer KEY' "
-        "(gRPC: the first key only; docs/gateway.md)",
+        help=f"file of API keys, one per line (or ${API_KEY_ENV}): every route but health and metrics, HTTP and gRPC, "
+        "needs 'Authorization: Bearer KEY' (docs/gateway.md)",
     )
     parser.add_argument(
         "--gateway-raw", action="store_true", help="/get_reward scores text in no known chat format as given instead of refusing it"
@@ -194,30 +200,37 @@ def main(argv: list[str] | None = None) -> None:
 
 
 async def serve(args: argparse.Namespace, admin_key: str | None) -> int:
-    """The supervised tritonserver, its HTTP and metrics on loopback ports behind the front."""
+    """The supervised tritonserver, its HTTP and metrics on loopback ports behind the front, and its
+    gRPC too behind the gRPC front when there are API keys."""
     env = server_environment(args)
-    http, metrics = free_loopback_ports(2, exclude={args.http_port, args.grpc_port, args.metrics_port})
+    api_keys = getattr(args, "api_keys", ())
+    ports = LoopbackPorts(*free_loopback_ports(3 if api_keys else 2, exclude={args.http_port, args.grpc_port, args.metrics_port}))
     context = front.server_context(args.tls_cert, args.tls_key, args.tls_client_ca) if args.tls_cert else None
     counters = front.FrontMetrics()
     # The RLHF gateway's routes call the ensemble on Triton's loopback HTTP: plain, never key-restricted.
-    options = gateway.Options(
-        api_keys=getattr(args, "api_keys", ()), raw=args.gateway_raw, registry=counters.registry, **_gateway_settings(args, env)
-    )
+    options = gateway.Options(api_keys=api_keys, raw=args.gateway_raw, registry=counters.registry, **_gateway_settings(args, env))
     # Its own limit on calls in flight, above any one trainer's: Triton queues and batches them.
-    upstream = lambda: AsyncRewardClient(f"http://127.0.0.1:{http}", concurrency=GATEWAY_CONCURRENCY)  # noqa: E731
+    upstream = lambda: AsyncRewardClient(f"http://127.0.0.1:{ports.http}", concurrency=GATEWAY_CONCURRENCY)  # noqa: E731
     hook = lambda app: gateway.install(app, upstream, options)  # noqa: E731
     app = front.application(
-        f"http://127.0.0.1:{http}", admin_key=admin_key, max_body_bytes=args.max_body_bytes, metrics=counters, install=[hook]
+        f"http://127.0.0.1:{ports.http}", admin_key=admin_key, max_body_bytes=args.max_body_bytes, metrics=counters, install=[hook]
     )
     runners = [
         await front.start(app, args.address, args.http_port, context),
-        await front.start(front.metrics_application(f"http://127.0.0.1:{metrics}", counters), args.address, args.metrics_port),
+        await front.start(front.metrics_application(f"http://127.0.0.1:{ports.metrics}", counters), args.address, args.metrics_port),
     ]
+    grpc = None
+    if ports.grpc:
+        grpc = grpc_front.GrpcFront(f"127.0.0.1:{ports.grpc}", ApiKeys(api_keys), grpc_front.GrpcMetrics(counters.registry))
+        tls = grpc_front.credentials(args.tls_cert, args.tls_key, args.tls_client_ca) if args.tls_cert else None
+        await grpc.start(args.address, args.grpc_port, tls)
     try:
         keys = Secrets()
-        command = server_command(args, admin_key, options.api_keys, http, metrics, keys)
-        return await supervise(command, keys.environment(build_library(), env), f"http://127.0.0.1:{http}")
+        command = server_command(args, admin_key, ports, keys)
+        return await supervise(command, keys.environment(build_library(), env), f"http://127.0.0.1:{ports.http}")
     finally:
+        if grpc:
+            await grpc.stop()
         for runner in runners:
             await runner.cleanup()
 

@@ -1,0 +1,144 @@
+"""The gRPC front (reward_server.launcher.grpc_front) before the live server's gRPC, in this process:
+every API key opens every call but health, others are UNAUTHENTICATED; unary and streaming calls are
+forwarded byte for byte (the same scores); upstream errors and Triton's own admin-key restriction
+come back as they are; a missing upstream is UNAVAILABLE; calls are counted by method and status."""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+from prometheus_client import CollectorRegistry
+from tritonclient.utils import InferenceServerException
+
+from reward_client import InvalidConversationError, PermissionDeniedError, Retry, RewardClient, ServerUnavailableError, protocol
+from reward_client.inputs import conversation_inputs, token_inputs
+from reward_server.gateway.auth import ApiKeys
+from reward_server.launcher.grpc_front import GrpcFront, GrpcMetrics
+from tests.live_server import free_port
+
+MESSAGES = [{"role": "user", "content": "What is 1+1?"}, {"role": "assistant", "content": "1+1=2"}]
+KEYS = ("key-one", "key-two")
+
+
+class RunningFront:
+    """A GrpcFront on a free port, served from an event loop in a thread of its own."""
+
+    def __init__(self, upstream: str, keys=KEYS) -> None:
+        self.registry, self.port = CollectorRegistry(), free_port()
+        self.loop = asyncio.new_event_loop()
+        threading.Thread(target=self.loop.run_forever, daemon=True).start()
+
+        async def start() -> GrpcFront:  # grpc.aio objects belong to the loop they are made in
+            front = GrpcFront(upstream, ApiKeys(keys), GrpcMetrics(self.registry))
+            await front.start("127.0.0.1", self.port)
+            return front
+
+        self.front = self._call(start())
+
+    @property
+    def url(self) -> str:
+        return f"localhost:{self.port}"
+
+    def _call(self, coroutine):
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout=60)
+
+    def calls(self, method: str, code: str) -> float:
+        return self.registry.get_sample_value("reward_grpc_requests_total", {"method": method, "code": code}) or 0.0
+
+    def close(self) -> None:
+        self._call(self.front.stop())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+
+
+@pytest.fixture(scope="module")
+def grpc_front(server):
+    running = RunningFront(f"localhost:{server.grpc_port}")
+    yield running
+    running.close()
+
+
+def bearer(key: str) -> dict[str, str]:
+    return {"authorization": f"Bearer {key}"}  # gRPC metadata keys are lower case (RewardClient lowers them itself)
+
+
+def test_every_key_opens_inference_and_no_other_does(grpc_front, server):
+    with RewardClient(server.grpc_url) as direct:
+        expected = direct.score(MESSAGES)
+    for key in KEYS:
+        with RewardClient(grpc_front.url, headers={"Authorization": f"Bearer {key}"}) as client:  # as the docs write it
+            assert client.score(MESSAGES) == expected  # forwarded byte for byte: the very same score
+    with RewardClient(grpc_front.url, headers={"authorization": "bearer key-two"}) as client:  # scheme in any case
+        assert client.score(MESSAGES) == expected
+    refused = grpc_front.calls("ModelInfer", "UNAUTHENTICATED")
+    for headers in ({}, bearer("key-three"), {"authorization": "key-one"}, bearer("")):
+        with RewardClient(grpc_front.url, headers=headers) as client, pytest.raises(PermissionDeniedError, match="Unauthorized"):
+            client.score(MESSAGES)  # never retried: the default budget would take minutes
+    assert grpc_front.calls("ModelInfer", "UNAUTHENTICATED") == refused + 4
+    assert grpc_front.calls("ModelInfer", "OK") >= 3
+
+
+def test_health_is_open_and_metadata_is_not(grpc_front):
+    client = grpcclient.InferenceServerClient(grpc_front.url)
+    try:
+        assert client.is_server_live() and client.is_server_ready() and client.is_model_ready(protocol.ENSEMBLE_MODEL)
+        with pytest.raises(InferenceServerException, match="Unauthorized") as refused:
+            client.get_model_metadata(protocol.ENSEMBLE_MODEL)
+        assert refused.value.status() == "StatusCode.UNAUTHENTICATED"
+        metadata = client.get_model_metadata(protocol.ENSEMBLE_MODEL, headers={"authorization": "Bearer key-one"})
+        assert metadata.name == protocol.ENSEMBLE_MODEL
+    finally:
+        client.close()
+    assert grpc_front.calls("ServerLive", "OK") >= 1 and grpc_front.calls("ModelMetadata", "UNAUTHENTICATED") >= 1
+
+
+def test_a_stream_is_forwarded_both_ways(grpc_front, server):
+    """ModelStreamInfer (bidirectional): three requests on one stream, three answers with their ids."""
+    with RewardClient(server.grpc_url) as direct:
+        expected = direct.score(MESSAGES).reward
+    answers: queue.Queue = queue.Queue()
+    client = grpcclient.InferenceServerClient(grpc_front.url)
+    try:
+        client.start_stream(callback=lambda result, error: answers.put((result, error)), headers=bearer("key-one"))
+        for k in range(3):
+            tensors = conversation_inputs(MESSAGES)
+            inputs = [grpcclient.InferInput(name, list(array.shape), "BYTES") for name, array in tensors.items()]
+            for tensor, array in zip(inputs, tensors.values(), strict=True):
+                tensor.set_data_from_numpy(array)
+            client.async_stream_infer(protocol.ENSEMBLE_MODEL, inputs, request_id=f"r{k}")
+        results = [answers.get(timeout=120) for _ in range(3)]
+    finally:
+        client.stop_stream()
+        client.close()
+    assert all(error is None for _, error in results), results
+    assert sorted(result.get_response().id for result, _ in results) == ["r0", "r1", "r2"]
+    for result, _ in results:
+        assert result.as_numpy(protocol.REWARD).reshape(-1)[0] == np.float32(expected)
+
+
+def test_errors_come_back_as_upstream_gave_them(grpc_front):
+    with RewardClient(grpc_front.url, headers=bearer("key-one")) as client, pytest.raises(InvalidConversationError, match="must lie in"):
+        client.score_tensors(token_inputs([1, 10**9]))  # refused by the server, not by the client
+    assert grpc_front.calls("ModelInfer", "INVALID_ARGUMENT") >= 1
+    client = grpcclient.InferenceServerClient(grpc_front.url)
+    try:  # Triton's own restriction of the admin APIs still holds behind a valid API key
+        with pytest.raises(InferenceServerException, match="restricted"):
+            client.get_log_settings(headers=bearer("key-one"))
+    finally:
+        client.close()
+
+
+def test_no_upstream_is_unavailable():
+    running = RunningFront(f"127.0.0.1:{free_port()}")
+    try:
+        with RewardClient(running.url, headers=bearer("key-one"), retry=Retry(attempts=1)) as client:
+            with pytest.raises(ServerUnavailableError):
+                client.score(MESSAGES)
+            assert not client.is_ready()
+    finally:
+        running.close()
+    assert running.calls("ModelInfer", "UNAVAILABLE") == 1
