@@ -37,6 +37,14 @@ def stubs_of(root: int) -> dict[int, bytes]:
     return found
 
 
+def process_state(pid: int) -> str:
+    """`pid`'s state letter (Z: a zombie not yet reaped), or "gone"."""
+    try:
+        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return "gone"
+
+
 @pytest.fixture(scope="module")
 def fault_server(tmp_path_factory, checkpoint):
     """A server of this module's own, in a holder so that a test may replace it (restart it)."""
@@ -101,9 +109,12 @@ def test_engine_stub_killed_mid_load(fault_server, reference_reward):
     for scores in load.results:  # before, during and after the fault: every answer is the right score
         assert np.abs(scores - expected).max() <= 1e-4
     log = server.log.read_text()
-    assert "the python-backend stub of reward_engine died; restarting tritonserver" in log
-    new_engine = [pid for pid, cmdline in stubs_of(server.process.pid).items() if b"reward_engine" in cmdline]
-    assert new_engine and new_engine != engine
+    now = stubs_of(server.process.pid)
+    # What the launcher and tritonserver said, and the stubs now, should the supervisor not have seen the death.
+    seen = f"killed {engine[0]} ({process_state(engine[0])}); stubs now {now}; log:\n" + "\n".join(log.splitlines()[-60:])
+    assert "the python-backend stub of reward_engine died; restarting tritonserver" in log, seen
+    new_engine = [pid for pid, cmdline in now.items() if b"reward_engine" in cmdline]
+    assert new_engine and new_engine != engine, seen
 
 
 def test_default_client_rides_out_a_server_restart(fault_server, checkpoint, reference_reward):
