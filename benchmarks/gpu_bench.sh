@@ -10,7 +10,7 @@
 # What it does, in about 5 minutes on an H100/H200 (estimated): builds the Llama-3.1-8B-shape random
 # checkpoint in bf16 (/tmp/rm-8b, kept between runs), runs benchmarks/benchmark.py on the long, short,
 # best-of-8 and rlhf workloads side by side, then one profiled engine step of the long mix.
-# DEVICE, DTYPE, PRESET, CHECKPOINT and TOKENIZER override the GPU defaults (a CPU dry run of this script:
+# OVERHEAD_ROUNDS (default 0) adds benchmarks/gateway_overhead.py's rounds. DEVICE, DTYPE, PRESET, CHECKPOINT and TOKENIZER override the GPU defaults (a CPU dry run of this script:
 # DEVICE=cpu DTYPE=fp32 PRESET=bench CHECKPOINT=/tmp/rm-dry benchmarks/gpu_bench.sh /tmp/dry).
 set -euo pipefail
 out=${1:?folder for the results}
@@ -44,6 +44,11 @@ server=()
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$out/gpu.txt" || true
 "$python" -m benchmarks.benchmark --checkpoint "$checkpoint" --device "$device" --dtype "$dtype" --workloads "${WORKLOADS:-long,short,best-of-8,rlhf}" \
   --rlhf-prompts "${RLHF_PROMPTS:-4}" "${server[@]}" --out "$out/bench-gpu.json" 2>&1 | tee "$out/bench.log"
+# OVERHEAD_ROUNDS=N (with the server): the HTTP gateway's and the gRPC front's cost against direct gRPC (issue 15)
+if [ "${OVERHEAD_ROUNDS:-0}" -gt 0 ] && [ ${#server[@]} -eq 0 ]; then
+  "$python" -m benchmarks.gateway_overhead --checkpoint "$checkpoint" --device "$device" --dtype "$dtype" --rounds "$OVERHEAD_ROUNDS" 2>&1 |
+    tee "$out/overhead.log"
+fi
 
 "$python" - "$out" "$checkpoint" "$device" "$dtype" <<'EOF'
 # One engine step of the long mix under torch.profiler: where a step's time goes (host syncs, attention
