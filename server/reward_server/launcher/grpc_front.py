@@ -64,6 +64,9 @@ class Forwarder(grpc.GenericRpcHandler):
             except asyncio.CancelledError:
                 code = grpc.StatusCode.CANCELLED
                 raise
+            except Exception:
+                code = grpc.StatusCode.UNKNOWN  # what grpc answers for a handler's own failure
+                raise
             finally:
                 self.metrics.calls.labels(METHODS.get(details.method, "other"), code.name).inc()
 
