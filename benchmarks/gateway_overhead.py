@@ -73,10 +73,11 @@ def main() -> None:
         }
         for way in ways.values():  # warm every path
             asyncio.run(way(conversations[:CONCURRENCY]))
-        ratios: dict[str, list[float]] = {name: [] for name in list(ways)[1:]}
         names = list(ways)
+        ratios: dict[str, list[float]] = {name: [] for name in names[1:]}
         for k in range(args.rounds):
-            order = names[k % 3 :] + names[: k % 3]  # each way first, second and third in turn
+            turn = k % len(names)
+            order = names[turn:] + names[:turn]  # each way first, second and third in turn
             seconds = {name: asyncio.run(ways[name](conversations)) for name in order}
             for name in ratios:
                 ratios[name].append(seconds[name] / seconds["direct gRPC"])

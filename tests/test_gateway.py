@@ -4,13 +4,11 @@ inputs (TEXT, TOKENS, ADD_SPECIAL_TOKENS, KEEP_LAST_TOKENS) through the client; 
 
 from __future__ import annotations
 
-import asyncio
 import json
 import math
 import os
 import signal
 import ssl
-import threading
 
 import numpy as np
 import pytest
@@ -21,7 +19,7 @@ from reward_client import AsyncRewardClient, InvalidConversationError, RewardCli
 from reward_server import gateway
 from reward_server.launcher import front
 from tests.corpus import conversations
-from tests.live_server import free_port
+from tests.live_server import BackgroundLoop, free_port
 
 MESSAGES = [{"role": "user", "content": "What is 1+1?"}, {"role": "assistant", "content": "1+1=2"}]
 LONG = [
@@ -34,20 +32,17 @@ LONG = [
 ]
 
 
-class Running:
+class Running(BackgroundLoop):
     """The front's app with the gateway installed, served on a free port from a thread of its own."""
 
     def __init__(self, server, **options) -> None:
+        super().__init__()
         self.registry = CollectorRegistry()
         opts = gateway.Options(registry=self.registry, max_tokens=4096, **options)
         hook = lambda app: gateway.install(app, lambda: AsyncRewardClient(server.grpc_url), opts)  # noqa: E731
         app = front.application(server.http_url, admin_key=None, install=[hook])
-        self.url, self.loop = f"http://127.0.0.1:{free_port()}", asyncio.new_event_loop()
-        threading.Thread(target=self.loop.run_forever, daemon=True).start()
-        self.runner = self._call(front.start(app, "127.0.0.1", int(self.url.rsplit(":", 1)[1])))
-
-    def _call(self, coroutine):
-        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout=60)
+        self.url = f"http://127.0.0.1:{free_port()}"
+        self.runner = self.call(front.start(app, "127.0.0.1", int(self.url.rsplit(":", 1)[1])))
 
     def post(self, path: str, body, **headers) -> requests.Response:
         return requests.post(self.url + path, json=body, headers=headers, timeout=120)
@@ -56,8 +51,8 @@ class Running:
         return self.registry.get_sample_value(name, labels) or 0.0
 
     def close(self) -> None:
-        self._call(self.runner.cleanup())
-        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.call(self.runner.cleanup())
+        self.stop_loop()
 
 
 @pytest.fixture(scope="module")

@@ -5,9 +5,7 @@ come back as they are; a missing upstream is UNAVAILABLE; calls are counted by m
 
 from __future__ import annotations
 
-import asyncio
 import queue
-import threading
 
 import numpy as np
 import pytest
@@ -19,40 +17,36 @@ from reward_client import InvalidConversationError, PermissionDeniedError, Retry
 from reward_client.inputs import conversation_inputs, token_inputs
 from reward_server.gateway.auth import ApiKeys
 from reward_server.launcher.grpc_front import GrpcFront, GrpcMetrics
-from tests.live_server import free_port
+from tests.live_server import BackgroundLoop, free_port
 
 MESSAGES = [{"role": "user", "content": "What is 1+1?"}, {"role": "assistant", "content": "1+1=2"}]
 KEYS = ("key-one", "key-two")
 
 
-class RunningFront:
+class RunningFront(BackgroundLoop):
     """A GrpcFront on a free port, served from an event loop in a thread of its own."""
 
     def __init__(self, upstream: str, keys=KEYS) -> None:
+        super().__init__()
         self.registry, self.port = CollectorRegistry(), free_port()
-        self.loop = asyncio.new_event_loop()
-        threading.Thread(target=self.loop.run_forever, daemon=True).start()
 
         async def start() -> GrpcFront:  # grpc.aio objects belong to the loop they are made in
             front = GrpcFront(upstream, ApiKeys(keys), GrpcMetrics(self.registry))
             await front.start("127.0.0.1", self.port)
             return front
 
-        self.front = self._call(start())
+        self.front = self.call(start())
 
     @property
     def url(self) -> str:
         return f"localhost:{self.port}"
 
-    def _call(self, coroutine):
-        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout=60)
-
     def calls(self, method: str, code: str) -> float:
         return self.registry.get_sample_value("reward_grpc_requests_total", {"method": method, "code": code}) or 0.0
 
     def close(self) -> None:
-        self._call(self.front.stop())
-        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.call(self.front.stop())
+        self.stop_loop()
 
 
 @pytest.fixture(scope="module")
