@@ -11,7 +11,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from reward_server.batching import run_steps
-from reward_server.prefix_cache import BLOCK_TOKENS, PrefixCache, block_keys, kv_bytes_per_token
+from reward_server.prefix_cache import BLOCK_TOKENS, CacheCounters, PrefixCache, block_keys, kv_bytes_per_token
 from reward_server.runtimes.torch_runtime import TorchRewardEngine
 from tests.test_architectures import CONFIGS, TOLERANCE, VOCAB, _eager, _engine, _save
 
@@ -160,17 +160,27 @@ def test_a_small_cache_evicts_and_stays_exact(tmp_path):
 @pytest.mark.parametrize("family", ["llama", "gemma2"])
 def test_tensor_parallel_ranks_each_cache_their_own_heads(family, tmp_path):
     """TP 2 (gloo): every rank keeps its own cache of its kv heads, keyed the same way; the responses sent
-    one by one equal one device without a cache (fp32: only the order of the row-parallel sums differs)."""
+    one by one equal one device without a cache (fp32: only the order of the row-parallel sums differs).
+    The engine driving the ranks reports rank 0's counters, as one device's engine would (the metrics)."""
     torch.manual_seed(18)
     folder = _save(AutoModelForCausalLM.from_config(CONFIGS[family]()), tmp_path)
     _, sequences = _group(18)
     expected = _engine(folder, min_shared_prefix=0).score(sequences)
+    one_device = _engine(folder, prefix_cache_tokens=1024)
+    _cached_scores(one_device, sequences)
     engine = _engine(folder, tensor_parallel=2, prefix_cache_tokens=1024)
     try:
+        assert engine.cache_counters == CacheCounters()
         got = _cached_scores(engine, sequences)
+        counters = engine.cache_counters
+        (step,) = run_steps(engine, sequences[:1], engine.read_positions(sequences[:1]))  # seen before: all its blocks hit
     finally:
         engine.close()
     assert np.abs(got - expected).max() <= TOLERANCE
+    local = one_device.cache_counters
+    assert (counters.hits, counters.misses, counters.evictions) == (local.hits, local.misses, local.evictions) and counters.hits > 0
+    assert counters.bytes_held == local.bytes_held // 2  # each rank holds half the kv heads
+    assert step.cache.hits == len(sequences[0]) // BLOCK_TOKENS and step.reused == step.cache.hits * BLOCK_TOKENS
 
 
 def test_fp8_with_the_cache_equals_fp8_without(tmp_path):

@@ -5,14 +5,17 @@ rank killed under load."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import time
+import urllib.request
 
 import numpy as np
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, LlamaConfig
 
+from reward_server import metrics
 from reward_server.errors import EngineError
 from reward_server.parallel import shard_plan
 from tests.corpus import conversations
@@ -143,5 +146,41 @@ def test_tensor_parallel_server_rides_out_a_killed_rank(tmp_path, checkpoint, re
         assert all(np.abs(scores - expected).max() <= 1e-4 for scores in load.results)  # before, during, after
         log = server.log.read_text()
         assert "tensor-parallel rank" in log and "restarting tritonserver" in log
+    finally:
+        stop_server(server)
+
+
+def _steps_by_instance(server) -> dict[str, float]:
+    """reward_engine's steps so far, per instance label, from :8002."""
+    text = urllib.request.urlopen(server.metrics_url, timeout=10).read().decode()
+    found = re.findall(rf'^{metrics.STEP_TOKENS}_count\{{[^}}]*instance="([^"]+)"[^}}]*\}} (\S+)$', text, re.MULTILINE)
+    return {instance: float(count) for instance, count in found}
+
+
+def test_two_engine_instances_of_tensor_parallel_2_both_serve(tmp_path, checkpoint, reference_reward):
+    """`--engine-instances 2 --tensor-parallel 2` (data x tensor parallelism, 4 gloo ranks): two engine stubs
+    with two ranks each; under concurrent load both instances run steps, and every answer equals the
+    reference, the same bits whichever instance scored it."""
+    convs = conversations()[:6]
+    expected = np.array([reference_reward(c) for c in convs])
+    options = ["--engine-instances", "2", "--tensor-parallel", "2"]
+    server = start_server(tmp_path / "server.log", env={"REWARD_CHECKPOINT": str(checkpoint)}, options=options)
+    try:
+        engines = [pid for pid, cmdline in stubs_of(server.process.pid).items() if b"reward_engine" in cmdline]
+        assert len(engines) == 2 and all(len(_ranks_of(stub)) == 2 for stub in engines), engines
+        load = Load(server.grpc_url, convs, workers=3)
+        try:
+            deadline = time.monotonic() + 180
+            while not load.errors and time.monotonic() < deadline:
+                steps = _steps_by_instance(server)
+                if len(steps) == 2 and min(steps.values()) > 0:
+                    break
+                time.sleep(0.5)
+        finally:
+            load.finish()
+        assert not load.errors, load.errors[:3]
+        assert sorted(steps) == ["reward_engine_0_0", "reward_engine_0_1"] and min(steps.values()) > 0, steps
+        assert all(np.array_equal(scores, load.results[0]) for scores in load.results)  # batch and instance invariant
+        assert np.abs(load.results[0] - expected).max() <= 1e-4
     finally:
         stop_server(server)

@@ -110,25 +110,24 @@ def run_steps(engine: Any, sequences: Sequence[np.ndarray], positions: Sequence[
     """Score `sequences` with an engine (`plan`, `score_step`), step by step; identical sequences run once.
     A failing step is reported in its StepResult and the later steps still run."""
     representatives, members = unique(sequences, positions)
-    cache = getattr(engine, "prefix_cache", None)
     for step in engine.plan([sequences[r] for r in representatives], [positions[r] for r in representatives]):
         chosen = [representatives[u] for u in step.indices]
         indices = [i for u in step.indices for i in members[u]]
         computed = [len(sequences[i]) for i in chosen]
         started = time.perf_counter()
-        counted = cache.counters if cache is not None else None
+        counted = engine.cache_counters
         try:
             scored = engine.score_step([sequences[i] for i in chosen], step.prefixes, [positions[i] for i in chosen])
         except Exception as exc:  # reported; the caller fails only this step's requests
-            yield StepResult(indices, None, exc, computed, step.prefixes, time.perf_counter() - started, _since(cache, counted))
+            yield StepResult(indices, None, exc, computed, step.prefixes, time.perf_counter() - started, _since(engine, counted))
             continue
         bounds = np.cumsum([0, *(len(positions[i]) for i in chosen)])
         outputs = [scored[bounds[k] : bounds[k + 1]] for k, u in enumerate(step.indices) for _ in members[u]]
-        yield StepResult(indices, outputs, None, computed, step.prefixes, time.perf_counter() - started, _since(cache, counted))
+        yield StepResult(indices, outputs, None, computed, step.prefixes, time.perf_counter() - started, _since(engine, counted))
 
 
-def _since(cache: Any, counted: Any) -> Any:
-    return None if cache is None else cache.counters.since(counted)
+def _since(engine: Any, counted: Any) -> Any:
+    return None if counted is None else engine.cache_counters.since(counted)
 
 
 def score_all(engine: Any, sequences: Sequence[np.ndarray], positions: Sequence[np.ndarray] | None = None) -> np.ndarray:

@@ -126,13 +126,24 @@ def shard_trunk(trunk: nn.Module, rank: int, world: int) -> nn.Module:
     return trunk
 
 
-def rank_device(device: str, rank: int) -> str:
-    """Rank r runs on cuda:r of the devices this process sees (CUDA_VISIBLE_DEVICES picks them)."""
+def rank_device(device: str, index: int) -> str:
+    """The index-th GPU this process sees (CUDA_VISIBLE_DEVICES picks them) for `device` auto or cuda: rank r
+    of the engine instance k of tensor_parallel T runs on index k*T + r (instances.py); a CPU is shared."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda:"):
-        raise ValueError(f"device {device}: with tensor_parallel > 1 use device cuda (ranks take cuda:0..N-1) and CUDA_VISIBLE_DEVICES")
-    return f"cuda:{rank}" if device == "cuda" else device
+        raise ValueError(
+            f"device {device}: with tensor_parallel or engine_instances > 1 use device cuda (ranks and instances take "
+            "cuda:0, 1, ... in turn) and choose the GPUs with CUDA_VISIBLE_DEVICES"
+        )
+    if device != "cuda":
+        return device
+    if index >= torch.cuda.device_count():
+        raise ValueError(
+            f"cuda:{index} does not exist: this process sees {torch.cuda.device_count()} GPU(s), fewer than "
+            "engine_instances x tensor_parallel"
+        )
+    return f"cuda:{index}"
 
 
 def _python() -> str:
@@ -251,15 +262,15 @@ def worker_main(rank: int, world: int, store: str, options: dict[str, Any], conn
     """One rank: join the group, load this rank's shard, then run every step the engine sends."""
     from reward_server.runtimes.torch_runtime import TorchRewardEngine
 
-    device = rank_device(options.get("device", "auto"), rank)
+    device = rank_device(options.get("device", "auto"), options.get("first_device", 0) + rank)  # checked by the engine
     on_gpu = device.startswith("cuda")
     if on_gpu:
         torch.cuda.set_device(device)
-    else:  # N ranks share the CPU's cores
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    else:  # the ranks (of every engine instance) share the CPU's cores
+        torch.set_num_threads(options.get("threads") or max(1, (os.cpu_count() or 1) // world))
     dist.init_process_group("nccl" if on_gpu else "gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     try:
-        engine = TorchRewardEngine(**{**options, "device": device}, tensor_parallel=world, rank=rank)
+        engine = TorchRewardEngine(**{**options, "device": device, "first_device": 0}, tensor_parallel=world, rank=rank)
     except ValueError as exc:
         connection.send(("load_error", str(exc)))
         return
@@ -277,6 +288,6 @@ def worker_main(rank: int, world: int, store: str, options: dict[str, Any], conn
         except Exception:  # the other ranks may wait in a collective: end the whole group
             connection.send(("error", traceback.format_exc()))
             os._exit(1)
-        if rank == 0:
-            connection.send(("ok", outputs))
+        if rank == 0:  # every rank's cache keys, hits and evicts alike: rank 0's counters stand for all
+            connection.send(("ok", (outputs, engine.cache_counters)))
     dist.destroy_process_group()

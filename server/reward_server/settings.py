@@ -59,6 +59,15 @@ class Settings:
     tensor_parallel: int = _setting(
         1, "ranks (GPUs: cuda:0..N-1; gloo processes on cpu) one engine splits the model over", (ENGINE_MODEL,), "int", minimum=1
     )
+    engine_instances: int = _setting(
+        1,
+        "reward_engine instances, each a whole copy of the model (data parallelism): instance k runs on cuda:k*T..k*T+T-1 "
+        "(T = tensor_parallel); reward-server sets Triton's instance count to it, plain tritonserver needs the same "
+        "count in reward_engine's instance_group",
+        (ENGINE_MODEL,),
+        "int",
+        minimum=1,
+    )
     memory_budget: int | None = _setting(
         None,
         "bytes per rank for weights + one step: auto (free GPU memory; no plan on cpu) or a number; sizes auto max_step_tokens",
@@ -135,6 +144,11 @@ class Settings:
 def describe() -> list[tuple[str, str, Any, str, tuple[str, ...]]]:
     """(name, environment variable, default, help, models reading it) of every setting."""
     return [(f.name, ENV_PREFIX + f.name.upper(), f.default, f.metadata["help"], f.metadata["models"]) for f in fields(Settings)]
+
+
+def setting_kind(name: str) -> str | None:
+    """How a setting's text is read (path, int, choice, ...); None for no such setting."""
+    return next((f.metadata["kind"] for f in fields(Settings) if f.name == name), None)
 
 
 def parse(name: str, text: str, source: str, base: Path) -> Any:

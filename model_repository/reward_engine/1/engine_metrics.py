@@ -8,8 +8,8 @@ from reward_server.errors import REJECTION_REASONS
 
 
 class EngineMetrics:
-    def __init__(self, model: str, attributes: list[str]) -> None:
-        labels = {"model": model}
+    def __init__(self, model: str, instance: str, attributes: list[str]) -> None:
+        labels = {"model": model, "instance": instance}  # one series per instance (engine_instances > 1)
         counter, histogram, gauge = pb_utils.MetricFamily.COUNTER, pb_utils.MetricFamily.HISTOGRAM, pb_utils.MetricFamily.GAUGE
         # The families must outlive their metrics: keep both.
         self.families = {

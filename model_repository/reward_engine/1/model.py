@@ -23,6 +23,7 @@ from reward_client import protocol
 from reward_server import scoring
 from reward_server.compat import check_numpy
 from reward_server.errors import RequestError
+from reward_server.instances import check_count, engine_instance
 from reward_server.runtimes import load_engine
 from reward_server.settings import Settings, model_parameters
 
@@ -31,8 +32,10 @@ class TritonPythonModel:
     def initialize(self, args):
         check_numpy()
         self.settings = Settings.for_model(args["model_repository"], model_parameters(args))
-        self.engine = load_engine(self.settings)
-        self.metrics = EngineMetrics(args["model_name"], self.engine.spec.names)
+        instance = engine_instance(args)
+        check_count(self.settings.engine_instances, instance)
+        self.engine = load_engine(self.settings, instance.index)
+        self.metrics = EngineMetrics(args["model_name"], instance.name, self.engine.spec.names)
 
     def execute(self, requests):
         batch = []

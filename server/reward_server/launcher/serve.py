@@ -35,6 +35,7 @@ import shutil
 import socket
 import sys
 import sysconfig
+import tempfile
 from dataclasses import dataclass, fields
 from pathlib import Path
 from secrets import token_urlsafe
@@ -46,6 +47,7 @@ from reward_server.gateway.auth import API_KEY_ENV, ApiKeys, read_api_keys
 from reward_server.launcher import front, grpc_front
 from reward_server.launcher.argv_secrets import Secrets, build_library
 from reward_server.launcher.backend import DEFAULT_BACKENDS, layout_backend, pytriton_server_dir
+from reward_server.launcher.repository import engine_instances, serving_repository
 from reward_server.launcher.supervisor import supervise
 from reward_server.settings import ENV_PREFIX, Settings, read_parameters
 
@@ -64,9 +66,9 @@ class LoopbackPorts:
     grpc: int = 0
 
 
-def server_command(args: argparse.Namespace, admin_key: str | None, ports: LoopbackPorts, secrets: Secrets) -> list[str]:
-    """tritonserver's command: HTTP and metrics on loopback (behind the front), gRPC public or, with
-    `ports.grpc`, on loopback (behind the gRPC front); the restricted APIs need the admin key (or a
+def server_command(args: argparse.Namespace, repository: Path, admin_key: str | None, ports: LoopbackPorts, secrets: Secrets) -> list[str]:
+    """tritonserver's command on `repository`: HTTP and metrics on loopback (behind the front), gRPC public
+    or, with `ports.grpc`, on loopback (behind the gRPC front); the restricted APIs need the admin key (or a
     random one nobody is told), which appears as a `secrets` marker only."""
     control = ["--model-control-mode=explicit", "--load-model=*"] if admin_key else ["--model-control-mode=none"]
     restricted = secrets.marker(admin_key or token_urlsafe(32))
@@ -79,7 +81,7 @@ def server_command(args: argparse.Namespace, admin_key: str | None, ports: Loopb
             tls += ["--grpc-use-ssl-mutual=true", f"--grpc-root-cert={args.tls_client_ca}"]
     return [
         args.tritonserver,
-        f"--model-repository={args.model_repository}",
+        f"--model-repository={repository}",
         *([f"--backend-directory={args.backend_directory}"] if args.backend_directory else []),
         f"--http-port={ports.http}",
         f"--grpc-port={ports.grpc or args.grpc_port}",
@@ -225,9 +227,14 @@ async def serve(args: argparse.Namespace, admin_key: str | None) -> int:
         tls = grpc_front.credentials(args.tls_cert, args.tls_key, args.tls_client_ca) if args.tls_cert else None
         await grpc.start(args.address, args.grpc_port, tls)
     try:
-        keys = Secrets()
-        command = server_command(args, admin_key, ports, keys)
-        return await supervise(command, keys.environment(build_library(), env), f"http://127.0.0.1:{ports.http}")
+        with tempfile.TemporaryDirectory(prefix="reward-repository-") as view:
+            try:
+                repository = serving_repository(args.model_repository, engine_instances(args.model_repository, env), Path(view))
+            except ValueError as exc:
+                raise SystemExit(f"reward-server: {exc}") from None
+            keys = Secrets()
+            command = server_command(args, repository, admin_key, ports, keys)
+            return await supervise(command, keys.environment(build_library(), env), f"http://127.0.0.1:{ports.http}")
     finally:
         if grpc:
             await grpc.stop()

@@ -7,6 +7,7 @@ by `make engine`, head folded into lm_head; needs tensorrt_llm and a GPU (unveri
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from typing import Protocol
 
@@ -14,6 +15,7 @@ import numpy as np
 
 from reward_server.batching import Step
 from reward_server.head_spec import HeadSpec
+from reward_server.prefix_cache import CacheCounters
 from reward_server.settings import Settings
 
 
@@ -23,6 +25,7 @@ class RewardEngine(Protocol):
     spec: HeadSpec  # output names, the reward rule
     vocab_size: int  # token ids must lie below this
     supports_turns: bool  # can read scores at any position, not only at the last token
+    cache_counters: CacheCounters | None  # the prefix cache's cumulative counters; None without a cache
 
     def read_positions(self, sequences: Sequence[np.ndarray], positions: Sequence[np.ndarray] | None = None) -> list[np.ndarray]:
         """Where each sequence's outputs are read: `positions` (default: its last token), adjusted as the
@@ -40,15 +43,19 @@ class RewardEngine(Protocol):
         ...
 
 
-def load_engine(settings: Settings) -> RewardEngine:
-    """The runtime that `settings.runtime` names, on `settings.checkpoint`."""
+def load_engine(settings: Settings, instance: int = 0) -> RewardEngine:
+    """The runtime that `settings.runtime` names, on `settings.checkpoint`; `instance`: which of the
+    `engine_instances` this is (instances.py), which picks its GPUs."""
     checkpoint = str(settings.require_checkpoint())
     if settings.runtime == "tensorrt_llm":
+        if settings.engine_instances > 1:
+            raise ValueError("engine_instances > 1 needs runtime torch (a TensorRT-LLM engine sets its own GPUs)")
         from reward_server.runtimes.trtllm_runtime import TrtllmRewardEngine  # needs tensorrt_llm and a GPU
 
         return TrtllmRewardEngine(checkpoint)
     from reward_server.runtimes.torch_runtime import TorchRewardEngine
 
+    share = settings.engine_instances * settings.tensor_parallel
     return TorchRewardEngine(
         checkpoint,
         device=settings.device,
@@ -61,4 +68,6 @@ def load_engine(settings: Settings) -> RewardEngine:
         memory_budget=settings.memory_budget,
         max_tokens=settings.max_tokens,
         exit_on_rank_failure=True,  # a server's engine stub exits; the supervisor restarts the server
+        first_device=instance * settings.tensor_parallel,
+        threads=max(1, (os.cpu_count() or 1) // share) if settings.engine_instances > 1 else None,  # on a CPU: shared
     )

@@ -25,8 +25,8 @@ from reward_server.fp8 import quantize_trunk
 from reward_server.heads import load_reward_model
 from reward_server.invariance import default_tile_rows, make_batch_invariant
 from reward_server.memory import module_bytes, plan_step_tokens, step_memory
-from reward_server.parallel import RankGroup, shard_trunk
-from reward_server.prefix_cache import BLOCK_TOKENS, PrefixCache, block_keys, kv_bytes_per_token
+from reward_server.parallel import RankGroup, rank_device, shard_trunk
+from reward_server.prefix_cache import BLOCK_TOKENS, CacheCounters, PrefixCache, block_keys, kv_bytes_per_token
 
 PACKED_ATTENTION = "packed_reward"  # no "sdpa" in the name: transformers would then demand SDPA support
 # fp8: loaded in bf16, then the decoder layers' linear weights quantised (fp8.py); the rest computes in bf16
@@ -147,28 +147,37 @@ class TorchRewardEngine:
         rank: int | None = None,
         prefix_cache_tokens: int = 0,
         tile_rows: int | None = None,
+        first_device: int = 0,
+        threads: int | None = None,
     ) -> None:
         """`auto` and None pick the defaults measured per device (README, "Precision and step size").
         tensor_parallel > 1: the model runs in that many worker processes (parallel.py), `rank` being
-        set in each of them; memory_budget and max_tokens: memory.py."""
+        set in each of them; memory_budget and max_tokens: memory.py. `first_device`: with device auto
+        or cuda, the index of this engine's first GPU (engine instance k of several: k * tensor_parallel,
+        instances.py); `threads`: CPU threads of each rank (None: torch's default, or shared by the ranks)."""
         self.min_shared_prefix = min_shared_prefix  # 0 turns prefix reuse off
         self.ranks = None
         self.prefix_cache: PrefixCache | None = None  # across requests; each rank holds its own
+        self._rank_counters: CacheCounters | None = None  # rank 0's, as of its last step (tensor parallel)
         # With the cache, attention runs in tiles of its blocks and shared prompts end on a block boundary:
         # cached or not, every tile is the same call (bit-identical by construction, _attend_tiles).
         self.attention_tile = BLOCK_TOKENS if prefix_cache_tokens else 0
         if tensor_parallel > 1 and rank is None:  # the engine that drives the ranks holds no weights
+            rank_device(device, first_device + tensor_parallel - 1)  # the last rank's GPU exists (ValueError)
             options = dict(checkpoint=checkpoint, device=device, dtype=dtype, max_step_tokens=max_step_tokens)
             options.update(min_shared_prefix=min_shared_prefix, memory_budget=memory_budget, max_tokens=max_tokens)
-            options.update(prefix_cache_tokens=prefix_cache_tokens, tile_rows=tile_rows)
+            options.update(prefix_cache_tokens=prefix_cache_tokens, tile_rows=tile_rows, first_device=first_device, threads=threads)
             self.ranks = RankGroup(tensor_parallel, options, exit_on_failure=exit_on_rank_failure)
             info = self.ranks.info[0]
             self.vocab_size, self.spec, self.pad_token = info["vocab_size"], info["spec"], info["pad_token"]
             self.max_step_tokens = min(i["max_step_tokens"] for i in self.ranks.info)
+            self._rank_counters = CacheCounters() if prefix_cache_tokens else None
             return
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
+        if first_device or device in ("auto", "cuda"):
+            device = rank_device(device, first_device)
         self.device = torch.device(device)
+        if self.device.type == "cpu" and threads:
+            torch.set_num_threads(threads)
         on_gpu = self.device.type == "cuda"
         if dtype == "auto":  # fp32 keeps 1e-4 parity on CPUs; bf16 is what GPUs (and 70B checkpoints) run in
             dtype = "bf16" if on_gpu else "fp32"
@@ -200,6 +209,11 @@ class TorchRewardEngine:
             max_step_tokens=max_step_tokens,
             default=16384 if on_gpu else 2048,
         )
+
+    @property
+    def cache_counters(self) -> CacheCounters | None:
+        """The prefix cache's counters (under tensor parallelism rank 0's), None without a cache."""
+        return self.prefix_cache.counters if self.prefix_cache is not None else self._rank_counters
 
     def close(self) -> None:
         """Ends the tensor-parallel ranks (nothing to do on one device)."""
@@ -257,7 +271,8 @@ class TorchRewardEngine:
         that prefix is computed once for the group. With the prefix cache on, leading whole blocks
         found there are not computed, and the whole blocks computed are stored (prefix_cache.py)."""
         if self.ranks is not None:  # every rank runs this same step; rank 0 answers
-            return self.ranks.score_step(sequences, prefixes, positions)
+            outputs, self._rank_counters = self.ranks.score_step(sequences, prefixes, positions)
+            return outputs
         positions = self.read_positions(sequences) if positions is None else positions
         before: list[torch.Tensor | None] = [None] * len(sequences)
         if prefixes:  # each group's prompt first (unless all cached), its keys/values kept whole for the members

@@ -40,6 +40,7 @@ class TrtllmRewardEngine:
     """A `RewardEngine` (runtimes/__init__.py) on a TensorRT-LLM engine folder."""
 
     supports_turns = False  # generation logits exist only at the last prompt token
+    cache_counters = None  # no prefix cache
 
     def __init__(self, engine_dir: str) -> None:
         import tensorrt_llm  # imported here: the torch runtime must not need it
