@@ -48,7 +48,9 @@ SHAPE_8B = dict(hidden_size=4096, num_attention_heads=32, num_key_value_heads=8,
 def random_loader(shape: dict, seed: int):
     """A stand-in for heads.load_reward_model: a Llama trunk and a 1-row head, random, seeded, on the GPU."""
 
-    def load(checkpoint, dtype, attn_implementation):
+    def load(checkpoint, dtype, attn_implementation, shard=None):
+        if shard is not None:
+            raise ValueError("random weights: one device only")
         config = LlamaConfig(vocab_size=VOCAB, initializer_range=0.02, rope_theta=500000.0, **shape)
         config._attn_implementation = attn_implementation
         torch.manual_seed(seed)

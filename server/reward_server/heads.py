@@ -30,6 +30,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceC
 
 from reward_server.head_spec import HeadSpec, default_names, head_bias, read_head_spec, read_separate_head
 from reward_server.invariance import tiled_matmul
+from reward_server.parallel import shard_trunk
+from reward_server.rank_loading import load_rank_model
 
 
 @dataclass
@@ -64,13 +66,21 @@ class RewardHead:
         return outputs if self.bias is None else outputs + self.bias.float()
 
 
-def load_reward_model(checkpoint: str, dtype: torch.dtype, attn_implementation: str) -> tuple[torch.nn.Module, RewardHead]:
-    """The transformers trunk (no LM head) and the reward head of a checkpoint folder."""
+def load_reward_model(
+    checkpoint: str, dtype: torch.dtype, attn_implementation: str, shard: tuple[int, int] | None = None
+) -> tuple[torch.nn.Module, RewardHead]:
+    """The transformers trunk (no LM head) and the reward head of a checkpoint folder; `shard` (rank,
+    tensor_parallel): the trunk holds only that rank's part of each decoder layer (parallel.py), read
+    from the checkpoint alone where it can be (rank_loading.py)."""
     folder = Path(checkpoint)
     config = AutoConfig.from_pretrained(checkpoint)
     classifier = any(a.endswith("ForSequenceClassification") for a in config.architectures or [])
     auto = AutoModelForSequenceClassification if classifier else AutoModelForCausalLM
-    model = auto.from_pretrained(checkpoint, dtype=dtype, attn_implementation=attn_implementation)
+    model = load_rank_model(auto, folder, config, dtype, attn_implementation, *shard) if shard else None
+    if model is None:
+        model = auto.from_pretrained(checkpoint, dtype=dtype, attn_implementation=attn_implementation)
+        if shard:
+            shard_trunk(model.base_model, *shard)
     softcap = pad_token = None
     if classifier:
         weight, bias = model.score.weight, model.score.bias

@@ -32,6 +32,7 @@ import sys
 import tempfile
 import threading
 import traceback
+from collections.abc import Callable
 from multiprocessing import get_context
 from multiprocessing.connection import wait
 from pathlib import Path
@@ -78,17 +79,29 @@ class RowParallel(nn.Module):
         return out if self.bias is None else out + self.bias
 
 
-def _keep_rows(linear: nn.Linear, start: int, count: int) -> None:
-    linear.weight = nn.Parameter(linear.weight.data[start : start + count].clone(), requires_grad=False)
-    if linear.bias is not None:
-        linear.bias = nn.Parameter(linear.bias.data[start : start + count].clone(), requires_grad=False)
+# this rank's part of a trunk parameter: (name within the trunk, dim, start, count) -> the tensor
+SliceReader = Callable[[str, int, int, int], torch.Tensor]
+
+
+def _cut(tensor: torch.Tensor, dim: int, start: int, count: int) -> torch.Tensor:
+    return tensor.narrow(dim, start, count).clone()  # own storage: the whole tensor can be freed
+
+
+def _keep_rows(linear: nn.Linear, name: str, start: int, count: int, read: SliceReader | None) -> None:
+    for field in ("weight", "bias"):
+        if getattr(linear, field) is not None:
+            part = read(f"{name}.{field}", 0, start, count) if read else _cut(getattr(linear, field).data, 0, start, count)
+            setattr(linear, field, nn.Parameter(part, requires_grad=False))
     linear.out_features = count
 
 
-def _row_parallel(linear: nn.Linear, start: int, count: int) -> RowParallel:
-    bias = None if linear.bias is None else linear.bias.data.clone()
-    local = nn.Linear(count, linear.out_features, bias=False, dtype=linear.weight.dtype)
-    local.weight = nn.Parameter(linear.weight.data[:, start : start + count].clone(), requires_grad=False)
+def _row_parallel(linear: nn.Linear, name: str, start: int, count: int, read: SliceReader | None) -> RowParallel:
+    bias = None
+    if linear.bias is not None:  # added once, after the sum
+        bias = read(f"{name}.bias", 0, 0, linear.out_features) if read else linear.bias.data.clone()
+    local = nn.Linear(count, linear.out_features, bias=False, dtype=linear.weight.dtype, device=linear.weight.device)
+    part = read(f"{name}.weight", 1, start, count) if read else _cut(linear.weight.data, 1, start, count)
+    local.weight = nn.Parameter(part, requires_grad=False)
     return RowParallel(local, bias)
 
 
@@ -105,24 +118,27 @@ def shard_plan(config, world: int) -> tuple[int, int, int]:
     return heads // world, max(kv // world, 1), inter // world
 
 
-def shard_trunk(trunk: nn.Module, rank: int, world: int) -> nn.Module:
-    """Keep this rank's part of every decoder layer (see the module docstring)."""
+def shard_trunk(trunk: nn.Module, rank: int, world: int, read: SliceReader | None = None) -> nn.Module:
+    """Keep this rank's part of every decoder layer (see the module docstring): cut from the loaded
+    weights, or, with `read`, read from the checkpoint into a trunk whose weights are not loaded
+    (rank_loading.py: each rank reads only its part)."""
     config = trunk.config
     q_heads, kv_heads, mlp_rows = shard_plan(config, world)
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     group = config.num_attention_heads // (getattr(config, "num_key_value_heads", None) or config.num_attention_heads)
     first_q = rank * q_heads
     first_kv = first_q // group  # the KV head of this rank's first query head
-    for layer in trunk.layers:
+    for index, layer in enumerate(trunk.layers):
         attention, mlp = layer.self_attn, layer.mlp
-        _keep_rows(attention.q_proj, first_q * head_dim, q_heads * head_dim)
-        for projection in (attention.k_proj, attention.v_proj):
-            _keep_rows(projection, first_kv * head_dim, kv_heads * head_dim)
-        attention.o_proj = _row_parallel(attention.o_proj, first_q * head_dim, q_heads * head_dim)
+        prefix = f"layers.{index}"
+        _keep_rows(attention.q_proj, f"{prefix}.self_attn.q_proj", first_q * head_dim, q_heads * head_dim, read)
+        for name in ("k_proj", "v_proj"):
+            _keep_rows(getattr(attention, name), f"{prefix}.self_attn.{name}", first_kv * head_dim, kv_heads * head_dim, read)
+        attention.o_proj = _row_parallel(attention.o_proj, f"{prefix}.self_attn.o_proj", first_q * head_dim, q_heads * head_dim, read)
         for name in ("gate_proj", "up_proj"):  # Nemotron's MLP has no gate
             if hasattr(mlp, name):
-                _keep_rows(getattr(mlp, name), rank * mlp_rows, mlp_rows)
-        mlp.down_proj = _row_parallel(mlp.down_proj, rank * mlp_rows, mlp_rows)
+                _keep_rows(getattr(mlp, name), f"{prefix}.mlp.{name}", rank * mlp_rows, mlp_rows, read)
+        mlp.down_proj = _row_parallel(mlp.down_proj, f"{prefix}.mlp.down_proj", rank * mlp_rows, mlp_rows, read)
     return trunk
 
 

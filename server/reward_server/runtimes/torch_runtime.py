@@ -25,7 +25,7 @@ from reward_server.fp8 import quantize_trunk
 from reward_server.heads import load_reward_model
 from reward_server.invariance import default_tile_rows, make_batch_invariant
 from reward_server.memory import module_bytes, plan_step_tokens, step_memory
-from reward_server.parallel import RankGroup, rank_device, shard_trunk
+from reward_server.parallel import RankGroup, rank_device
 from reward_server.prefix_cache import BLOCK_TOKENS, CacheCounters, PrefixCache, block_keys, kv_bytes_per_token
 
 PACKED_ATTENTION = "packed_reward"  # no "sdpa" in the name: transformers would then demand SDPA support
@@ -183,9 +183,8 @@ class TorchRewardEngine:
             dtype = "bf16" if on_gpu else "fp32"
         if dtype not in DTYPES:
             raise ValueError(f"dtype {dtype!r}: expected auto or one of {sorted(DTYPES)}")
-        trunk, head = load_reward_model(checkpoint, DTYPES[dtype], PACKED_ATTENTION)
-        if tensor_parallel > 1:
-            shard_trunk(trunk, rank, tensor_parallel)
+        shard = (rank, tensor_parallel) if tensor_parallel > 1 else None
+        trunk, head = load_reward_model(checkpoint, DTYPES[dtype], PACKED_ATTENTION, shard)
         tile_rows = tile_rows or default_tile_rows(self.device)
         if dtype == "fp8":  # layer by layer onto the device: the bf16 weights never all sit there
             quantize_trunk(trunk, self.device, tile_rows)
