@@ -80,6 +80,20 @@ def test_tile_rows_change_the_sums_not_the_scores_or_the_invariance(checkpoint, 
     assert np.array_equal(together, [wide.score([ids])[0, 0] for ids in token_ids[:16]])
 
 
+def test_a_step_copies_no_rows_into_padded_tiles(engine, token_ids):
+    """Structural: the engine fills its packed row up to whole tiles, so no linear layer of the trunk pads
+    (copies) its input; the one pad left per step is the head's, over the rows it reads."""
+    from torch.profiler import ProfilerActivity, profile
+
+    batch = token_ids[:5]
+    assert sum(len(ids) for ids in batch) % 64  # the rows alone would not fill whole tiles
+    with profile(activities=[ProfilerActivity.CPU]) as trace:
+        engine.score_step(batch)
+    pads = sum(event.count for event in trace.key_averages() if event.key == "aten::constant_pad_nd")
+    linear_layers = sum(1 for m in engine.trunk.modules() if hasattr(m, "tile_rows"))
+    assert linear_layers > 20 and pads == 1, f"{pads} pads in a step of {linear_layers} linear layers"
+
+
 def test_steps_split_by_token_budget_give_same_scores(checkpoint, device, engine, token_ids):
     small_steps = TorchRewardEngine(str(checkpoint), device=device, dtype="fp32", max_step_tokens=512)
     assert np.array_equal(small_steps.score(token_ids), engine.score(token_ids))

@@ -78,7 +78,8 @@ def _tensor_core_product(
     """torch._scaled_mm with row-wise scales, one call per fixed tile."""
     count = rows.shape[0]
     tiles = -(-count // tile_rows)
-    values, scale = quantize_rows(F.pad(rows, (0, 0, 0, tiles * tile_rows - count)))
+    short = tiles * tile_rows - count  # none for the engine's packed rows (whole tiles): no copy
+    values, scale = quantize_rows(F.pad(rows, (0, 0, 0, short)) if short else rows)
     out = torch.empty(tiles * tile_rows, weight.shape[0], dtype=out_dtype, device=rows.device)
     column_major = weight.T  # _scaled_mm wants its second operand column-major: [in, out] with stride (1, in)
     for t in range(tiles):

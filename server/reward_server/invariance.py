@@ -3,8 +3,9 @@
 Linear layers are the one place where it would: a matrix product's kernel (and so the order of its
 floating-point sums) depends on how many rows it gets, so the same row can come out a few ulps
 apart in a step of 37 rows and in one of 2,048. Here every linear layer and the reward head run on
-fixed tiles of TILE_ROWS rows (the packed rows, zero-padded to whole tiles, as one batched
-product), so each row always goes through the same kernel. Everything else in the trunk is per row
+fixed tiles of TILE_ROWS rows (the packed rows as one batched product: the engine fills its
+packed row up to whole tiles, other callers' rows are zero-padded), so each row always goes through
+the same kernel. Everything else in the trunk is per row
 (embeddings, norms, rotary, activations) or per sequence (attention). Measured cost: ~3 % per
 linear layer on a CPU. A GPU wants larger tiles: a 64-row tile reads each weight for 64 rows only,
 too few to keep the tensor cores busy (benchmarks/gpu_fp8_tp.py measures tile sizes). Identical
@@ -30,7 +31,8 @@ def tiled_matmul(x: torch.Tensor, weight: torch.Tensor, tile_rows: int = TILE_RO
     """x [..., in] @ weight.T, computed in tiles of `tile_rows` rows."""
     rows = x.reshape(-1, x.shape[-1])
     tiles = -(-rows.shape[0] // tile_rows)
-    padded = F.pad(rows, (0, 0, 0, tiles * tile_rows - rows.shape[0])).view(tiles, tile_rows, -1)
+    short = tiles * tile_rows - rows.shape[0]  # none for the engine's packed rows (whole tiles): no copy
+    padded = (F.pad(rows, (0, 0, 0, short)) if short else rows).reshape(tiles, tile_rows, -1)
     out = torch.bmm(padded, weight.T.unsqueeze(0).expand(tiles, -1, -1)).view(tiles * tile_rows, -1)
     return out[: rows.shape[0]].view(*x.shape[:-1], weight.shape[0])
 

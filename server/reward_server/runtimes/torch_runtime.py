@@ -185,7 +185,7 @@ class TorchRewardEngine:
             raise ValueError(f"dtype {dtype!r}: expected auto or one of {sorted(DTYPES)}")
         shard = (rank, tensor_parallel) if tensor_parallel > 1 else None
         trunk, head = load_reward_model(checkpoint, DTYPES[dtype], PACKED_ATTENTION, shard)
-        tile_rows = tile_rows or default_tile_rows(self.device)
+        self.tile_rows = tile_rows = tile_rows or default_tile_rows(self.device)
         if dtype == "fp8":  # layer by layer onto the device: the bf16 weights never all sit there
             quantize_trunk(trunk, self.device, tile_rows)
         self.trunk = make_batch_invariant(trunk.to(self.device).eval(), tile_rows)
@@ -322,7 +322,17 @@ class TorchRewardEngine:
     def _forward(
         self, sequences: list[np.ndarray], offsets: list[int], reads: list[np.ndarray], shared: SharedPrefixes | None = None
     ) -> torch.Tensor:
-        """Final hidden states at `reads` (indices into each sequence), all packed into one row."""
+        """Final hidden states at `reads` (indices into each sequence), all packed into one row.
+
+        The row is filled up to whole tiles of the linear layers by one more sequence, never read, so that
+        they take the packed rows as they are instead of copying them into zero-padded tiles: a row of a
+        matrix product does not depend on the other rows of its tile, so the scores are the same bits."""
+        filler = -sum(len(s) for s in sequences) % self.tile_rows
+        if filler:
+            sequences, offsets = [*sequences, np.zeros(filler, np.int64)], [*offsets, 0]
+            if shared is not None:  # nothing before it, nothing kept of it
+                shared.before.append(None)
+                shared.keep.append((0, 0))
         lengths = [len(s) for s in sequences]
         bounds = _bounds(lengths)
         input_ids = torch.from_numpy(np.concatenate(sequences).astype(np.int64))[None].to(self.device)
@@ -332,8 +342,10 @@ class TorchRewardEngine:
             hidden = self.trunk(input_ids=input_ids, position_ids=position_ids, use_cache=False)
         finally:
             PACKING.reset(token)
+            if filler and shared is not None:
+                del shared.before[-1], shared.keep[-1], shared.kept[len(shared.before) :]
         hidden = hidden.last_hidden_state[0]
-        rows = np.concatenate([start + r for start, r in zip(bounds[:-1].tolist(), reads, strict=True)])
+        rows = np.concatenate([start + r for start, r in zip(bounds[: len(reads)].tolist(), reads, strict=True)])
         return hidden[torch.from_numpy(rows).to(self.device)]
 
 
