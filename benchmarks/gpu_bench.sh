@@ -10,6 +10,8 @@
 # What it does, in about 5 minutes on an H100/H200 (estimated): builds the Llama-3.1-8B-shape random
 # checkpoint in bf16 (/tmp/rm-8b, kept between runs), runs benchmarks/benchmark.py on the long, short,
 # best-of-8 and rlhf workloads side by side, then one profiled engine step of the long mix.
+# REWARD_* variables reach the server rows (d): REWARD_ENGINE_INSTANCES=2 REWARD_MEMORY_BUDGET=38000000000
+# runs two engine instances sharing the GPU (one computes while the other waits on its requests).
 # OVERHEAD_ROUNDS (default 0) adds benchmarks/gateway_overhead.py's rounds. DEVICE, DTYPE, PRESET,
 # CHECKPOINT and TOKENIZER override the GPU defaults (a CPU dry run of this script:
 # DEVICE=cpu DTYPE=fp32 PRESET=bench CHECKPOINT=/tmp/rm-dry benchmarks/gpu_bench.sh /tmp/dry).

@@ -7,12 +7,14 @@ import json
 import shutil
 
 import pytest
+import torch
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
 from reward_server.instances import EngineInstance, check_count, engine_instance
 from reward_server.launcher.repository import engine_instances, serving_repository
 from reward_server.parallel import rank_device
+from reward_server.runtimes import load_engine
 from reward_server.settings import Settings, read_parameters
 from tests.live_server import REPO
 
@@ -41,11 +43,18 @@ def test_a_count_set_in_one_place_only_fails_the_load():
         check_count(2, EngineInstance("reward_engine_0", 0, 1))
 
 
-def test_instances_and_ranks_take_the_gpus_in_turn():
-    """On a CPU every instance and rank is on the CPU; a fixed cuda:N cannot be shared out."""
+def test_instances_and_ranks_take_the_gpus_in_turn(monkeypatch):
+    """On a CPU every instance and rank is on the CPU; a fixed cuda:N cannot be shared out. With GPUs
+    (their count stubbed: this machine has none) ranks take them round robin, and instances sharing GPUs
+    need memory_budget (refused before any GPU is touched)."""
     assert rank_device("cpu", 3) == "cpu"
     with pytest.raises(ValueError, match="use device cuda"):
         rank_device("cuda:1", 2)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    assert [rank_device("cuda", i) for i in (0, 3, 4, 6)] == ["cuda:0", "cuda:3", "cuda:0", "cuda:2"]
+    shared = Settings(checkpoint=str(REPO / ".build" / "demo-checkpoint"), device="cuda", engine_instances=3, tensor_parallel=2)
+    with pytest.raises(ValueError, match=r"engine_instances 3 x tensor_parallel 2 ranks share 4 GPU\(s\): set memory_budget"):
+        load_engine(shared)
 
 
 def test_one_instance_serves_the_repository_itself(tmp_path):

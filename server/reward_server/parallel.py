@@ -143,8 +143,9 @@ def shard_trunk(trunk: nn.Module, rank: int, world: int, read: SliceReader | Non
 
 
 def rank_device(device: str, index: int) -> str:
-    """The index-th GPU this process sees (CUDA_VISIBLE_DEVICES picks them) for `device` auto or cuda: rank r
-    of the engine instance k of tensor_parallel T runs on index k*T + r (instances.py); a CPU is shared."""
+    """The index-th GPU this process sees (CUDA_VISIBLE_DEVICES picks them), round robin, for `device` auto
+    or cuda: rank r of the engine instance k of tensor_parallel T runs on index k*T + r (instances.py), so
+    instances share the GPUs once there are more ranks than GPUs; a CPU is shared."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda:"):
@@ -154,12 +155,9 @@ def rank_device(device: str, index: int) -> str:
         )
     if device != "cuda":
         return device
-    if index >= torch.cuda.device_count():
-        raise ValueError(
-            f"cuda:{index} does not exist: this process sees {torch.cuda.device_count()} GPU(s), fewer than "
-            "engine_instances x tensor_parallel"
-        )
-    return f"cuda:{index}"
+    if not torch.cuda.device_count():
+        raise ValueError("device cuda: this process sees no GPU")
+    return f"cuda:{index % torch.cuda.device_count()}"
 
 
 def _python() -> str:

@@ -62,8 +62,8 @@ class Settings:
     engine_instances: int = _setting(
         1,
         "reward_engine instances, each a whole copy of the model (data parallelism): instance k runs on cuda:k*T..k*T+T-1 "
-        "(T = tensor_parallel); reward-server sets Triton's instance count to it, plain tritonserver needs the same "
-        "count in reward_engine's instance_group",
+        "(T = tensor_parallel), round robin over the GPUs (instances sharing a GPU need memory_budget); reward-server sets "
+        "Triton's instance count to it, plain tritonserver needs the same count in reward_engine's instance_group",
         (ENGINE_MODEL,),
         "int",
         minimum=1,

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from typing import Protocol
 
 import numpy as np
+import torch
 
 from reward_server.batching import Step
 from reward_server.head_spec import HeadSpec
@@ -56,6 +57,13 @@ def load_engine(settings: Settings, instance: int = 0) -> RewardEngine:
     from reward_server.runtimes.torch_runtime import TorchRewardEngine
 
     share = settings.engine_instances * settings.tensor_parallel
+    gpus = torch.cuda.device_count() if settings.device in ("auto", "cuda") else 0
+    if share > gpus > 0 and settings.memory_budget is None:
+        # Each instance would plan its steps on the memory free when it loaded, counting on memory another takes.
+        raise ValueError(
+            f"engine_instances {settings.engine_instances} x tensor_parallel {settings.tensor_parallel} ranks share {gpus} GPU(s): "
+            "set memory_budget (bytes per rank: its weights and steps) so that the instances on one GPU fit it together"
+        )
     return TorchRewardEngine(
         checkpoint,
         device=settings.device,

@@ -163,7 +163,8 @@ class TorchRewardEngine:
         # cached or not, every tile is the same call (bit-identical by construction, _attend_tiles).
         self.attention_tile = BLOCK_TOKENS if prefix_cache_tokens else 0
         if tensor_parallel > 1 and rank is None:  # the engine that drives the ranks holds no weights
-            rank_device(device, first_device + tensor_parallel - 1)  # the last rank's GPU exists (ValueError)
+            if device in ("auto", "cuda") and 0 < torch.cuda.device_count() < tensor_parallel:
+                raise ValueError(f"tensor_parallel {tensor_parallel} needs as many GPUs; this process sees {torch.cuda.device_count()}")
             options = dict(checkpoint=checkpoint, device=device, dtype=dtype, max_step_tokens=max_step_tokens)
             options.update(min_shared_prefix=min_shared_prefix, memory_budget=memory_budget, max_tokens=max_tokens)
             options.update(prefix_cache_tokens=prefix_cache_tokens, tile_rows=tile_rows, first_device=first_device, threads=threads)
