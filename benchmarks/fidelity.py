@@ -45,6 +45,7 @@ def main() -> None:
     parser.add_argument("--longest", type=int, default=1000, help="longest random token sequence added to the corpus")
     parser.add_argument("--pairs", type=int, default=1000)
     parser.add_argument("--dtypes", default="bf16,fp8")
+    parser.add_argument("--fp8-bf16-layers", default="0", help="fp8 rows with these numbers of first decoder layers in bf16 (e.g. 0,4)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", help="write the results as JSON here")
     args = parser.parse_args()
@@ -53,16 +54,20 @@ def main() -> None:
     pairs = rng.integers(0, len(sets), (args.pairs * 2, 2))
     pairs = pairs[pairs[:, 0] != pairs[:, 1]][: args.pairs]
     scores = {}
-    for dtype in ["fp32", *args.dtypes.split(",")]:
-        engine = TorchRewardEngine(args.checkpoint, device=args.device, dtype=dtype)
-        scores[dtype] = engine.score(sets)[:, 0].astype(np.float64)
-        print(f"{dtype} scored", flush=True)
+    runs = [("fp32", "fp32", 0)]
+    for dtype in args.dtypes.split(","):
+        kept = [int(n) for n in args.fp8_bf16_layers.split(",")] if dtype == "fp8" else [0]
+        runs += [(dtype if n == 0 else f"{dtype}+{n}bf16", dtype, n) for n in kept]
+    for label, dtype, kept in runs:
+        engine = TorchRewardEngine(args.checkpoint, device=args.device, dtype=dtype, fp8_bf16_layers=kept)
+        scores[label] = engine.score(sets)[:, 0].astype(np.float64)
+        print(f"{label} scored", flush=True)
     spread = float(np.std(scores["fp32"]))
     results = {dtype: fidelity(scores["fp32"], scores[dtype], pairs) for dtype in scores if dtype != "fp32"}
     print(f"{args.checkpoint} on {args.device}: {len(sets)} conversations, {len(pairs)} pairs, fp32 score std {spread:.4f}")
-    print(f"{'dtype':6} {'max |Δ|':>10} {'mean |Δ|':>10} {'pair agreement':>15}")
+    print(f"{'dtype':10} {'max |Δ|':>10} {'mean |Δ|':>10} {'pair agreement':>15}")
     for dtype, r in results.items():
-        print(f"{dtype:6} {r['max_abs']:10.4f} {r['mean_abs']:10.4f} {r['pair_agreement']:15.1%}")
+        print(f"{dtype:10} {r['max_abs']:10.4f} {r['mean_abs']:10.4f} {r['pair_agreement']:15.1%}")
     if args.out:
         with open(args.out, "w") as out:
             json.dump({"checkpoint": args.checkpoint, "device": args.device, "fp32_std": spread, "results": results}, out, indent=2)

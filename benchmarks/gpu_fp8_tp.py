@@ -113,21 +113,23 @@ def speed(layers: int, step_tokens: int, repeats: int, tiles: list[int]) -> dict
     return results
 
 
-def fidelity_8b(count: int, pairs: int, longest: int = 3000, checkpoint: str | None = None) -> dict:
+def fidelity_8b(count: int, pairs: int, longest: int = 3000, checkpoint: str | None = None, bf16_layers: int = 4) -> dict:
     rng = np.random.default_rng(1)
     sets = [rng.integers(0, VOCAB, int(n)) for n in rng.integers(100, longest, count)]
     chosen = rng.integers(0, count, (pairs * 2, 2))
     chosen = chosen[chosen[:, 0] != chosen[:, 1]][:pairs]
     scores, invariant = {}, {}
-    for dtype in ("fp32", "bf16", "fp8"):
+    runs = [("fp32", "fp32", 0), ("bf16", "bf16", 0), ("fp8", "fp8", 0)]
+    runs += [(f"fp8+{bf16_layers}bf16", "fp8", bf16_layers)] if bf16_layers else []
+    for label, dtype, kept in runs:
         torch.cuda.empty_cache()
-        model = engine(SHAPE_8B, dtype, seed=1, checkpoint=checkpoint, max_tokens=longest)
-        scores[dtype] = model.score(sets)[:, 0].astype(np.float64)
+        model = engine(SHAPE_8B, dtype, seed=1, checkpoint=checkpoint, max_tokens=longest, fp8_bf16_layers=kept)
+        scores[label] = model.score(sets)[:, 0].astype(np.float64)
         alone = model.score([sets[5]])[0, 0]
-        invariant[dtype] = bool(alone == scores[dtype][5] == model.score([sets[7], sets[5], sets[1]])[1, 0])
-        print(f"8B shape {dtype}: scored; alone == in batch: {invariant[dtype]}", flush=True)
+        invariant[label] = bool(alone == scores[label][5] == model.score([sets[7], sets[5], sets[1]])[1, 0])
+        print(f"8B shape {label}: scored; alone == in batch: {invariant[label]}", flush=True)
         del model
-    results = {d: {**fidelity(scores["fp32"], scores[d], chosen), "batch_invariant": invariant[d]} for d in ("bf16", "fp8")}
+    results = {d: {**fidelity(scores["fp32"], scores[d], chosen), "batch_invariant": invariant[d]} for d in scores if d != "fp32"}
     results["fp32_std"] = float(np.std(scores["fp32"]))
     results["fp32_batch_invariant"] = invariant["fp32"]
     return results
@@ -142,6 +144,7 @@ def main() -> None:
     parser.add_argument("--conversations", type=int, default=48)
     parser.add_argument("--pairs", type=int, default=1000)
     parser.add_argument("--skip-fidelity", action="store_true")
+    parser.add_argument("--fp8-bf16-layers", type=int, default=4, help="also an fp8 row with this many first layers in bf16 (0: none)")
     parser.add_argument("--skip-speed", action="store_true")
     parser.add_argument("--checkpoint", help="fidelity on this checkpoint (demo_checkpoint.py --preset llama8b), not random weights")
     parser.add_argument("--out", default="gpu-fp8.json")
@@ -166,7 +169,7 @@ def main() -> None:
         report["speed_70b_wide"] = speed(args.layers, args.step_tokens, args.repeats, [int(t) for t in args.tiles.split(",")])
     if not args.skip_fidelity:
         longest = 300 if args.cpu_dry_run else 3000
-        report["fidelity_8b_shape"] = fidelity_8b(args.conversations, args.pairs, longest, args.checkpoint)
+        report["fidelity_8b_shape"] = fidelity_8b(args.conversations, args.pairs, longest, args.checkpoint, args.fp8_bf16_layers)
         report["fidelity_checkpoint"] = args.checkpoint or "random weights (seeded)"
     report["wall_s"] = time.perf_counter() - started
     Path(args.out).write_text(json.dumps(report, indent=2))

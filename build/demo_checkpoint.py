@@ -32,10 +32,15 @@ STEERLM_TOKENS = ["<extra_id_0>", "<extra_id_1>", "<extra_id_2>"]
 STEERLM_ATTRIBUTES = ["quality", "toxicity", "humor", "creativity", "helpfulness", "correctness", "coherence", "complexity", "verbosity"]
 
 # Sizes: "demo" is what `make serve` and the tests use; "bench" has ~27 M non-embedding parameters.
+# Weights are transformers' initialisation (normal, initializer_range 0.02 unless the preset says).
 PRESETS = {
     "demo": dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2),
     "bench": dict(hidden_size=512, intermediate_size=1792, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=2),
     "llama8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8),
+    # The 8B's depth and per-layer gain (0.02 x sqrt(4096) = 1.28) at a CPU's width: as sensitive to rounding
+    # as the 8B checkpoint (its bf16 and FP8 agreement with fp32 match the H200's 8B figures), for fidelity studies.
+    "deep": dict(hidden_size=512, intermediate_size=1792, num_hidden_layers=32, num_attention_heads=8, num_key_value_heads=2)
+    | dict(initializer_range=0.0566),
 }
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 

@@ -139,3 +139,27 @@ def test_fp8_through_the_server(tmp_path, checkpoint, fp8_engine, token_ids):
     exact = TorchRewardEngine(str(checkpoint), device="cpu", dtype="fp32").score(token_ids[:6])[:, 0]
     assert np.abs(got - expected).max() <= 1e-6
     assert np.abs(got - exact).max() > 1e-4  # fp8 really ran
+
+
+def test_the_first_layers_can_stay_bf16(checkpoint, fp8_engine, token_ids):
+    """fp8_bf16_layers N: the first N decoder layers keep bf16 weights (the errors every later layer
+    amplifies), the rest are FP8; all of them kept is the bf16 engine, bit for bit, on one rank and on
+    two; more than the model has is refused; batch invariance holds."""
+    kept = TorchRewardEngine(str(checkpoint), device="cpu", dtype="fp8", max_step_tokens=8192, fp8_bf16_layers=1)
+    layers = kept.trunk.layers
+    assert not isinstance(layers[0].self_attn.q_proj, Fp8Linear) and layers[0].self_attn.q_proj.weight.dtype == torch.bfloat16
+    assert all(isinstance(layer.mlp.down_proj, Fp8Linear) for layer in layers[1:])
+    batch = token_ids[:8]
+    together = kept.score(batch)[:, 0]
+    assert np.array_equal(together, [kept.score([ids])[0, 0] for ids in batch])
+    assert not np.array_equal(together, fp8_engine.score(batch)[:, 0])
+    bf16 = {world: TorchRewardEngine(str(checkpoint), device="cpu", dtype="bf16", tensor_parallel=world) for world in (1, 2)}
+    for world, engine in bf16.items():
+        every = TorchRewardEngine(str(checkpoint), device="cpu", dtype="fp8", tensor_parallel=world, fp8_bf16_layers=len(layers))
+        try:
+            assert np.array_equal(every.score(batch), engine.score(batch)), f"TP {world}"
+        finally:
+            every.close()
+            engine.close()
+    with pytest.raises(ValueError, match=f"fp8_bf16_layers 9: the model has {len(layers)} decoder layers"):
+        TorchRewardEngine(str(checkpoint), device="cpu", dtype="fp8", fp8_bf16_layers=9)

@@ -1,7 +1,7 @@
 """FP8 (`dtype: fp8`): trunk linear layers in float8 e4m3 with per-row scales, products on FP8 tensor cores.
 
 The scheme (one per linear layer of the decoder layers; embeddings, norms, the final norm and the
-reward head keep their bf16/fp32 weights):
+reward head keep their bf16/fp32 weights, and so do the first `fp8_bf16_layers` decoder layers):
 - weights: quantised once at load, one scale per output row, scale = amax(|row|) / 448 (e4m3's
   largest finite value), so each row uses e4m3's whole range;
 - activations: quantised at every call, one scale per token row, the same rule. Per-row scales keep
@@ -88,11 +88,15 @@ def _tensor_core_product(
     return out[:count]
 
 
-def quantize_trunk(trunk: nn.Module, device: torch.device, tile_rows: int = TILE_ROWS) -> nn.Module:
-    """Swap every nn.Linear inside the decoder layers for an Fp8Linear (embeddings, final norm stay),
-    one layer at a time on `device`."""
-    for layer in trunk.layers:
+def quantize_trunk(trunk: nn.Module, device: torch.device, tile_rows: int = TILE_ROWS, bf16_layers: int = 0) -> nn.Module:
+    """Swap every nn.Linear inside the decoder layers but the first `bf16_layers` for an Fp8Linear
+    (embeddings, final norm stay), one layer at a time on `device`."""
+    if bf16_layers > len(trunk.layers):
+        raise ValueError(f"fp8_bf16_layers {bf16_layers}: the model has {len(trunk.layers)} decoder layers")
+    for index, layer in enumerate(trunk.layers):
         layer.to(device)
+        if index < bf16_layers:
+            continue
         for parent in list(layer.modules()):
             for name, child in list(parent.named_children()):
                 if isinstance(child, nn.Linear):

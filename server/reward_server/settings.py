@@ -56,6 +56,14 @@ class Settings:
         "choice",
         choices=DTYPES,
     )
+    fp8_bf16_layers: int = _setting(
+        0,
+        "with dtype fp8, the first N decoder layers keep bf16 weights: their rounding errors are the ones every later "
+        "layer amplifies (README, FP8)",
+        (ENGINE_MODEL,),
+        "int",
+        minimum=0,
+    )
     tensor_parallel: int = _setting(
         1, "ranks (GPUs: cuda:0..N-1; gloo processes on cpu) one engine splits the model over", (ENGINE_MODEL,), "int", minimum=1
     )

@@ -76,6 +76,7 @@ def load_engine(settings: Settings, instance: int = 0) -> RewardEngine:
         memory_budget=settings.memory_budget,
         max_tokens=settings.max_tokens,
         exit_on_rank_failure=True,  # a server's engine stub exits; the supervisor restarts the server
+        fp8_bf16_layers=settings.fp8_bf16_layers,
         first_device=instance * settings.tensor_parallel,
         threads=max(1, (os.cpu_count() or 1) // share) if settings.engine_instances > 1 else None,  # on a CPU: shared
     )

@@ -149,12 +149,14 @@ class TorchRewardEngine:
         tile_rows: int | None = None,
         first_device: int = 0,
         threads: int | None = None,
+        fp8_bf16_layers: int = 0,
     ) -> None:
         """`auto` and None pick the defaults measured per device (README, "Precision and step size").
         tensor_parallel > 1: the model runs in that many worker processes (parallel.py), `rank` being
         set in each of them; memory_budget and max_tokens: memory.py. `first_device`: with device auto
         or cuda, the index of this engine's first GPU (engine instance k of several: k * tensor_parallel,
-        instances.py); `threads`: CPU threads of each rank (None: torch's default, or shared by the ranks)."""
+        instances.py); `threads`: CPU threads of each rank (None: torch's default, or shared by the ranks);
+        `fp8_bf16_layers`: with dtype fp8, the first decoder layers left in bf16 (fp8.py)."""
         self.min_shared_prefix = min_shared_prefix  # 0 turns prefix reuse off
         self.ranks = None
         self.prefix_cache: PrefixCache | None = None  # across requests; each rank holds its own
@@ -168,6 +170,7 @@ class TorchRewardEngine:
             options = dict(checkpoint=checkpoint, device=device, dtype=dtype, max_step_tokens=max_step_tokens)
             options.update(min_shared_prefix=min_shared_prefix, memory_budget=memory_budget, max_tokens=max_tokens)
             options.update(prefix_cache_tokens=prefix_cache_tokens, tile_rows=tile_rows, first_device=first_device, threads=threads)
+            options.update(fp8_bf16_layers=fp8_bf16_layers)
             self.ranks = RankGroup(tensor_parallel, options, exit_on_failure=exit_on_rank_failure)
             info = self.ranks.info[0]
             self.vocab_size, self.spec, self.pad_token = info["vocab_size"], info["spec"], info["pad_token"]
@@ -188,7 +191,7 @@ class TorchRewardEngine:
         trunk, head = load_reward_model(checkpoint, DTYPES[dtype], PACKED_ATTENTION, shard)
         self.tile_rows = tile_rows = tile_rows or default_tile_rows(self.device)
         if dtype == "fp8":  # layer by layer onto the device: the bf16 weights never all sit there
-            quantize_trunk(trunk, self.device, tile_rows)
+            quantize_trunk(trunk, self.device, tile_rows, fp8_bf16_layers)
         self.trunk = make_batch_invariant(trunk.to(self.device).eval(), tile_rows)
         self.vocab_size = self.trunk.get_input_embeddings().num_embeddings
         head.weight = head.weight.to(self.device)
