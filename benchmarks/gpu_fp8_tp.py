@@ -155,6 +155,7 @@ def main() -> None:
         DEVICE = "cpu"
         WIDE.update(hidden_size=256, num_attention_heads=8, num_key_value_heads=2, intermediate_size=512)
         SHAPE_8B.update(hidden_size=128, num_attention_heads=4, num_key_value_heads=2, intermediate_size=256, num_hidden_layers=2)
+        args.fp8_bf16_layers = min(args.fp8_bf16_layers, 1)
         report = {"device": "cpu (dry run)", "torch": torch.__version__}
     else:
         report = {
