@@ -13,6 +13,8 @@ Scores are meaningless; every code path that reads the checkpoint is real.
     python build/demo_checkpoint.py --out .build/demo-checkpoint [--preset bench] [--layout steerlm]
     # On a GPU machine, the Llama-3.1-8B shape in bf16, reusing an already converted tokenizer:
     python build/demo_checkpoint.py --preset llama8b --device cuda --dtype bf16 --tokenizer-from .build/demo-checkpoint --out /tmp/rm-8b
+    # A CPU stand-in for that checkpoint's sensitivity to rounding (FP8 fidelity studies, README):
+    python build/demo_checkpoint.py --preset deep --tokenizer-from .build/demo-checkpoint --out /tmp/deep
 """
 
 from __future__ import annotations
