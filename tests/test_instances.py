@@ -57,11 +57,6 @@ def test_instances_and_ranks_take_the_gpus_in_turn(monkeypatch):
         load_engine(shared)
 
 
-def test_one_instance_serves_the_repository_itself(tmp_path):
-    assert serving_repository(REPOSITORY, 1, tmp_path) == REPOSITORY
-    assert not any(tmp_path.iterdir())
-
-
 def test_the_view_sets_reward_engines_count_and_keeps_everything_else(tmp_path):
     """Linked models, the engine's own files linked, its config the user's with the count set and a
     relative checkpoint parameter made absolute against the user's folder (where it was meant)."""

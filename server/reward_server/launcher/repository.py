@@ -31,10 +31,8 @@ def engine_instances(repository: Path, env: dict[str, str]) -> int:
 
 
 def serving_repository(repository: Path, instances: int, view: Path) -> Path:
-    """`repository` itself for one engine instance; else a view of it made in the empty folder `view`,
-    with reward_engine's instance count set to `instances`."""
-    if instances == 1:
-        return repository
+    """A view of `repository` made in the empty folder `view`, with reward_engine's instance count set to
+    `instances` (reward-server serves the repository itself for one instance)."""
     source = repository.resolve()
     config = model_config_pb2.ModelConfig()
     text_format.Parse((source / ENGINE_MODEL / CONFIG).read_text(), config)

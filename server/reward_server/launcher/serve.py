@@ -227,9 +227,11 @@ async def serve(args: argparse.Namespace, admin_key: str | None) -> int:
         tls = grpc_front.credentials(args.tls_cert, args.tls_key, args.tls_client_ca) if args.tls_cert else None
         await grpc.start(args.address, args.grpc_port, tls)
     try:
-        with tempfile.TemporaryDirectory(prefix="reward-repository-") as view:
+        instances = engine_instances(args.model_repository, env)
+        # A view of the repository only when it must differ (a read-only /tmp then needs $TMPDIR).
+        with tempfile.TemporaryDirectory(prefix="reward-repository-") if instances > 1 else contextlib.nullcontext() as view:
             try:
-                repository = serving_repository(args.model_repository, engine_instances(args.model_repository, env), Path(view))
+                repository = serving_repository(args.model_repository, instances, Path(view)) if view else args.model_repository
             except ValueError as exc:
                 raise SystemExit(f"reward-server: {exc}") from None
             keys = Secrets()
