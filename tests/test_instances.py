@@ -35,6 +35,8 @@ def test_the_instance_comes_from_tritons_name_and_config():
     assert engine_instance(_args("reward_engine_0_0", two)).index == 0
     with pytest.raises(ValueError, match="2 instance groups"):
         engine_instance(_args("reward_engine_0", {"count": 1}, {"count": 1}))
+    with pytest.raises(ValueError, match="use kind KIND_CPU"):
+        engine_instance(_args("reward_engine_0_1", {"kind": "KIND_GPU", "count": 2, "gpus": [0]}))
 
 
 def test_a_count_set_in_one_place_only_fails_the_load():
@@ -58,12 +60,14 @@ def test_instances_and_ranks_take_the_gpus_in_turn(monkeypatch):
 
 
 def test_the_view_sets_reward_engines_count_and_keeps_everything_else(tmp_path):
-    """Linked models, the engine's own files linked, its config the user's with the count set and a
-    relative checkpoint parameter made absolute against the user's folder (where it was meant)."""
+    """Linked models, the engine's own files linked, its config the user's with the count set (KIND_CPU: the
+    engine places itself on GPUs) and a relative checkpoint parameter made absolute against the user's
+    folder (where it was meant)."""
     repository = tmp_path / "repository"
     shutil.copytree(REPOSITORY, repository, symlinks=True)
     engine_config = repository / "reward_engine" / "config.pbtxt"
-    engine_config.write_text(engine_config.read_text() + '\nparameters [ { key: "checkpoint", value: { string_value: "../../ckpt" } } ]\n')
+    text = engine_config.read_text().replace("kind: KIND_CPU, count: 1", "kind: KIND_GPU, count: 1, gpus: [ 0 ]")
+    engine_config.write_text(text + '\nparameters [ { key: "checkpoint", value: { string_value: "../../ckpt" } } ]\n')
     (tmp_path / "ckpt").mkdir()
     (tmp_path / "view").mkdir()
     view = serving_repository(repository, 3, tmp_path / "view")
@@ -72,7 +76,7 @@ def test_the_view_sets_reward_engines_count_and_keeps_everything_else(tmp_path):
     assert (view / "reward_engine" / "1").resolve() == (repository / "reward_engine" / "1").resolve()
     config = text_format.Parse((view / "reward_engine" / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
     original = text_format.Parse(engine_config.read_text(), model_config_pb2.ModelConfig())
-    assert [(g.kind, g.count) for g in config.instance_group] == [(model_config_pb2.ModelInstanceGroup.KIND_CPU, 3)]
+    assert [(g.kind, g.count, list(g.gpus)) for g in config.instance_group] == [(model_config_pb2.ModelInstanceGroup.KIND_CPU, 3, [])]
     assert config.parameters["checkpoint"].string_value == str((tmp_path / "ckpt").resolve())
     del config.instance_group[:], original.instance_group[:], config.parameters["checkpoint"], original.parameters["checkpoint"]
     assert config == original

@@ -30,6 +30,8 @@ def engine_instance(args: Mapping[str, str]) -> EngineInstance:
     count = sum(int(group.get("count", 1)) for group in groups) or 1
     if len(groups) > 1:
         raise ValueError(f"reward_engine: {len(groups)} instance groups; engine_instances needs one (kind KIND_CPU, count N)")
+    if count > 1 and any(group.get("kind") == "KIND_GPU" for group in groups):
+        raise ValueError("reward_engine: several KIND_GPU instances; the engine places itself on GPUs: use kind KIND_CPU, count N")
     name = args["model_instance_name"]
     suffix = name.rsplit("_", 1)[-1]
     return EngineInstance(name, int(suffix) if count > 1 and suffix.isdigit() else 0, count)

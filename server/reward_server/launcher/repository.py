@@ -39,8 +39,10 @@ def serving_repository(repository: Path, instances: int, view: Path) -> Path:
     if len(config.instance_group) > 1:
         raise ValueError(f"{source / ENGINE_MODEL / CONFIG}: {len(config.instance_group)} instance groups; engine_instances needs one")
     if not config.instance_group:
-        config.instance_group.add(kind=model_config_pb2.ModelInstanceGroup.KIND_CPU)
-    config.instance_group[0].count = instances
+        config.instance_group.add()
+    group = config.instance_group[0]
+    group.kind, group.count = model_config_pb2.ModelInstanceGroup.KIND_CPU, instances  # the engine places itself on GPUs
+    del group.gpus[:]
     for name, parameter in config.parameters.items():  # relative paths meant the user's folder
         if setting_kind(name) == "path" and parameter.string_value:
             parameter.string_value = str((source / ENGINE_MODEL / parameter.string_value).resolve())
