@@ -1,12 +1,14 @@
 """One tensor-parallel rank's share of a checkpoint, read from its safetensors files slice by slice.
 
 Loading the whole checkpoint in every rank and cutting it there (`from_pretrained`, then
-`shard_trunk`) holds the whole model in each rank's memory at once: 8 ranks of a 70B bf16 checkpoint
-would want 8 x 141 GB of host memory. Here the model is built with its parameters on the meta device
-(no memory; buffers such as the rotary frequencies are computed for real, as accelerate's
-`init_empty_weights(include_buffers=False)` does), `shard_trunk` reads each decoder layer's part with
-safetensors' `get_slice` (only those bytes are copied), and every other parameter (embeddings, norms,
-the head's source) is read whole, in the model's dtype.
+`shard_trunk`) holds the whole model in each rank's private memory whenever the load changes its dtype
+(a bf16 checkpoint served in fp32: measured, tests/test_rank_loading.py); loaded in its own dtype,
+transformers 5.24 keeps views of the mapped file, shared page cache, but that is its behaviour, not a
+promise. Here the model is built with its parameters on the meta device (no memory; buffers such as the
+rotary frequencies are computed for real, as accelerate's `init_empty_weights(include_buffers=False)`
+does), `shard_trunk` reads each decoder layer's part with safetensors' `get_slice` (only the part is
+copied), and every other parameter (embeddings, norms, the head's source) is read whole, in the
+model's dtype.
 
 Checkpoint keys are the model's own parameter names, as `save_pretrained` writes them. A checkpoint that
 does not name every parameter so (`.bin` files, keys from another layout that `from_pretrained` would
@@ -51,8 +53,8 @@ def parameters_on_meta() -> Iterator[None]:
 class Checkpoint:
     """The tensors of a folder's safetensors files (one file, or shards named by the index), by key."""
 
-    def __init__(self, folder: Path, files: dict[str, Path]) -> None:
-        self.folder, self.files = folder, files
+    def __init__(self, files: dict[str, Path]) -> None:
+        self.files = files
         self._open = contextlib.ExitStack()
         self._handles: dict[Path, object] = {}
 
@@ -60,10 +62,10 @@ class Checkpoint:
     def find(cls, folder: Path) -> Checkpoint | None:
         if (folder / INDEX).exists():
             weight_map = json.loads((folder / INDEX).read_text())["weight_map"]
-            return cls(folder, {key: folder / file for key, file in weight_map.items()})
+            return cls({key: folder / file for key, file in weight_map.items()})
         if (folder / SINGLE).exists():
             with safe_open(folder / SINGLE, framework="pt") as handle:
-                return cls(folder, dict.fromkeys(handle.keys(), folder / SINGLE))
+                return cls(dict.fromkeys(handle.keys(), folder / SINGLE))
         return None
 
     def read(self, key: str, dtype: torch.dtype, dim: int = 0, start: int = 0, count: int | None = None) -> torch.Tensor:

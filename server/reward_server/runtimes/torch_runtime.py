@@ -111,12 +111,12 @@ class SharedPrefixes:
     kept: list[torch.Tensor | None] = field(default_factory=list)  # what was copied out: [layers, 2, kv_heads, range, head_dim]
 
     def kv(self, layer: int, segment: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-        kv = self.before[segment]
+        kv = self.before[segment] if segment < len(self.before) else None  # past the list: the filler (_forward)
         return None if kv is None else (kv[layer, 0][None], kv[layer, 1][None])
 
     def capture(self, layer: int, segment: int, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Copy this layer's keys/values [1, kv_heads, tokens, dim] (the prefix's included) of the kept range."""
-        start, end = self.keep[segment]
+        start, end = self.keep[segment] if segment < len(self.keep) else (0, 0)
         if end <= start:
             return
         if not self.kept:
@@ -332,11 +332,8 @@ class TorchRewardEngine:
         they take the packed rows as they are instead of copying them into zero-padded tiles: a row of a
         matrix product does not depend on the other rows of its tile, so the scores are the same bits."""
         filler = -sum(len(s) for s in sequences) % self.tile_rows
-        if filler:
+        if filler:  # a segment past `shared`'s lists: nothing before it, nothing kept of it
             sequences, offsets = [*sequences, np.zeros(filler, np.int64)], [*offsets, 0]
-            if shared is not None:  # nothing before it, nothing kept of it
-                shared.before.append(None)
-                shared.keep.append((0, 0))
         lengths = [len(s) for s in sequences]
         bounds = _bounds(lengths)
         input_ids = torch.from_numpy(np.concatenate(sequences).astype(np.int64))[None].to(self.device)
@@ -346,8 +343,6 @@ class TorchRewardEngine:
             hidden = self.trunk(input_ids=input_ids, position_ids=position_ids, use_cache=False)
         finally:
             PACKING.reset(token)
-            if filler and shared is not None:
-                del shared.before[-1], shared.keep[-1], shared.kept[len(shared.before) :]
         hidden = hidden.last_hidden_state[0]
         rows = np.concatenate([start + r for start, r in zip(bounds[: len(reads)].tolist(), reads, strict=True)])
         return hidden[torch.from_numpy(rows).to(self.device)]
