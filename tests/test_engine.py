@@ -69,15 +69,15 @@ def test_batch_invariance(engine, token_ids):
 
 
 def test_tile_rows_change_the_sums_not_the_scores_or_the_invariance(checkpoint, device, engine, token_ids):
-    """GPU-sized tiles (256 rows, `tile_rows`): every linear layer tiled at that size, scores equal the
-    64-row tiles' within 1e-5 (fp32; only the order of sums can differ), and batch invariance holds bit
-    for bit at that size too (alone vs packed with 15 others)."""
-    wide = TorchRewardEngine(str(checkpoint), device=device, dtype="fp32", max_step_tokens=8192, tile_rows=256)
-    tiles = {m.tile_rows for m in wide.trunk.modules() if hasattr(m, "tile_rows")}
-    assert tiles == {256}
-    together = wide.score(token_ids[:16])[:, 0]
+    """Smaller tiles (64 rows, `tile_rows`; 256 by default): every linear layer tiled at that size, scores
+    equal the default tiles' within 1e-5 (fp32; only the order of sums can differ), and batch invariance
+    holds bit for bit at that size too (alone vs packed with 15 others)."""
+    assert {m.tile_rows for m in engine.trunk.modules() if hasattr(m, "tile_rows")} == {256}
+    narrow = TorchRewardEngine(str(checkpoint), device=device, dtype="fp32", max_step_tokens=8192, tile_rows=64)
+    assert {m.tile_rows for m in narrow.trunk.modules() if hasattr(m, "tile_rows")} == {64}
+    together = narrow.score(token_ids[:16])[:, 0]
     assert np.abs(together - engine.score(token_ids[:16])[:, 0]).max() <= 1e-5
-    assert np.array_equal(together, [wide.score([ids])[0, 0] for ids in token_ids[:16]])
+    assert np.array_equal(together, [narrow.score([ids])[0, 0] for ids in token_ids[:16]])
 
 
 def test_a_step_copies_no_rows_into_padded_tiles(engine, token_ids):
@@ -86,7 +86,7 @@ def test_a_step_copies_no_rows_into_padded_tiles(engine, token_ids):
     from torch.profiler import ProfilerActivity, profile
 
     batch = token_ids[:5]
-    assert sum(len(ids) for ids in batch) % 64  # the rows alone would not fill whole tiles
+    assert sum(len(ids) for ids in batch) % engine.tile_rows  # the rows alone would not fill whole tiles
     with profile(activities=[ProfilerActivity.CPU]) as trace:
         engine.score_step(batch)
     pads = sum(event.count for event in trace.key_averages() if event.key == "aten::constant_pad_nd")

@@ -10,7 +10,7 @@ from reward_server.memory import StepMemory, module_bytes, plan_step_tokens, ste
 from reward_server.runtimes.torch_runtime import TorchRewardEngine
 from tests.test_architectures import CONFIGS, _save
 
-PLAN = dict(free=None, max_tokens=4096, default=16384)
+PLAN = dict(free=None, max_tokens=4096, default=16384, tile=64)
 
 
 def test_auto_step_is_what_fits_in_whole_tiles():
@@ -18,6 +18,17 @@ def test_auto_step_is_what_fits_in_whole_tiles():
     assert plan_step_tokens(memory, weights=1_000_000, budget=11_000_000, max_step_tokens=None, **PLAN) == 9984  # 10,000 -> 156 tiles
     assert plan_step_tokens(memory, weights=0, budget=10**12, max_step_tokens=None, **PLAN) == 16384  # at most the default
     assert plan_step_tokens(memory, weights=0, budget=10**12, max_step_tokens=1234, **PLAN) == 1234  # asked for, and it fits
+
+
+def test_steps_are_planned_in_whole_tiles_of_the_engine():
+    """A step runs as whole tiles (its last one filled up), so the plan counts its rows, not its tokens."""
+    memory = StepMemory(per_token=1000, fixed=0)
+    assert plan_step_tokens(memory, weights=0, budget=10_100_000, max_step_tokens=None, **PLAN) == 10048  # 157 tiles of 64
+    assert plan_step_tokens(memory, weights=0, budget=10_100_000, max_step_tokens=None, **{**PLAN, "tile": 256}) == 9984  # 39 of 256
+    memory = StepMemory(per_token=1 << 20, fixed=0)
+    assert plan_step_tokens(memory, weights=0, budget=4200 << 20, max_step_tokens=4100, **PLAN) == 4100  # 4,160 rows fit
+    with pytest.raises(ValueError, match=r"max_step_tokens 4100 needs 4.25 GiB .* only 4.10 GiB"):  # 4,352 rows do not
+        plan_step_tokens(memory, weights=0, budget=4200 << 20, max_step_tokens=4100, **{**PLAN, "tile": 256})
 
 
 def test_refusals_name_the_numbers():

@@ -22,7 +22,6 @@ from torch import nn
 
 SLACK = 1.5
 RESERVE = 0.1  # of the free GPU memory
-ROUND = 64  # whole CPU tiles (invariance.TILE_ROWS); a GPU's 256-row tiles pad at most one tile per layer call
 
 
 @dataclass(frozen=True)
@@ -73,10 +72,12 @@ def plan_step_tokens(
     max_tokens: int,
     max_step_tokens: int | None,
     default: int,
+    tile: int,
 ) -> int:
     """max_step_tokens for this budget: the one asked for if it fits, or as many whole tiles as fit
-    (at most `default`) when it is None (auto). ValueError naming the numbers when it does not fit,
-    or when one `max_tokens` conversation does not."""
+    (at most `default`) when it is None (auto). A step runs as whole tiles of `tile` rows (its last one
+    filled up: torch_runtime), so it is planned at its tokens rounded up to the tile. ValueError naming
+    the numbers when it does not fit, or when one `max_tokens` conversation does not."""
     if budget is not None:
         available, source = budget - weights, f"memory_budget {_gib(budget)} less the weights {_gib(weights)}"
     elif free is not None:
@@ -84,22 +85,26 @@ def plan_step_tokens(
         source = f"{1 - RESERVE:.0%} of the {_gib(free)} free on the device after the weights ({_gib(weights)})"
     else:
         return max_step_tokens or default  # a CPU without a budget: nothing to plan against
-    one = memory.bytes(max_tokens)
+    one = memory.bytes(_whole(max_tokens, tile))
     if one > available:
         raise ValueError(
             f"memory: one {max_tokens}-token conversation needs {_gib(one)} of activations, but only {_gib(available)} "
             f"is left ({source}); lower max_tokens, use dtype fp8 or more tensor_parallel ranks, or raise memory_budget"
         )
     if max_step_tokens is not None:
-        needed = memory.bytes(max(max_step_tokens, max_tokens))
+        needed = memory.bytes(_whole(max(max_step_tokens, max_tokens), tile))
         if needed > available:
             raise ValueError(
                 f"memory: max_step_tokens {max_step_tokens} needs {_gib(needed)} of activations, but only {_gib(available)} "
                 f"is left ({source}); lower max_step_tokens or set it to auto"
             )
         return max_step_tokens
-    fits = (available - memory.fixed) // memory.per_token // ROUND * ROUND
+    fits = (available - memory.fixed) // memory.per_token // tile * tile
     return max(min(fits, default), max_tokens)
+
+
+def _whole(tokens: int, tile: int) -> int:
+    return -(-tokens // tile) * tile
 
 
 def _gib(n: int) -> str:

@@ -23,7 +23,7 @@ from transformers.modeling_utils import AttentionInterface
 from reward_server.batching import Step, plan_steps, score_all, shared_prefixes
 from reward_server.fp8 import quantize_trunk
 from reward_server.heads import load_reward_model
-from reward_server.invariance import default_tile_rows, make_batch_invariant
+from reward_server.invariance import TILE_ROWS, make_batch_invariant
 from reward_server.memory import module_bytes, plan_step_tokens, step_memory
 from reward_server.parallel import RankGroup, rank_device
 from reward_server.prefix_cache import BLOCK_TOKENS, CacheCounters, PrefixCache, block_keys, kv_bytes_per_token
@@ -189,7 +189,7 @@ class TorchRewardEngine:
             raise ValueError(f"dtype {dtype!r}: expected auto or one of {sorted(DTYPES)}")
         shard = (rank, tensor_parallel) if tensor_parallel > 1 else None
         trunk, head = load_reward_model(checkpoint, DTYPES[dtype], PACKED_ATTENTION, shard)
-        self.tile_rows = tile_rows = tile_rows or default_tile_rows(self.device)
+        self.tile_rows = tile_rows = tile_rows or TILE_ROWS
         if dtype == "fp8":  # layer by layer onto the device: the bf16 weights never all sit there
             quantize_trunk(trunk, self.device, tile_rows, fp8_bf16_layers)
         self.trunk = make_batch_invariant(trunk.to(self.device).eval(), tile_rows)
@@ -211,6 +211,7 @@ class TorchRewardEngine:
             max_tokens=max_tokens,
             max_step_tokens=max_step_tokens,
             default=16384 if on_gpu else 2048,
+            tile=tile_rows,
         )
 
     @property
