@@ -99,7 +99,7 @@ class Settings:
     )
     tile_rows: int | None = _setting(
         None,
-        "rows of each linear layer's fixed tiles (batch invariance): auto (256) or a number; 64 halves a lone short request's latency on a CPU",
+        "rows of each linear layer's fixed tiles (batch invariance): auto (256) or a number; 64 cuts a lone short request's CPU latency",
         (ENGINE_MODEL,),
         "auto_int",
         minimum=1,
