@@ -23,6 +23,7 @@ from transformers.modeling_utils import AttentionInterface
 from reward_server.batching import Step, plan_steps, score_all, shared_prefixes
 from reward_server.fp8 import quantize_trunk
 from reward_server.heads import load_reward_model
+from reward_server.host_memory import keep_freed_memory
 from reward_server.invariance import TILE_ROWS, make_batch_invariant
 from reward_server.memory import module_bytes, plan_step_tokens, step_memory
 from reward_server.parallel import RankGroup, rank_device
@@ -180,8 +181,10 @@ class TorchRewardEngine:
         if first_device or device in ("auto", "cuda"):
             device = rank_device(device, first_device)
         self.device = torch.device(device)
-        if self.device.type == "cpu" and threads:
-            torch.set_num_threads(threads)
+        if self.device.type == "cpu":
+            keep_freed_memory()  # a step's activations stay mapped for the next one (host_memory.py)
+            if threads:
+                torch.set_num_threads(threads)
         on_gpu = self.device.type == "cuda"
         if dtype == "auto":  # fp32 keeps 1e-4 parity on CPUs; bf16 is what GPUs (and 70B checkpoints) run in
             dtype = "bf16" if on_gpu else "fp32"
