@@ -37,6 +37,15 @@ def fidelity(reference: np.ndarray, scores: np.ndarray, pairs: np.ndarray) -> di
     return {"max_abs": float(delta.max()), "mean_abs": float(delta.mean()), "pair_agreement": float(agree.mean())}
 
 
+def runs(dtypes: list[str], fp8_bf16_layers: list[int]) -> list[tuple[str, str, int]]:
+    """(label, dtype, first decoder layers kept in bf16) of each engine to score with: fp32 (the reference)
+    first, then each dtype, fp8 once per count of bf16 layers ("fp8+4bf16")."""
+    chosen = [("fp32", "fp32", 0)]
+    for dtype in dtypes:
+        chosen += [(dtype if n == 0 else f"{dtype}+{n}bf16", dtype, n) for n in (fp8_bf16_layers if dtype == "fp8" else [0])]
+    return chosen
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", default=".build/demo-checkpoint")
@@ -54,11 +63,7 @@ def main() -> None:
     pairs = rng.integers(0, len(sets), (args.pairs * 2, 2))
     pairs = pairs[pairs[:, 0] != pairs[:, 1]][: args.pairs]
     scores = {}
-    runs = [("fp32", "fp32", 0)]
-    for dtype in args.dtypes.split(","):
-        kept = [int(n) for n in args.fp8_bf16_layers.split(",")] if dtype == "fp8" else [0]
-        runs += [(dtype if n == 0 else f"{dtype}+{n}bf16", dtype, n) for n in kept]
-    for label, dtype, kept in runs:
+    for label, dtype, kept in runs(args.dtypes.split(","), [int(n) for n in args.fp8_bf16_layers.split(",")]):
         engine = TorchRewardEngine(args.checkpoint, device=args.device, dtype=dtype, fp8_bf16_layers=kept)
         scores[label] = engine.score(sets)[:, 0].astype(np.float64)
         print(f"{label} scored", flush=True)

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from transformers import AutoModel, LlamaConfig
 
-from benchmarks.fidelity import fidelity
+from benchmarks.fidelity import fidelity, runs
 from reward_server.head_spec import read_head_spec
 from reward_server.heads import RewardHead
 from reward_server.memory import module_bytes
@@ -119,9 +119,7 @@ def fidelity_8b(count: int, pairs: int, longest: int = 3000, checkpoint: str | N
     chosen = rng.integers(0, count, (pairs * 2, 2))
     chosen = chosen[chosen[:, 0] != chosen[:, 1]][:pairs]
     scores, invariant = {}, {}
-    runs = [("fp32", "fp32", 0), ("bf16", "bf16", 0), ("fp8", "fp8", 0)]
-    runs += [(f"fp8+{bf16_layers}bf16", "fp8", bf16_layers)] if bf16_layers else []
-    for label, dtype, kept in runs:
+    for label, dtype, kept in runs(["bf16", "fp8"], sorted({0, bf16_layers})):
         torch.cuda.empty_cache()
         model = engine(SHAPE_8B, dtype, seed=1, checkpoint=checkpoint, max_tokens=longest, fp8_bf16_layers=kept)
         scores[label] = model.score(sets)[:, 0].astype(np.float64)
