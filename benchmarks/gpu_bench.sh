@@ -7,9 +7,10 @@
 # WHEELS: optional folder made by ../shared/gpu/wheels.sh (numpy 1.26.4, tritonclient and its HTTP
 # dependencies) plus pytriton/ + nvidia_pytriton.libs/ folders; with it the server rows (d) run too,
 # without it (a)-(c) only. Needs, carried with the tree: .build/demo-checkpoint (its tokenizer).
-# What it does, in about 5 minutes on an H100/H200 (estimated): builds the Llama-3.1-8B-shape random
-# checkpoint in bf16 (/tmp/rm-8b, kept between runs), runs benchmarks/benchmark.py on the long, short,
-# best-of-8 and rlhf workloads side by side, then one profiled engine step of the long mix.
+# What it does, in about 7 minutes on an H100/H200 (estimated): builds the Llama-3.1-8B-shape random
+# checkpoint in bf16 (/tmp/rm-8b, kept between runs), runs benchmarks/gpu_checks.py, then
+# benchmarks/benchmark.py on the long, short, best-of-8 and rlhf workloads side by side, then one profiled
+# engine step of the long mix.
 # REWARD_* variables reach the server rows (d): REWARD_ENGINE_INSTANCES=2 REWARD_MEMORY_BUDGET=38000000000
 # runs two engine instances sharing the GPU (one computes while the other waits on its requests).
 # OVERHEAD_ROUNDS (default 0) adds benchmarks/gateway_overhead.py's rounds. DEVICE, DTYPE, PRESET,
@@ -41,6 +42,12 @@ chmod +x "$bin/reward-server"
 if [ ! -f "$checkpoint/model.safetensors" ]; then
   "$python" build/demo_checkpoint.py --preset "$preset" --device "$device" --dtype "$dtype" --tokenizer-from "$tokenizer" --out "$checkpoint"
 fi
+# CHECKS=0 skips what a CPU cannot check (benchmarks/gpu_checks.py: the varlen kernel's parity, invariance and
+# prefix cache, the products' row-count invariance); BENCH=0 skips the bench and the profiled step.
+if [ "${CHECKS:-1}" = 1 ]; then
+  "$python" -m benchmarks.gpu_checks $([ "$device" = cpu ] && echo --cpu-dry-run) --checkpoint "$checkpoint" --out "$out/gpu-checks.json" 2>&1 | tee "$out/checks.log"
+fi
+[ "${BENCH:-1}" = 1 ] || exit 0
 server=()
 # the launcher needs pytriton's files (tritonserver, the stub), not its Python package (which imports zmq)
 "$python" -c 'import importlib.util, tritonclient.grpc; assert importlib.util.find_spec("pytriton")' || server=(--no-server)

@@ -104,6 +104,14 @@ class Settings:
         "auto_int",
         minimum=1,
     )
+    attention: str = _setting(
+        "auto",
+        "auto (one variable-length FlashAttention call per layer on GPUs that run it, else one SDPA call per sequence) | loop "
+        "(one SDPA call per sequence everywhere)",
+        (ENGINE_MODEL,),
+        "choice",
+        choices=("auto", "loop"),
+    )
     max_tokens: int = _setting(4096, "longest templated conversation (tokens) scored", ALL, "int", minimum=1)
     max_bytes: int = _setting(
         1 << 20, "largest conversation accepted, in bytes (checked before parsing)", (PREPROCESSING_MODEL, NEMO_MODEL), "int", minimum=1

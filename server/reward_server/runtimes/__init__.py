@@ -72,6 +72,7 @@ def load_engine(settings: Settings, instance: int = 0) -> RewardEngine:
         min_shared_prefix=settings.min_shared_prefix,
         prefix_cache_tokens=settings.prefix_cache_tokens,
         tile_rows=settings.tile_rows,
+        attention=settings.attention,
         tensor_parallel=settings.tensor_parallel,
         memory_budget=settings.memory_budget,
         max_tokens=settings.max_tokens,

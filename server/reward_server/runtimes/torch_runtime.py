@@ -1,8 +1,9 @@
 """The `torch` runtime: a transformers trunk run over packed sequences, then the reward head.
 
 Packed execution: the sequences of one step are concatenated into a single row with no
-padding, so every linear layer runs once over exactly the real tokens; attention runs per
-sequence (causal, within each sequence only), so its cost follows each sequence's own length.
+padding, so every linear layer runs once over exactly the real tokens; attention is causal within
+each sequence only, so its cost follows each sequence's own length: on GPUs one variable-length
+FlashAttention call per layer (varlen.py), elsewhere one SDPA call per sequence.
 The reward head (`heads`) is applied only to the final hidden states where scores are read
 (the last token, or the end of every assistant turn): the full-vocabulary projection is never computed.
 """
@@ -20,6 +21,7 @@ import torch.nn.functional as F
 from transformers.masking_utils import AttentionMaskInterface
 from transformers.modeling_utils import AttentionInterface
 
+from reward_server import varlen
 from reward_server.batching import Step, plan_steps, score_all, shared_prefixes
 from reward_server.fp8 import quantize_trunk
 from reward_server.heads import load_reward_model
@@ -41,8 +43,12 @@ def packed_attention(module, query, key, value, attention_mask, scaling=None, dr
     prefix's keys/values too, then causally to its own tokens. Sliding windows (Mistral,
     Gemma 2) and attention-logit soft-capping (Gemma 2) are applied as the model asks.
     """
-    bounds, shared, tile = PACKING.get()
+    packing = PACKING.get()
+    bounds, shared, tile = packing.bounds, packing.shared, packing.tile
     window, softcap = kwargs.get("sliding_window"), kwargs.get("softcap")
+    if packing.varlen is not None and varlen.fits(query.shape[-1], window, softcap):
+        keys, values = _packed_keys(module.layer_idx, key, value, bounds, shared)
+        return varlen.attend(query[0].transpose(0, 1), keys, values, packing.varlen, scaling)[None], None
     pieces = []
     for segment, (start, end) in enumerate(pairwise(bounds)):
         q, k, v = query[:, :, start:end], key[:, :, start:end], value[:, :, start:end]
@@ -54,6 +60,28 @@ def packed_attention(module, query, key, value, attention_mask, scaling=None, dr
         pieces.append(_attend_tiles(q, k, v, scaling, window, softcap, tile) if tile else _attend(q, k, v, scaling, window, softcap))
     output = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=2)
     return output.transpose(1, 2).contiguous(), None
+
+
+def _packed_keys(layer: int, key, value, bounds: list[int], shared: SharedPrefixes | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The layer's keys and values [tokens, kv_heads, dim] as the varlen kernel takes them: each segment's
+    prefix (if any) before its own tokens; the kept ranges copied out as `packed_attention` does."""
+    keys, values = key[0].transpose(0, 1), value[0].transpose(0, 1)  # views of the projections' rows
+    if shared is None:
+        return keys, values
+    prefixes = [shared.kv(layer, segment) for segment in range(len(bounds) - 1)]
+    if any(p is not None for p in prefixes):
+        pieces = []
+        for prefix, (start, end) in zip(prefixes, pairwise(bounds), strict=True):
+            if prefix is not None:
+                pieces.append((prefix[0][0].transpose(0, 1), prefix[1][0].transpose(0, 1)))
+            pieces.append((keys[start:end], values[start:end]))
+        keys, values = (torch.cat(side) for side in zip(*pieces, strict=True))
+    start = 0
+    for segment, (prefix, (low, high)) in enumerate(zip(prefixes, pairwise(bounds), strict=True)):
+        end = start + high - low + (0 if prefix is None else prefix[0].shape[2])
+        shared.capture(layer, segment, keys[start:end].transpose(0, 1)[None], values[start:end].transpose(0, 1)[None])
+        start = end
+    return keys, values
 
 
 def _attend_tiles(q, k, v, scaling, window, softcap, tile):
@@ -95,10 +123,20 @@ def _no_mask(*args, **kwargs):
 
 AttentionInterface.register(PACKED_ATTENTION, packed_attention)
 AttentionMaskInterface.register(PACKED_ATTENTION, _no_mask)
-# Where each packed sequence starts and which shared prefix it continues, set around each trunk
-# call: not every architecture passes extra keyword arguments down to its attention (Nemotron).
-# The third item: the attention tile (0: one call per sequence); see `_attend_tiles`.
-PACKING: ContextVar[tuple[list[int], SharedPrefixes | None, int]] = ContextVar("packing")
+
+
+@dataclass
+class Packing:
+    """Where each packed sequence starts and which shared prefix it continues, set around each trunk call:
+    not every architecture passes extra keyword arguments down to its attention (Nemotron)."""
+
+    bounds: list[int]
+    shared: SharedPrefixes | None
+    tile: int  # the per-sequence path's attention tile (0: one call per sequence); see `_attend_tiles`
+    varlen: varlen.VarlenBatch | None  # where the varlen kernel runs (varlen.py): the bounds on the device
+
+
+PACKING: ContextVar[Packing] = ContextVar("packing")
 
 
 @dataclass
@@ -151,13 +189,17 @@ class TorchRewardEngine:
         first_device: int = 0,
         threads: int | None = None,
         fp8_bf16_layers: int = 0,
+        attention: str = "auto",
     ) -> None:
         """`auto` and None pick the defaults measured per device (README, "Precision and step size").
         tensor_parallel > 1: the model runs in that many worker processes (parallel.py), `rank` being
         set in each of them; memory_budget and max_tokens: memory.py. `first_device`: with device auto
         or cuda, the index of this engine's first GPU (engine instance k of several: k * tensor_parallel,
         instances.py); `threads`: CPU threads of each rank (None: torch's default, or shared by the ranks);
-        `fp8_bf16_layers`: with dtype fp8, the first decoder layers left in bf16 (fp8.py)."""
+        `fp8_bf16_layers`: with dtype fp8, the first decoder layers left in bf16 (fp8.py); `attention`: auto (one
+        varlen FlashAttention call per layer where it runs, varlen.py) or loop (one SDPA call per sequence)."""
+        if attention not in ("auto", "loop"):
+            raise ValueError(f"attention {attention!r}: expected auto or loop")
         self.min_shared_prefix = min_shared_prefix  # 0 turns prefix reuse off
         self.ranks = None
         self.prefix_cache: PrefixCache | None = None  # across requests; each rank holds its own
@@ -171,7 +213,7 @@ class TorchRewardEngine:
             options = dict(checkpoint=checkpoint, device=device, dtype=dtype, max_step_tokens=max_step_tokens)
             options.update(min_shared_prefix=min_shared_prefix, memory_budget=memory_budget, max_tokens=max_tokens)
             options.update(prefix_cache_tokens=prefix_cache_tokens, tile_rows=tile_rows, first_device=first_device, threads=threads)
-            options.update(fp8_bf16_layers=fp8_bf16_layers)
+            options.update(fp8_bf16_layers=fp8_bf16_layers, attention=attention)
             self.ranks = RankGroup(tensor_parallel, options, exit_on_failure=exit_on_rank_failure)
             info = self.ranks.info[0]
             self.vocab_size, self.spec, self.pad_token = info["vocab_size"], info["spec"], info["pad_token"]
@@ -196,6 +238,7 @@ class TorchRewardEngine:
         if dtype == "fp8":  # layer by layer onto the device: the bf16 weights never all sit there
             quantize_trunk(trunk, self.device, tile_rows, fp8_bf16_layers)
         self.trunk = make_batch_invariant(trunk.to(self.device).eval(), tile_rows)
+        self.varlen = attention == "auto" and varlen.available(self.device, DTYPES[dtype])
         self.vocab_size = self.trunk.get_input_embeddings().num_embeddings
         head.weight = head.weight.to(self.device)
         head.bias = None if head.bias is None else head.bias.to(self.device)
@@ -342,7 +385,8 @@ class TorchRewardEngine:
         bounds = _bounds(lengths)
         input_ids = torch.from_numpy(np.concatenate(sequences).astype(np.int64))[None].to(self.device)
         position_ids = torch.cat([torch.arange(o, o + n) for o, n in zip(offsets, lengths, strict=True)])[None].to(self.device)
-        token = PACKING.set((bounds.tolist(), shared, self.attention_tile))
+        batch = varlen.VarlenBatch.of(lengths, offsets, self.device) if self.varlen else None
+        token = PACKING.set(Packing(bounds.tolist(), shared, self.attention_tile, batch))
         try:
             hidden = self.trunk(input_ids=input_ids, position_ids=position_ids, use_cache=False)
         finally:

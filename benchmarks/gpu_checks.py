@@ -1,0 +1,200 @@
+"""On one GPU, what a CPU cannot check, in about a minute: one JSON of facts, printed as they come.
+
+    python -m benchmarks.gpu_checks --checkpoint /tmp/rm-8b --out checks.json     (benchmarks/gpu_bench.sh builds it)
+
+1. The varlen attention path (varlen.py) on the real FlashAttention kernel against the per-sequence path
+   (`attention: loop`): bf16 scores of a long mix, max |Δ| beside the scores' spread.
+2. Batch invariance with it: each conversation alone and inside one batch, bit for bit.
+3. The prefix cache with it: 8 responses to one 2,000-token prompt sent one after another (each continuing
+   the cached prompt) against each scored alone without a cache, bit for bit; and each later request's time
+   against the first's.
+4. The engine fed 16 conversations a call (the bench's (c), long mix): varlen against loop, and 256-row
+   against 512-row tiles, interleaved.
+5. The matrix products: whether one cuBLAS bf16 product and one FP8 `torch._scaled_mm` (row-wise scales) over
+   M rows give each 256-row tile the bits of that tile's own call, for M up to 16,384 (if so, one call per
+   layer would keep batch invariance where today a call per tile does), and their speed against the tiles.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import AutoTokenizer
+
+from benchmarks.benchmark import WorkloadMaker
+from reward_server.fp8 import quantize_rows
+from reward_server.invariance import tiled_matmul
+from reward_server.runtimes.torch_runtime import TorchRewardEngine
+
+DEVICE = "cuda"
+SHAPES = {"8B qkv": (4096, 6144), "8B up": (4096, 14336), "8B down": (14336, 4096), "70B up": (8192, 28672), "70B down": (28672, 8192)}
+ROWS = [1, 64, 200, 256, 512, 768, 1024, 2048, 2304, 4096, 8192, 12288, 16384]
+
+
+def clock(run, repeats: int = 3) -> float:
+    """Seconds of one run, the best of `repeats` after a warm-up."""
+    run()
+    best = float("inf")
+    for _ in range(repeats):
+        sync()
+        start = time.perf_counter()
+        run()
+        sync()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def sync() -> None:
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+
+
+def engines_agree(checkpoint: str, ids: list[np.ndarray], report: dict) -> None:
+    varlen = TorchRewardEngine(checkpoint, device=DEVICE, dtype="bf16", max_step_tokens=16384)
+    loop = TorchRewardEngine(checkpoint, device=DEVICE, dtype="bf16", max_step_tokens=16384, attention="loop")
+    assert (varlen.varlen or DEVICE == "cpu") and not loop.varlen, "the varlen kernel does not run on this GPU"
+    batch, by_loop = varlen.score(ids)[:, 0], loop.score(ids)[:, 0]
+    alone = np.array([varlen.score([s])[0, 0] for s in ids])
+    report["varlen_vs_loop_max_abs"] = float(np.abs(batch - by_loop).max())
+    report["varlen_vs_loop_mean_abs"] = float(np.abs(batch - by_loop).mean())
+    report["scores_std"] = float(batch.std())
+    report["varlen_alone_equals_batch"] = bool(np.array_equal(alone, batch))
+    report["loop_alone_equals_batch"] = bool(np.array_equal(np.array([loop.score([s])[0, 0] for s in ids[:6]]), by_loop[:6]))
+    print({k: report[k] for k in report if k.startswith(("varlen", "loop", "scores"))}, flush=True)
+    del loop
+    torch.cuda.empty_cache()
+    report["engine_c_long_tokens_per_s"] = fed_like_c(checkpoint, ids, varlen)
+
+
+def fed_like_c(checkpoint: str, ids: list[np.ndarray], varlen: TorchRewardEngine) -> dict:
+    """tokens/s of the engine fed 16 conversations a call, per configuration, interleaved (best of 2)."""
+    others = {
+        "loop, tile 256": dict(attention="loop"),
+        "varlen, tile 512": dict(tile_rows=512),
+    }
+    engines = {"varlen, tile 256": varlen}
+    for label, options in others.items():
+        engines[label] = TorchRewardEngine(checkpoint, device=DEVICE, dtype="bf16", max_step_tokens=16384, **options)
+    tokens = sum(len(s) for s in ids)
+    best = dict.fromkeys(engines, float("inf"))
+    for engine in engines.values():  # warm-up
+        engine.score(ids[:16])
+    for _ in range(2):
+        for label, engine in engines.items():
+            sync()
+            start = time.perf_counter()
+            for i in range(0, len(ids), 16):
+                engine.score(ids[i : i + 16])
+            sync()
+            best[label] = min(best[label], time.perf_counter() - start)
+    rates = {label: tokens / seconds for label, seconds in best.items()}
+    print(f"engine fed 16 a call, long mix: {rates}", flush=True)
+    del engines
+    torch.cuda.empty_cache()
+    return rates
+
+
+def cache_is_exact(checkpoint: str, maker: WorkloadMaker, report: dict) -> None:
+    prompt, responses = maker.best_of(8, 2000, 100, 300)
+    conversations = [[*prompt, {"role": "assistant", "content": r}] for r in responses]
+    ids = [np.array(maker.tokenizer.apply_chat_template(c, tokenize=True, return_dict=False)) for c in conversations]
+    plain = TorchRewardEngine(checkpoint, device=DEVICE, dtype="bf16", max_step_tokens=16384)
+    alone = np.array([plain.score([s])[0, 0] for s in ids])
+    del plain
+    cached = TorchRewardEngine(checkpoint, device=DEVICE, dtype="bf16", max_step_tokens=16384, prefix_cache_tokens=65536)
+    seconds, scores = [], []
+    for s in ids:
+        sync()
+        start = time.perf_counter()
+        scores.append(cached.score([s])[0, 0])
+        seconds.append(time.perf_counter() - start)
+    report["cache_one_by_one_equals_alone_uncached"] = bool(np.array_equal(np.array(scores), alone))
+    report["cache_max_abs_to_uncached"] = float(np.abs(np.array(scores) - alone).max())
+    report["cache_hits"] = cached.prefix_cache.counters.hits
+    report["cache_first_request_s"] = seconds[0]
+    report["cache_later_over_first"] = float(np.mean(seconds[1:]) / seconds[0])
+    print({k: report[k] for k in report if k.startswith("cache")}, flush=True)
+    del cached
+    torch.cuda.empty_cache()
+
+
+def products(report: dict) -> None:
+    """Row-count invariance and speed of one bf16 mm and one FP8 _scaled_mm over up to 16,384 rows."""
+    torch.manual_seed(0)
+    report["products_16384_rows"] = out = {}
+    for name, (k, n) in SHAPES.items():
+        out[name] = product_row(k, n)
+        print(f"{name}: {out[name]}", flush=True)
+
+
+def product_row(k: int, n: int) -> dict:
+    rows = max(ROWS)
+    x = torch.randn(rows, k, device=DEVICE, dtype=torch.bfloat16)
+    w = torch.randn(n, k, device=DEVICE, dtype=torch.bfloat16) * k**-0.5
+    xq, xs = quantize_rows(x)
+    wq, ws = quantize_rows(w)
+    ws = ws.T.contiguous()
+    calls = {
+        "bf16": lambda first, last: x[first:last] @ w.T,
+        "fp8": lambda first, last: torch._scaled_mm(xq[first:last], wq.T, scale_a=xs[first:last], scale_b=ws, out_dtype=torch.bfloat16),
+    }
+    row = {}
+    for kind, call in calls.items():
+        tiles = [call(i, i + 256) for i in range(0, rows, 256)]
+        differ = []
+        for m in ROWS:
+            try:
+                whole = call(0, m)
+            except RuntimeError as exc:  # a row count the kernel refuses
+                differ.append(f"{m}: {exc}"[:200])
+                continue
+            if not all(torch.equal(whole[i : i + 256], tiles[i // 256][: min(256, m - i)]) for i in range(0, m, 256)):
+                differ.append(m)
+        row[f"{kind}_rows_differ_at"] = differ
+        row[f"{kind}_one_call_ms"] = 1e3 * clock(lambda call=call: call(0, rows))
+        row[f"{kind}_tile_calls_ms"] = 1e3 * clock(lambda call=call: [call(i, i + 256) for i in range(0, rows, 256)])
+    row["bf16_tiled_bmm_ms"] = 1e3 * clock(lambda: tiled_matmul(x, w, 256))
+    row["fp8_quantize_ms"] = 1e3 * clock(lambda: quantize_rows(x))
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", default="/tmp/rm-8b")
+    parser.add_argument("--out", default="gpu-checks.json")
+    parser.add_argument("--cpu-dry-run", action="store_true", help="on the CPU with small shapes: checks this script only")
+    args = parser.parse_args()
+    if args.cpu_dry_run:
+        global DEVICE
+        DEVICE = "cpu"
+        SHAPES.clear()
+        SHAPES["tiny"] = (64, 96)
+        ROWS[:] = [1, 200, 256, 512, 1024]
+    report = {"device": torch.cuda.get_device_properties(0).name if DEVICE == "cuda" else "cpu (dry run)", "torch": torch.__version__}
+    started = time.perf_counter()
+    maker = WorkloadMaker(AutoTokenizer.from_pretrained(args.checkpoint), seed=2024)
+    count, longest = (8, 300) if args.cpu_dry_run else (64, 3000)
+    ids = [np.array(maker.tokenizer.apply_chat_template(c, tokenize=True, return_dict=False)) for c in maker.mix(count, 100, longest)]
+    for check in (
+        lambda: engines_agree(args.checkpoint, ids, report),
+        lambda: cache_is_exact(args.checkpoint, maker, report),
+        lambda: products(report),
+    ):
+        try:
+            check()
+        except Exception as exc:  # one failing check must not cost the others' device minutes
+            report.setdefault("errors", []).append(repr(exc))
+            print(f"check failed: {exc!r}", flush=True)
+        Path(args.out).write_text(json.dumps(report, indent=2))
+    report["wall_s"] = time.perf_counter() - started
+    Path(args.out).write_text(json.dumps(report, indent=2))
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
