@@ -2,17 +2,17 @@
 
     python -m benchmarks.gpu_checks --checkpoint /tmp/rm-8b --out checks.json     (benchmarks/gpu_bench.sh builds it)
 
-1. The varlen attention path (varlen.py) on the real FlashAttention kernel against the per-sequence path
-   (`attention: loop`): bf16 scores of a long mix, max |Δ| beside the scores' spread.
-2. Batch invariance with it: each conversation alone and inside one batch, bit for bit.
-3. The prefix cache with it: 8 responses to one 2,000-token prompt sent one after another (each continuing
-   the cached prompt) against each scored alone without a cache, bit for bit; and each later request's time
-   against the first's.
-4. The engine fed 16 conversations a call (the bench's (c), long mix): varlen against loop, and 256-row
-   against 512-row tiles, interleaved.
-5. The matrix products: whether one cuBLAS bf16 product and one FP8 `torch._scaled_mm` (row-wise scales) over
-   M rows give each 256-row tile the bits of that tile's own call, for M up to 16,384 (if so, one call per
-   layer would keep batch invariance where today a call per tile does), and their speed against the tiles.
+1. Batch invariance of the default engine (bf16): each conversation of a long mix alone and inside one
+   batch, bit for bit; and the opt-in `attention: varlen` path against it (max |Δ|, its own invariance).
+2. One product call per layer where the load's probe proved it (invariance.settle_products): the shapes'
+   verdicts, and the engine fed 16 conversations a call (the bench's (c), long mix) with them and with
+   every layer on tiles, interleaved.
+3. The prefix cache: 8 responses to one 2,000-token prompt sent one after another (each continuing the
+   cached prompt) against each scored alone by the same engine with an empty cache, bit for bit; and each
+   later request's time against the first's.
+4. The matrix products alone: whether one cuBLAS bf16 product and one FP8 `torch._scaled_mm` (row-wise
+   scales) over M rows give each 256-row tile the bits of that tile's own call, for M from 1 to 16,384,
+   and their speed against the tiles and the FP8 quantisation's.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from transformers import AutoTokenizer
 from benchmarks.benchmark import WorkloadMaker
 from reward_server.fp8 import quantize_rows
 from reward_server.invariance import tiled_matmul
+from reward_server.prefix_cache import BLOCK_TOKENS, PrefixCache
 from reward_server.runtimes.torch_runtime import TorchRewardEngine
 
 DEVICE = "cuda"
@@ -55,46 +56,46 @@ def sync() -> None:
 
 
 def engines_agree(checkpoint: str, ids: list[np.ndarray], report: dict) -> None:
-    varlen = TorchRewardEngine(checkpoint, device=DEVICE, dtype="bf16", max_step_tokens=16384)
-    loop = TorchRewardEngine(checkpoint, device=DEVICE, dtype="bf16", max_step_tokens=16384, attention="loop")
-    assert (varlen.varlen or DEVICE == "cpu") and not loop.varlen, "the varlen kernel does not run on this GPU"
-    batch, by_loop = varlen.score(ids)[:, 0], loop.score(ids)[:, 0]
-    alone = np.array([varlen.score([s])[0, 0] for s in ids])
-    report["varlen_vs_loop_max_abs"] = float(np.abs(batch - by_loop).max())
-    report["varlen_vs_loop_mean_abs"] = float(np.abs(batch - by_loop).mean())
-    report["scores_std"] = float(batch.std())
-    report["varlen_alone_equals_batch"] = bool(np.array_equal(alone, batch))
-    report["loop_alone_equals_batch"] = bool(np.array_equal(np.array([loop.score([s])[0, 0] for s in ids[:6]]), by_loop[:6]))
-    print({k: report[k] for k in report if k.startswith(("varlen", "loop", "scores"))}, flush=True)
-    del loop
-    torch.cuda.empty_cache()
-    report["engine_c_long_tokens_per_s"] = fed_like_c(checkpoint, ids, varlen)
+    engine = TorchRewardEngine(checkpoint, device=DEVICE, dtype="bf16", max_step_tokens=16384)
+    batch = engine.score(ids)[:, 0]
+    report["alone_equals_batch"] = bool(np.array_equal(np.array([engine.score([s])[0, 0] for s in ids]), batch))
+    report["one_call_verdicts"] = {str(key[:2]): verdict for key, verdict in engine.one_call_products.items()}
+    print({k: report[k] for k in ("alone_equals_batch", "one_call_verdicts")}, flush=True)
+    if DEVICE == "cuda":
+        varlen = TorchRewardEngine(checkpoint, device=DEVICE, dtype="bf16", max_step_tokens=16384, attention="varlen")
+        by_varlen = varlen.score(ids)[:, 0]
+        report["varlen_vs_loop_max_abs"] = float(np.abs(by_varlen - batch).max())
+        report["varlen_alone_equals_batch"] = bool(np.array_equal(np.array([varlen.score([s])[0, 0] for s in ids[:8]]), by_varlen[:8]))
+        report["scores_std"] = float(batch.std())
+        print({k: report[k] for k in report if k.startswith(("varlen", "scores"))}, flush=True)
+        del varlen
+        torch.cuda.empty_cache()
+    report["engine_c_long_tokens_per_s"] = one_call_against_tiles(checkpoint, ids, engine)
 
 
-def fed_like_c(checkpoint: str, ids: list[np.ndarray], varlen: TorchRewardEngine) -> dict:
-    """tokens/s of the engine fed 16 conversations a call, per configuration, interleaved (best of 2)."""
-    others = {
-        "loop, tile 256": dict(attention="loop"),
-        "varlen, tile 512": dict(tile_rows=512),
-    }
-    engines = {"varlen, tile 256": varlen}
-    for label, options in others.items():
-        engines[label] = TorchRewardEngine(checkpoint, device=DEVICE, dtype="bf16", max_step_tokens=16384, **options)
+def one_call_against_tiles(checkpoint: str, ids: list[np.ndarray], engine: TorchRewardEngine) -> dict:
+    """tokens/s of the engine fed 16 conversations a call, with the probe's one-call layers and with every
+    layer on tiles, interleaved (best of 2)."""
+    tiles = TorchRewardEngine(checkpoint, device=DEVICE, dtype="bf16", max_step_tokens=16384)
+    for module in tiles.trunk.modules():
+        if hasattr(module, "one_call_rows"):
+            module.one_call_rows = 0
+    engines = {"one call where proven": engine, "tiles everywhere": tiles}
     tokens = sum(len(s) for s in ids)
     best = dict.fromkeys(engines, float("inf"))
-    for engine in engines.values():  # warm-up
-        engine.score(ids[:16])
+    for each in engines.values():  # warm-up
+        each.score(ids[:16])
     for _ in range(2):
-        for label, engine in engines.items():
+        for label, each in engines.items():
             sync()
             start = time.perf_counter()
             for i in range(0, len(ids), 16):
-                engine.score(ids[i : i + 16])
+                each.score(ids[i : i + 16])
             sync()
             best[label] = min(best[label], time.perf_counter() - start)
     rates = {label: tokens / seconds for label, seconds in best.items()}
     print(f"engine fed 16 a call, long mix: {rates}", flush=True)
-    del engines
+    del engines, tiles
     torch.cuda.empty_cache()
     return rates
 
@@ -103,18 +104,21 @@ def cache_is_exact(checkpoint: str, maker: WorkloadMaker, report: dict) -> None:
     prompt, responses = maker.best_of(8, 2000, 100, 300)
     conversations = [[*prompt, {"role": "assistant", "content": r}] for r in responses]
     ids = [np.array(maker.tokenizer.apply_chat_template(c, tokenize=True, return_dict=False)) for c in conversations]
-    plain = TorchRewardEngine(checkpoint, device=DEVICE, dtype="bf16", max_step_tokens=16384)
-    alone = np.array([plain.score([s])[0, 0] for s in ids])
-    del plain
     cached = TorchRewardEngine(checkpoint, device=DEVICE, dtype="bf16", max_step_tokens=16384, prefix_cache_tokens=65536)
+    per_token = cached.prefix_cache.max_bytes // (cached.prefix_cache.capacity * BLOCK_TOKENS)
+    empty = lambda: PrefixCache(65536, per_token)  # noqa: E731
+    alone = []
+    for s in ids:
+        cached.prefix_cache = empty()
+        alone.append(cached.score([s])[0, 0])
+    cached.prefix_cache = empty()
     seconds, scores = [], []
     for s in ids:
         sync()
         start = time.perf_counter()
         scores.append(cached.score([s])[0, 0])
         seconds.append(time.perf_counter() - start)
-    report["cache_one_by_one_equals_alone_uncached"] = bool(np.array_equal(np.array(scores), alone))
-    report["cache_max_abs_to_uncached"] = float(np.abs(np.array(scores) - alone).max())
+    report["cache_one_by_one_equals_alone"] = bool(np.array_equal(np.array(scores), np.array(alone)))
     report["cache_hits"] = cached.prefix_cache.counters.hits
     report["cache_first_request_s"] = seconds[0]
     report["cache_later_over_first"] = float(np.mean(seconds[1:]) / seconds[0])

@@ -3,8 +3,9 @@
     python -m benchmarks.gpu_fp8_tp --out gpu-fp8.json      (from the repository root; ~2-4 min on an H100)
 
 1. Speed and memory: a Llama-3.1-70B-wide trunk (hidden 8192, 64 heads, 8 KV heads, MLP 28672) with
-   --layers of its 80 layers, random weights built on the GPU, run by the project's engine (fixed 64-row
-   tiles, packed steps of --step-tokens tokens) in bf16 and in FP8 (torch._scaled_mm, row-wise scales).
+   --layers of its 80 layers, random weights built on the GPU, run by the project's engine (fixed --tiles
+   row tiles, or one call per layer where its load's probe proves it keeps the tiles' bits; packed steps of
+   --step-tokens tokens) in bf16 and in FP8 (torch._scaled_mm, row-wise scales).
    Reported per layer: time of one step, weight bytes, activation peak; and the implied tokens/s of the
    80-layer model (step tokens / (80 x per-layer time); the embedding lookup, final norm and head are
    left out, being < 0.1 % of a layer).
@@ -107,6 +108,7 @@ def speed(layers: int, step_tokens: int, repeats: int, tiles: list[int]) -> dict
                 "weights_80_layers_GiB": 80 * layer_bytes / 2**30,
                 "tokens_per_s_80_layers": step_tokens / (80 * per_layer),
                 "alone_equals_packed": bool(alone == packed),
+                "one_call_shapes": f"{sum(model.one_call_products.values())} of {len(model.one_call_products)}",
             }
             print(f"70B-wide {dtype} tile {tile}: {row}", flush=True)
             del model

@@ -152,3 +152,17 @@ def test_a_cpu_engine_reuses_its_step_memory_instead_of_faulting_it_in(checkpoin
     assert run.returncode == 0, run.stderr[-2000:]
     faults = int(run.stdout.split()[-1])
     assert faults < 10_000, f"{faults} minor page faults in three scorings"
+
+
+def test_a_step_makes_one_product_call_per_layer_where_the_probe_proved_it(engine, token_ids):
+    """Structural: a linear layer whose shape passed the load's probe (invariance.settle_products) makes one
+    call per step; the others make one batched call over their tiles (aten::bmm), and so does the head."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as trace:
+        engine.score_step(token_ids[:5])
+    bmm = sum(event.count for event in trace.key_averages() if event.key == "aten::bmm")
+    layers = [m for m in engine.trunk.modules() if hasattr(m, "one_call_rows")]
+    tiled = sum(1 for m in layers if not m.one_call_rows)
+    assert bmm == tiled + 1, f"{bmm} batched products, {tiled} of {len(layers)} layers tiled"
+    assert all(m.one_call_rows in (0, 8192) for m in layers)  # max_step_tokens 8192: every step the engine makes

@@ -1,4 +1,4 @@
-"""The varlen attention path (varlen.py): one kernel call per layer, wired right, on every family.
+"""The varlen attention path (`attention: varlen`, varlen.py): one kernel call per layer, wired right, on every family.
 
 The FlashAttention kernel runs on CUDA only. Here it is replaced by a plain-torch kernel with the same
 contract (packed rows, cu_seqlens, each segment's queries bottom-right aligned on its keys, grouped-query
@@ -62,8 +62,8 @@ def test_varlen_path_equals_the_per_sequence_path(family, kernel, tmp_path):
     per-sequence path. Layers with a sliding window or soft-capping keep the per-sequence path."""
     folder = _family(family, tmp_path, 30)
     sequences = _sequences(30)
-    loop = _engine(folder, attention="loop").score(sequences)
-    engine = _engine(folder, min_shared_prefix=8)
+    loop = _engine(folder).score(sequences)
+    engine = _engine(folder, min_shared_prefix=8, attention="varlen")
     assert engine.varlen
     got = engine.score(sequences)
     assert np.abs(got - loop).max() <= PARITY, f"{family}: {np.abs(got - loop).max():.2e}"
@@ -78,7 +78,7 @@ def test_varlen_path_equals_the_per_sequence_path(family, kernel, tmp_path):
 
 def test_one_kernel_call_per_layer_whatever_the_number_of_sequences(kernel, tmp_path):
     folder = _family("llama", tmp_path, 31)
-    engine = TorchRewardEngine(folder, device="cpu", dtype="fp32", min_shared_prefix=0)
+    engine = TorchRewardEngine(folder, device="cpu", dtype="fp32", min_shared_prefix=0, attention="varlen")
     sequences = [np.arange(n) % 900 for n in (5, 17, 40, 3, 90, 33, 61, 8)]
     for count in (1, 8):
         kernel.calls.clear()
@@ -95,8 +95,8 @@ def test_varlen_path_continues_cached_prompts(family, kernel, tmp_path):
     scores are those of the per-sequence path without a cache."""
     folder = _family(family, tmp_path, 32)
     _, sequences = _group(32)
-    expected = _engine(folder, attention="loop").score(sequences)
-    engine = _engine(folder, prefix_cache_tokens=1024, min_shared_prefix=8)
+    expected = _engine(folder).score(sequences)
+    engine = _engine(folder, prefix_cache_tokens=1024, min_shared_prefix=8, attention="varlen")
     got = _cached_scores(engine, sequences)
     assert np.abs(got - expected).max() <= PARITY
     assert engine.prefix_cache.counters.hits >= 2 * 4
@@ -107,6 +107,11 @@ def test_varlen_path_continues_cached_prompts(family, kernel, tmp_path):
 def test_unknown_attention_is_refused(tmp_path):
     with pytest.raises(ValueError, match="attention 'flash'"):
         _engine(_family("llama", tmp_path, 33), attention="flash")
+
+
+def test_varlen_where_the_kernel_cannot_run_is_refused_at_load(tmp_path):
+    with pytest.raises(ValueError, match="attention varlen needs FlashAttention on a CUDA GPU"):
+        _engine(_family("llama", tmp_path, 34), attention="varlen")
 
 
 def test_the_kernel_stays_off_where_it_cannot_run():

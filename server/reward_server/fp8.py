@@ -11,8 +11,9 @@ reward head keep their bf16/fp32 weights, and so do the first `fp8_bf16_layers` 
   rounded once to the output dtype (bf16).
 
 On a CUDA device with FP8 tensor cores (sm89+) the product is `torch._scaled_mm` with row-wise
-scales. It runs on fixed tiles of `tile_rows` rows, as every linear layer does (invariance.py): the
-kernel cuBLAS picks depends on the row count, so each tile is one call of the same shape. Elsewhere
+scales. It runs as every linear layer does (invariance.py): one call over the step's rows where the load's
+probe proved that call gives every tile the bits of its own call at every row count (on one H200 it did:
+one call per layer instead of one per 256-row tile), else one call per fixed tile of `tile_rows` rows. Elsewhere
 (a CPU) the same arithmetic is emulated: the e4m3 values are exact in fp32, and so are their
 products, so only the order of the fp32 sums can differ from the tensor cores'. Emulation proves
 numerics, not speed.
@@ -33,10 +34,12 @@ MIN_AMAX = 1e-12  # an all-zero row gets a tiny scale instead of a division by z
 
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """x [rows, k] -> (e4m3 values [rows, k], fp32 scales [rows, 1]) with x ≈ values * scales."""
-    x = x.float()
-    scale = x.abs().amax(dim=-1, keepdim=True).clamp(min=MIN_AMAX) / FP8_MAX
+    # One reduction pass for the row maxima and one fp32 division pass (x promoted as it is read): a GPU's
+    # quantisation is memory-bound, and copies of x in fp32 (x.float(), abs) cost as much as the product.
+    amax = torch.linalg.vector_norm(x, float("inf"), dim=-1, keepdim=True, dtype=torch.float32)
+    scale = amax.clamp(min=MIN_AMAX) / FP8_MAX
     # The cast rounds to nearest even; out-of-range values would become NaN, so saturate first.
-    return (x / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
+    return (x / scale).clamp_(-FP8_MAX, FP8_MAX).to(FP8), scale
 
 
 def fp8_kernels(device: torch.device) -> bool:
@@ -55,21 +58,33 @@ class Fp8Linear(nn.Module):
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().to(out_dtype), requires_grad=False)
         self.out_dtype, self.tile_rows = out_dtype, tile_rows
         self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.one_call_rows = 0  # as TiledLinear's (invariance.settle_products)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, x.shape[-1])
-        product = _tensor_core_product if fp8_kernels(rows.device) else _emulated_product
-        out = product(rows, self.weight, self.weight_scale, self.out_dtype, self.tile_rows)
+        if rows.shape[0] <= self.one_call_rows and rows.shape[0] % self.tile_rows == 0:
+            out = self.product(rows)
+        else:
+            product = _tensor_core_product if fp8_kernels(rows.device) else _emulated_product
+            out = product(rows, self.weight, self.weight_scale, self.out_dtype, self.tile_rows)
         out = out.view(*x.shape[:-1], self.out_features)
         return out if self.bias is None else out + self.bias
+
+    def product(self, rows: torch.Tensor) -> torch.Tensor:
+        """One call over `rows` [M, in] (no bias; invariance.settle_products): on the tensor cores, or emulated."""
+        if not fp8_kernels(rows.device):
+            return _emulated_product(rows, self.weight, self.weight_scale, self.out_dtype, 0)
+        values, scale = quantize_rows(rows)
+        return torch._scaled_mm(values, self.weight.T, scale_a=scale, scale_b=self.weight_scale, out_dtype=self.out_dtype)
 
 
 def _emulated_product(
     rows: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, out_dtype: torch.dtype, tile_rows: int
 ) -> torch.Tensor:
-    """The tensor cores' arithmetic in fp32 on fixed tiles (exact products, fp32 sums)."""
+    """The tensor cores' arithmetic in fp32 (exact products, fp32 sums) on fixed tiles, or in one call (tile_rows 0)."""
     values, scale = quantize_rows(rows)
-    return (tiled_matmul(values.float(), weight.float(), tile_rows) * scale * weight_scale).to(out_dtype)
+    sums = tiled_matmul(values.float(), weight.float(), tile_rows) if tile_rows else F.linear(values.float(), weight.float())
+    return (sums * scale * weight_scale).to(out_dtype)
 
 
 def _tensor_core_product(

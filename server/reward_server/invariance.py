@@ -13,9 +13,21 @@ CPU's FMA units (the bench checkpoint's products: 64-row tiles ~78 % of one plai
 tiles ~94 %). The cost of larger tiles is the filler of a step's last tile (`tile_rows` setting). Identical
 sequences of one batch are scored once (batching.unique), so copies never form a shared-prefix group
 among themselves.
+
+One call instead of a tile's worth of calls where that is proven to give the same bits: a library's
+product over M rows may give every row the bits it gets in a call of one tile, whatever M (no split-K, no
+kernel whose sums run in another order at some M); then one call per layer keeps batch invariance and
+reads each weight once. Whether it does depends on the library, the GPU and the layer's shape (one H200,
+torch 2.11: FP8 `_scaled_mm` with row-wise scales did at every row count on the 8B and 70B shapes; cuBLAS's
+bf16 product did for some shapes and not for the down projections). So it is not assumed: at load,
+`settle_products` runs each shape's product at every row count the engine can make (whole tiles up to its
+largest step) and compares every tile of it, bit for bit, with that tile's own call; a layer takes one
+call only if all of them agree, and steps above the probed rows go back to tiles.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +46,17 @@ def tiled_matmul(x: torch.Tensor, weight: torch.Tensor, tile_rows: int = TILE_RO
     return out[: rows.shape[0]].view(*x.shape[:-1], weight.shape[0])
 
 
+def one_call_keeps_rows(product: Callable[[torch.Tensor], torch.Tensor], rows: torch.Tensor, tile_rows: int) -> bool:
+    """Whether `product` over the first M `rows` gives each tile of them the bits of that tile's own call,
+    for every M that is a whole number of tiles up to len(rows)."""
+    tiles = [product(rows[i : i + tile_rows]) for i in range(0, len(rows), tile_rows)]
+    for count in range(2 * tile_rows, len(rows) + 1, tile_rows):
+        whole = product(rows[:count])
+        if not all(torch.equal(whole[i : i + tile_rows], tiles[i // tile_rows]) for i in range(0, count, tile_rows)):
+            return False
+    return True
+
+
 class TiledLinear(nn.Module):
     """nn.Linear whose rows do not depend on the rows beside them."""
 
@@ -41,10 +64,43 @@ class TiledLinear(nn.Module):
         super().__init__()
         self.weight, self.bias = linear.weight, linear.bias
         self.tile_rows = tile_rows
+        self.one_call_rows = 0  # up to this many rows (whole tiles) one call is proven to keep them: settle_products
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = tiled_matmul(x, self.weight, self.tile_rows)
+        rows = x.reshape(-1, x.shape[-1])
+        if rows.shape[0] <= self.one_call_rows and rows.shape[0] % self.tile_rows == 0:
+            out = self.product(rows).view(*x.shape[:-1], self.weight.shape[0])
+        else:
+            out = tiled_matmul(x, self.weight, self.tile_rows)
         return out if self.bias is None else out + self.bias
+
+    def product(self, rows: torch.Tensor) -> torch.Tensor:
+        """One call over `rows` [M, in] (no bias)."""
+        return F.linear(rows, self.weight)
+
+
+def settle_products(model: nn.Module, max_rows: int) -> dict[tuple, bool]:
+    """Give each tiled layer of `model` one call per step where `one_call_keeps_rows` proves it for its
+    shape up to `max_rows` rows (rounded up to whole tiles); one probe per distinct shape, on random rows
+    made like its inputs. Returns each shape's verdict."""
+    verdicts: dict[tuple, bool] = {}
+    generator = torch.Generator(device="cpu").manual_seed(0)
+    for module in model.modules():
+        if not hasattr(module, "one_call_rows"):
+            continue
+        weight, tile = module.weight, module.tile_rows
+        rows = -(-max_rows // tile) * tile
+        key = (type(module).__name__, tuple(weight.shape), weight.dtype, tile, rows)
+        if key not in verdicts:
+            dtype = weight.dtype if weight.element_size() > 1 else torch.bfloat16  # FP8 layers take bf16 inputs
+            sample = torch.randn(rows, weight.shape[1], generator=generator).to(weight.device, dtype)
+            try:
+                verdicts[key] = one_call_keeps_rows(module.product, sample, tile)
+            except RuntimeError:  # a product this device cannot make (FP8 without its tensor cores): tiles
+                verdicts[key] = False
+            del sample
+        module.one_call_rows = rows if verdicts[key] else 0
+    return verdicts
 
 
 def make_batch_invariant(model: nn.Module, tile_rows: int = TILE_ROWS) -> nn.Module:

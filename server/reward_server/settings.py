@@ -105,12 +105,12 @@ class Settings:
         minimum=1,
     )
     attention: str = _setting(
-        "auto",
-        "auto (one variable-length FlashAttention call per layer on GPUs that run it, else one SDPA call per sequence) | loop "
-        "(one SDPA call per sequence everywhere)",
+        "loop",
+        "loop (one SDPA call per sequence) | varlen (one variable-length FlashAttention call per layer; GPU only, not bit-for-bit "
+        "batch invariant with torch < 2.13 and no faster on an H200: README, Attention)",
         (ENGINE_MODEL,),
         "choice",
-        choices=("auto", "loop"),
+        choices=("loop", "varlen"),
     )
     max_tokens: int = _setting(4096, "longest templated conversation (tokens) scored", ALL, "int", minimum=1)
     max_bytes: int = _setting(

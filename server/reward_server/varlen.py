@@ -1,21 +1,22 @@
-"""One attention call per layer over a step's packed sequences: FlashAttention-2's variable-length kernel.
+"""`attention: varlen`: one attention call per layer over a step's packed sequences, FlashAttention-2's
+variable-length kernel, instead of one SDPA call per sequence and layer (512 calls for a step of 16
+conversations on a 32-layer model, each with its slices, and on Hopper a cuDNN execution plan built for
+every sequence length not seen before). It takes the packed row as it is, with the sequences' bounds.
 
-The per-sequence path (torch_runtime's loop) makes one SDPA call per sequence and layer: 512 calls for a
-step of 16 conversations on a 32-layer model, each with its slices and a final cat, and on Hopper cuDNN's
-SDPA builds an execution plan for every sequence length it has not seen. The varlen kernel takes the packed
-row as it is, with the sequences' bounds (`cu_seqlens`): one call per layer, whatever the sequences.
+Opt-in, not the default, for what one H200 measured (torch 2.11, benchmarks/gpu_checks.py, 2026-11-27):
+- it is not bit-for-bit batch invariant there: a conversation scored alone and inside a batch differed in
+  its last bits (the per-sequence path: identical). Where the op takes `num_splits` (torch >= 2.13) it is
+  given 1, which its documentation says makes the output independent of the batch: unmeasured;
+- it was no faster: the engine fed 16 conversations a call, long mix, 32,870 tokens/s against the per-sequence
+  path's 32,740 (attention is ~8 % of a step's GPU time; the tiled products are ~65 %).
 
-Batch invariance: the kernel gives every (sequence, head, block of query rows) its own thread block, which
-walks that sequence's own keys in blocks counted from its first key, so no sequence's arithmetic depends
-on the others'. Split-KV (splitting long sequences' keys by a rule that looks at the whole batch) is turned
-off where the op takes `num_splits`; torch's FlashAttention-2 does not split an unpaged varlen forward in
-any case. Its single-query path (every sequence one query long, grouped-query heads) is another kernel
-chosen by the batch: `max_q` is given as at least 2, which only sizes the grid.
-
-It runs on CUDA devices with FlashAttention (sm80 and later) in bf16/fp16, head sizes that are multiples
-of 8 up to 256, and layers without a sliding window or soft-capping: torch's FlashAttention-2 cannot
-soft-cap, and it drops a window longer than the batch's longest sequence, a choice made by the batch.
-Other layers keep the per-sequence path.
+Within a segment the kernel computes what the per-sequence path computes: each segment's queries are its
+last tokens, bottom-right aligned on its keys (a continued prefix's first). Its single-query path (every
+sequence one query long, grouped-query heads) would be chosen by the batch: `max_q` is given as at least 2,
+which only sizes the grid. It runs on CUDA devices with FlashAttention (sm80 and later) in bf16/fp16, head
+sizes that are multiples of 8 up to 256, and layers without a sliding window or soft-capping (torch's
+FlashAttention-2 cannot soft-cap, and it drops a window longer than the batch's longest sequence, a choice
+made by the batch); other layers keep the per-sequence path.
 """
 
 from __future__ import annotations

@@ -2,8 +2,8 @@
 
 Packed execution: the sequences of one step are concatenated into a single row with no
 padding, so every linear layer runs once over exactly the real tokens; attention is causal within
-each sequence only, so its cost follows each sequence's own length: on GPUs one variable-length
-FlashAttention call per layer (varlen.py), elsewhere one SDPA call per sequence.
+each sequence only, so its cost follows each sequence's own length: one SDPA call per sequence
+(or, with `attention: varlen` on a GPU, one variable-length FlashAttention call per layer: varlen.py).
 The reward head (`heads`) is applied only to the final hidden states where scores are read
 (the last token, or the end of every assistant turn): the full-vocabulary projection is never computed.
 """
@@ -26,7 +26,7 @@ from reward_server.batching import Step, plan_steps, score_all, shared_prefixes
 from reward_server.fp8 import quantize_trunk
 from reward_server.heads import load_reward_model
 from reward_server.host_memory import keep_freed_memory
-from reward_server.invariance import TILE_ROWS, make_batch_invariant
+from reward_server.invariance import TILE_ROWS, make_batch_invariant, settle_products
 from reward_server.memory import module_bytes, plan_step_tokens, step_memory
 from reward_server.parallel import RankGroup, rank_device
 from reward_server.prefix_cache import BLOCK_TOKENS, CacheCounters, PrefixCache, block_keys, kv_bytes_per_token
@@ -189,17 +189,17 @@ class TorchRewardEngine:
         first_device: int = 0,
         threads: int | None = None,
         fp8_bf16_layers: int = 0,
-        attention: str = "auto",
+        attention: str = "loop",
     ) -> None:
         """`auto` and None pick the defaults measured per device (README, "Precision and step size").
         tensor_parallel > 1: the model runs in that many worker processes (parallel.py), `rank` being
         set in each of them; memory_budget and max_tokens: memory.py. `first_device`: with device auto
         or cuda, the index of this engine's first GPU (engine instance k of several: k * tensor_parallel,
         instances.py); `threads`: CPU threads of each rank (None: torch's default, or shared by the ranks);
-        `fp8_bf16_layers`: with dtype fp8, the first decoder layers left in bf16 (fp8.py); `attention`: auto (one
-        varlen FlashAttention call per layer where it runs, varlen.py) or loop (one SDPA call per sequence)."""
-        if attention not in ("auto", "loop"):
-            raise ValueError(f"attention {attention!r}: expected auto or loop")
+        `fp8_bf16_layers`: with dtype fp8, the first decoder layers left in bf16 (fp8.py); `attention`: loop (one
+        SDPA call per sequence) or varlen (one FlashAttention call per layer on a GPU; not batch invariant, varlen.py)."""
+        if attention not in ("loop", "varlen"):
+            raise ValueError(f"attention {attention!r}: expected loop or varlen")
         self.min_shared_prefix = min_shared_prefix  # 0 turns prefix reuse off
         self.ranks = None
         self.prefix_cache: PrefixCache | None = None  # across requests; each rank holds its own
@@ -238,7 +238,11 @@ class TorchRewardEngine:
         if dtype == "fp8":  # layer by layer onto the device: the bf16 weights never all sit there
             quantize_trunk(trunk, self.device, tile_rows, fp8_bf16_layers)
         self.trunk = make_batch_invariant(trunk.to(self.device).eval(), tile_rows)
-        self.varlen = attention == "auto" and varlen.available(self.device, DTYPES[dtype])
+        self.varlen = attention == "varlen"
+        if self.varlen and not varlen.available(self.device, DTYPES[dtype]):
+            raise ValueError(
+                f"attention varlen needs FlashAttention on a CUDA GPU (sm80+) and dtype bf16, fp16 or fp8; here: {device} {dtype}"
+            )
         self.vocab_size = self.trunk.get_input_embeddings().num_embeddings
         head.weight = head.weight.to(self.device)
         head.bias = None if head.bias is None else head.bias.to(self.device)
@@ -259,6 +263,8 @@ class TorchRewardEngine:
             default=16384 if on_gpu else 2048,
             tile=tile_rows,
         )
+        # One product call per layer where proven bit-identical to the tiles at every row count (invariance.py)
+        self.one_call_products = settle_products(self.trunk, max(self.max_step_tokens, max_tokens))
 
     @property
     def cache_counters(self) -> CacheCounters | None:
