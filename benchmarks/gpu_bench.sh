@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# `make bench` on one GPU with no network, in one command (prepared; not yet run on a GPU):
+# `make bench` on one GPU with no network, in one command (run on an H200: README, Benchmark):
 #
 #   benchmarks/gpu_bench.sh OUT [WHEELS]
 #
@@ -7,7 +7,7 @@
 # WHEELS: optional folder made by ../shared/gpu/wheels.sh (numpy 1.26.4, tritonclient and its HTTP
 # dependencies) plus pytriton/ + nvidia_pytriton.libs/ folders; with it the server rows (d) run too,
 # without it (a)-(c) only. Needs, carried with the tree: .build/demo-checkpoint (its tokenizer).
-# What it does, in about 7 minutes on an H100/H200 (estimated): builds the Llama-3.1-8B-shape random
+# What it does, in about 7 minutes on an H200 (measured; the checkpoint's build ≈ 1 of them): builds the Llama-3.1-8B-shape random
 # checkpoint in bf16 (/tmp/rm-8b, kept between runs), runs benchmarks/gpu_checks.py, then
 # benchmarks/benchmark.py on the long, short, best-of-8 and rlhf workloads side by side, then one profiled
 # engine step of the long mix.

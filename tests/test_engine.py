@@ -166,3 +166,22 @@ def test_a_step_makes_one_product_call_per_layer_where_the_probe_proved_it(engin
     tiled = sum(1 for m in layers if not m.one_call_rows)
     assert bmm == tiled + 1, f"{bmm} batched products, {tiled} of {len(layers)} layers tiled"
     assert all(m.one_call_rows in (0, 8192) for m in layers)  # max_step_tokens 8192: every step the engine makes
+
+
+def test_a_step_never_lets_sdpa_choose_cudnn(engine, token_ids, monkeypatch):
+    """Structural: cuDNN's SDPA builds an execution plan per shape and stride, and a packed step's views have
+    strides set by the step's rows (torch_runtime.SDPA_BACKENDS); every SDPA call of a step runs without it,
+    and the setting is the caller's again after the step."""
+    from reward_server.runtimes import torch_runtime
+
+    seen = []
+    sdpa = torch_runtime.F.scaled_dot_product_attention
+
+    def recording(*args, **kwargs):
+        seen.append(torch.backends.cuda.cudnn_sdp_enabled())
+        return sdpa(*args, **kwargs)
+
+    monkeypatch.setattr(torch_runtime.F, "scaled_dot_product_attention", recording)
+    engine.score_step(token_ids[:3])
+    assert seen and not any(seen)
+    assert torch.backends.cuda.cudnn_sdp_enabled()

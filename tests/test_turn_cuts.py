@@ -150,3 +150,35 @@ def test_fuzzed_conversations_per_turn_equal_rendering_every_cut(chat, messages)
             chat.encode(json.dumps(messages).encode(), all_turns=True)
     else:
         assert chat.encode(json.dumps(messages).encode(), all_turns=True)[1].tolist() == expected
+
+
+def test_a_request_of_many_rows_is_tokenized_in_one_call(chat, checkpoint, monkeypatch):
+    """Conversations (read at their last token) and texts of one request: one tokenizer call for all its
+    rows (a fast tokenizer spreads a batch over the cores), each row's ids those of encoding it alone."""
+    import numpy as np
+
+    from reward_client import protocol
+    from reward_server.inputs import Inputs
+
+    rng = random.Random(5)
+    words = ["short", "words", "ünï", "🤖", "\n"]
+    conversations = [
+        [{"role": "user", "content": " ".join(rng.choices(words, k=n))}, {"role": "assistant", "content": "ok"}] for n in (1, 40, 400, 7)
+    ]
+    alone = [chat.tokenizer.apply_chat_template(c, tokenize=True, return_dict=False) for c in conversations]
+    texts = [chat.render(c) for c in conversations]
+    column = lambda values: np.array([[v] for v in values], dtype=object)  # noqa: E731
+    inputs = Inputs(chat)
+    calls = []
+    tokenizer_class = type(chat.tokenizer)
+    call = tokenizer_class.__call__
+    monkeypatch.setattr(tokenizer_class, "__call__", lambda self, *a, **k: calls.append(a) or call(self, *a, **k))
+    rows = inputs.encode({protocol.CONVERSATION: column(json.dumps(c).encode() for c in conversations)})
+    assert len(calls) == 1 and [ids.tolist() for ids, _ in rows] == alone
+    assert [reads.tolist() for _, reads in rows] == [[len(ids) - 1] for ids in alone]
+    calls.clear()
+    rows = inputs.encode({protocol.TEXT: column(t.encode() for t in texts), protocol.ADD_SPECIAL_TOKENS: np.zeros((4, 1), bool)})
+    assert len(calls) == 1 and [ids.tolist() for ids, _ in rows] == [chat.tokenizer.encode(t, add_special_tokens=False) for t in texts]
+    limited = Inputs(ChatTokenizer(str(checkpoint), max_tokens=4096, max_turns=8))
+    with pytest.raises(RequestError, match="row 2: conversation: 10 turns is over the limit of 8"):
+        limited.encode({protocol.CONVERSATION: column(json.dumps(c).encode() for c in [*conversations[:2], conversations[0] * 5])})

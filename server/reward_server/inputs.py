@@ -48,22 +48,41 @@ class Inputs:
         flags = {name: _column(tensors.get(name), len(rows), default) for name, default in _FLAGS.items()}
         if given[0] != protocol.CONVERSATION and tensors.get(protocol.SCORE_TURNS) is not None and flags[protocol.SCORE_TURNS].any():
             raise RequestError(f"{protocol.SCORE_TURNS} needs {protocol.CONVERSATION} (turns are not known in text or tokens)", "per_turn")
+        tokenized = self._tokenized(given[0], rows, flags)
         encoded = []
         for b, row in enumerate(rows):
             keep_last = int(flags[protocol.KEEP_LAST_TOKENS][b])
-            where = f"row {b}: " if len(rows) > 1 else ""
             try:
                 if keep_last < 0:
                     raise RequestError(f"{protocol.KEEP_LAST_TOKENS}: {keep_last} is negative", "malformed")
-                if given[0] == protocol.CONVERSATION:
+                if b in tokenized and given[0] == protocol.CONVERSATION:
+                    encoded.append(self.chat.read_last(tokenized[b]))
+                elif given[0] == protocol.CONVERSATION:
                     encoded.append(self.conversation(row[0], bool(flags[protocol.SCORE_TURNS][b]), keep_last))
                 elif given[0] == protocol.TEXT:
-                    encoded.append(_last(self.text(row[0], bool(flags[protocol.ADD_SPECIAL_TOKENS][b]), keep_last)))
+                    add_special_tokens = bool(flags[protocol.ADD_SPECIAL_TOKENS][b])
+                    prefix = self.prefix if add_special_tokens and tokenized[b][: len(self.prefix)] != self.prefix else []
+                    encoded.append(_last(self._fit(prefix, tokenized[b], keep_last, "text")))
                 else:
                     encoded.append(_last(self.tokens(row, keep_last)))
             except RequestError as exc:
-                raise RequestError(where + str(exc), exc.reason) from None
+                raise RequestError(_row(b, len(rows)) + str(exc), exc.reason) from None
         return encoded
+
+    def _tokenized(self, source: str, rows: np.ndarray, flags: Mapping[str, np.ndarray]) -> dict[int, list[int]]:
+        """Token ids of the rows that are one text each (TEXT rows, and conversations read at their last token
+        and not cut), tokenized in one call: one after another, a request of 64 conversations of 2,300 tokens
+        took 64 x 3.7 ms of one core; the fast tokenizer spreads a batch over the cores."""
+        texts = {}
+        for b, row in enumerate(rows):
+            try:
+                if source == protocol.TEXT:
+                    texts[b] = self._decoded(row[0])
+                elif source == protocol.CONVERSATION and not flags[protocol.SCORE_TURNS][b] and not flags[protocol.KEEP_LAST_TOKENS][b]:
+                    texts[b] = self.chat.render(self.chat.messages(row[0]))
+            except RequestError as exc:
+                raise RequestError(_row(b, len(rows)) + str(exc), exc.reason) from None
+        return dict(zip(texts, self.chat.tokenize(list(texts.values())), strict=True))
 
     def conversation(self, payload: bytes, all_turns: bool, keep_last: int) -> tuple[np.ndarray, np.ndarray]:
         if not keep_last:
@@ -92,16 +111,13 @@ class Inputs:
                 return ids, reads
         raise RequestError(f"conversation: its last exchange alone is over {limit} tokens (the scored turn is never cut)", "too_long")
 
-    def text(self, payload: bytes, add_special_tokens: bool, keep_last: int) -> np.ndarray:
+    def _decoded(self, payload: bytes) -> str:
         if len(payload) > self.chat.max_bytes:
             raise RequestError(f"text: {len(payload)} bytes is over the limit of {self.chat.max_bytes} bytes", "too_large")
         try:
-            text = payload.decode("utf-8")
+            return payload.decode("utf-8")
         except UnicodeDecodeError as exc:
             raise RequestError(f"text: not valid UTF-8 (byte {exc.start})", "encoding") from None
-        ids = self.chat.tokenizer.encode(text, add_special_tokens=False)
-        prefix = self.prefix if add_special_tokens and ids[: len(self.prefix)] != self.prefix else []
-        return self._fit(prefix, ids, keep_last, "text")
 
     def tokens(self, row: np.ndarray, keep_last: int) -> np.ndarray:
         padding = np.flatnonzero(row == -1)
@@ -137,6 +153,10 @@ def _column(tensor: np.ndarray | None, rows: int, default: bool | int) -> np.nda
     if len(values) != rows:
         raise RequestError(f"optional inputs need one value per row ({rows}), got {len(values)}", "tensors")
     return values
+
+
+def _row(index: int, rows: int) -> str:
+    return f"row {index}: " if rows > 1 else ""
 
 
 def _last(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

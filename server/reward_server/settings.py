@@ -106,8 +106,8 @@ class Settings:
     )
     attention: str = _setting(
         "loop",
-        "loop (one SDPA call per sequence) | varlen (one variable-length FlashAttention call per layer; GPU only, not bit-for-bit "
-        "batch invariant with torch < 2.13 and no faster on an H200: README, Attention)",
+        "loop (one SDPA call per sequence) | varlen (one variable-length FlashAttention call per layer; GPU only; on an H200 with "
+        "torch 2.11 no faster and not bit-for-bit batch invariant: README, How the engine runs a batch)",
         (ENGINE_MODEL,),
         "choice",
         choices=("loop", "varlen"),

@@ -34,6 +34,23 @@ class ChatTokenizer:
     def encode(self, payload: bytes, all_turns: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """Token ids of one wire-format conversation, and the positions where scores are read: its
         last token, or the end of every assistant turn. RequestError names any problem."""
+        messages = self.messages(payload)
+        if not all_turns:
+            return self.read_last(self.tokenize([self.render(messages)])[0])
+        cuts = self._cuts(messages)
+        encoding = self.tokenizer(cuts.text, add_special_tokens=False, return_offsets_mapping=bool(self.split_ids))
+        ids = encoding.input_ids  # what apply_chat_template(tokenize=True) gives: it encodes its text so
+        self._check_length(ids)
+        ends = [end for _, end in encoding.offset_mapping] if self.split_ids else []
+        positions = [
+            self._turn_end(cuts.cut(k) or self.render(messages[: k + 1]), cuts.text, ids, ends, k)
+            for k, m in enumerate(messages[:-1])
+            if m["role"] == "assistant"
+        ]
+        return np.asarray(ids, dtype=np.int32), np.asarray([*positions, len(ids) - 1], dtype=np.int32)
+
+    def messages(self, payload: bytes) -> list:
+        """The messages of one wire-format conversation, within the size and turn limits."""
         if len(payload) > self.max_bytes:  # checked before parsing: the cost of a request stays bounded
             raise RequestError(f"conversation: {len(payload)} bytes is over the limit of {self.max_bytes} bytes", "too_large")
         try:
@@ -42,38 +59,32 @@ class ChatTokenizer:
             raise RequestError(str(exc), exc.reason) from None
         if len(messages) > self.max_turns:
             raise RequestError(f"conversation: {len(messages)} turns is over the limit of {self.max_turns} turns", "too_many_turns")
-        if not all_turns:
-            ids = self._tokens(messages)
-            self._check_length(ids)
-            return np.asarray(ids, dtype=np.int32), np.asarray([len(ids) - 1], dtype=np.int32)
-        cuts = self._cuts(messages)
-        encoding = self.tokenizer(cuts.text, add_special_tokens=False, return_offsets_mapping=bool(self.split_ids))
-        ids = encoding.input_ids  # what apply_chat_template(tokenize=True) gives: it encodes its text so
+        return messages
+
+    def render(self, messages: list) -> str:
+        """The conversation in the checkpoint's chat template."""
+        return self._apply(messages, tokenize=False)
+
+    def tokenize(self, texts: list[str]) -> list[list[int]]:
+        """Token ids of rendered texts, as apply_chat_template(tokenize=True) gives them (it encodes its text
+        without special tokens), in one call: a fast tokenizer spreads a batch over the CPU's cores."""
+        return self.tokenizer(texts, add_special_tokens=False).input_ids if texts else []
+
+    def read_last(self, ids: list[int]) -> tuple[np.ndarray, np.ndarray]:
+        """A conversation's ids, within `max_tokens`, and its one read position: its last token."""
         self._check_length(ids)
-        ends = [end for _, end in encoding.offset_mapping] if self.split_ids else []
-        positions = [
-            self._turn_end(cuts.cut(k) or self._text(messages[: k + 1]), cuts.text, ids, ends, k)
-            for k, m in enumerate(messages[:-1])
-            if m["role"] == "assistant"
-        ]
-        return np.asarray(ids, dtype=np.int32), np.asarray([*positions, len(ids) - 1], dtype=np.int32)
+        return np.asarray(ids, dtype=np.int32), np.asarray([len(ids) - 1], dtype=np.int32)
 
     def _check_length(self, ids: list[int]) -> None:
         if len(ids) > self.max_tokens:
             raise RequestError(f"conversation: {len(ids)} tokens is over the limit of {self.max_tokens} tokens", "too_long")
-
-    def _tokens(self, messages: list) -> list[int]:
-        return self._apply(messages, tokenize=True)
-
-    def _text(self, messages: list) -> str:
-        return self._apply(messages, tokenize=False)
 
     def _cuts(self, messages: list) -> Cuts:
         """The whole conversation's text and, from that one render, the text of each cut it tells."""
         try:
             return render_cuts(self.tokenizer, messages)
         except Exception:  # a template the recording view cannot serve (or that refuses): rendered plainly
-            return Cuts(self._text(messages), {})
+            return Cuts(self.render(messages), {})
 
     def _apply(self, messages: list, tokenize: bool):
         try:
