@@ -2,8 +2,9 @@
 
     python -m benchmarks.gpu_checks --checkpoint /tmp/rm-8b --out checks.json     (benchmarks/gpu_bench.sh builds it)
 
-1. Batch invariance of the default engine (bf16): each conversation of a long mix alone and inside one
-   batch, bit for bit; and the opt-in `attention: varlen` path against it (max |Δ|, its own invariance).
+1. Batch invariance over the long mix's 64 conversations, each alone and inside one batch, bit for bit:
+   which conversations differ with the defaults, with every layer on tiles, with cuDNN's SDPA allowed (as
+   before dc3c0ee) and with `attention: varlen`, so that one run tells what breaks it.
 2. One product call per layer where the load's probe proved it (invariance.settle_products): the shapes'
    verdicts, and the engine fed 16 conversations a call (the bench's (c), long mix) with them and with
    every layer on tiles, interleaved.
@@ -24,12 +25,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.nn.attention import SDPBackend
 from transformers import AutoTokenizer
 
 from benchmarks.benchmark import WorkloadMaker
 from reward_server.fp8 import quantize_rows
 from reward_server.invariance import tiled_matmul
 from reward_server.prefix_cache import BLOCK_TOKENS, PrefixCache
+from reward_server.runtimes import torch_runtime
 from reward_server.runtimes.torch_runtime import TorchRewardEngine
 
 DEVICE = "cuda"
@@ -55,19 +58,34 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
-def engines_agree(checkpoint: str, ids: list[np.ndarray], report: dict) -> None:
-    engine = TorchRewardEngine(checkpoint, device=DEVICE, dtype="bf16", max_step_tokens=16384)
+def differing(engine: TorchRewardEngine, ids: list[np.ndarray]) -> list[int]:
+    """Indices of the conversations whose score alone is not, bit for bit, their score inside one batch."""
     batch = engine.score(ids)[:, 0]
-    report["alone_equals_batch"] = bool(np.array_equal(np.array([engine.score([s])[0, 0] for s in ids]), batch))
+    return [i for i, s in enumerate(ids) if engine.score([s])[0, 0] != batch[i]]
+
+
+def engines_agree(checkpoint: str, ids: list[np.ndarray], report: dict) -> None:
+    """Batch invariance over the whole mix, by configuration: what breaks it, if anything does."""
+    engine = TorchRewardEngine(checkpoint, device=DEVICE, dtype="bf16", max_step_tokens=16384)
     report["one_call_verdicts"] = {str(key[:2]): verdict for key, verdict in engine.one_call_products.items()}
-    print({k: report[k] for k in ("alone_equals_batch", "one_call_verdicts")}, flush=True)
+    report["alone_differs_from_batch"] = found = {"default": differing(engine, ids)}
+    on_tiles = [m for m in engine.trunk.modules() if getattr(m, "one_call_rows", 0)]
+    rows = {m: m.one_call_rows for m in on_tiles}
+    for module in on_tiles:
+        module.one_call_rows = 0
+    found["every layer on tiles"] = differing(engine, ids)
+    for module, count in rows.items():
+        module.one_call_rows = count
+    backends = torch_runtime.SDPA_BACKENDS
+    torch_runtime.SDPA_BACKENDS = [SDPBackend.CUDNN_ATTENTION, *backends]  # what SDPA chose before dc3c0ee
+    found["cuDNN allowed"] = differing(engine, ids)
+    torch_runtime.SDPA_BACKENDS = backends
+    print({k: report[k] for k in ("one_call_verdicts", "alone_differs_from_batch")}, flush=True)
     if DEVICE == "cuda":
         varlen = TorchRewardEngine(checkpoint, device=DEVICE, dtype="bf16", max_step_tokens=16384, attention="varlen")
-        by_varlen = varlen.score(ids)[:, 0]
-        report["varlen_vs_loop_max_abs"] = float(np.abs(by_varlen - batch).max())
-        report["varlen_alone_equals_batch"] = bool(np.array_equal(np.array([varlen.score([s])[0, 0] for s in ids[:8]]), by_varlen[:8]))
-        report["scores_std"] = float(batch.std())
-        print({k: report[k] for k in report if k.startswith(("varlen", "scores"))}, flush=True)
+        found["attention varlen"] = differing(varlen, ids)
+        report["varlen_vs_loop_max_abs"] = float(np.abs(varlen.score(ids)[:, 0] - engine.score(ids)[:, 0]).max())
+        print({k: report[k] for k in report if k.startswith(("varlen", "alone"))}, flush=True)
         del varlen
         torch.cuda.empty_cache()
     report["engine_c_long_tokens_per_s"] = one_call_against_tiles(checkpoint, ids, engine)
