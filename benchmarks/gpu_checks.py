@@ -3,11 +3,12 @@
     python -m benchmarks.gpu_checks --checkpoint /tmp/rm-8b --out checks.json     (benchmarks/gpu_bench.sh builds it)
 
 1. Batch invariance over the long mix's 64 conversations, each alone and inside one batch, bit for bit:
-   which conversations differ with the defaults, with every layer on tiles, with cuDNN's SDPA allowed (as
-   before dc3c0ee) and with `attention: varlen`, so that one run tells what breaks it.
-2. One product call per layer where the load's probe proved it (invariance.settle_products): the shapes'
-   verdicts, and the engine fed 16 conversations a call (the bench's (c), long mix) with them and with
-   every layer on tiles, interleaved.
+   which conversations differ with the defaults, with every layer on `bmm` tiles, with every layer one call
+   per tile, with cuDNN's SDPA allowed (as before dc3c0ee) and with `attention: varlen`, so that one run
+   tells what breaks it.
+2. The products the load's probes chose per layer shape (invariance.settle_products), and the engine fed
+   16 conversations a call (the bench's (c), long mix) with them and with every layer on `bmm` tiles,
+   interleaved.
 3. The prefix cache: 8 responses to one 2,000-token prompt sent one after another (each continuing the
    cached prompt) against each scored alone by the same engine with an empty cache, bit for bit; and each
    later request's time against the first's.
@@ -67,20 +68,21 @@ def differing(engine: TorchRewardEngine, ids: list[np.ndarray]) -> list[int]:
 def engines_agree(checkpoint: str, ids: list[np.ndarray], report: dict) -> None:
     """Batch invariance over the whole mix, by configuration: what breaks it, if anything does."""
     engine = TorchRewardEngine(checkpoint, device=DEVICE, dtype="bf16", max_step_tokens=16384)
-    report["one_call_verdicts"] = {str(key[:2]): verdict for key, verdict in engine.one_call_products.items()}
+    report["product_choices"] = {str(key[:2]): verdict for key, verdict in engine.one_call_products.items()}
     report["alone_differs_from_batch"] = found = {"default": differing(engine, ids)}
-    on_tiles = [m for m in engine.trunk.modules() if getattr(m, "one_call_rows", 0)]
-    rows = {m: m.one_call_rows for m in on_tiles}
-    for module in on_tiles:
-        module.one_call_rows = 0
-    found["every layer on tiles"] = differing(engine, ids)
-    for module, count in rows.items():
-        module.one_call_rows = count
+    layers = [m for m in engine.trunk.modules() if hasattr(m, "one_call_rows")]
+    settled = {m: (m.one_call_rows, m.batched) for m in layers}
+    for ways, label in (((0, True), "every layer on bmm tiles (before 8a69317)"), ((0, False), "every layer one call per tile")):
+        for module in layers:
+            module.one_call_rows, module.batched = ways
+        found[label] = differing(engine, ids)
+    for module, (count, batched) in settled.items():
+        module.one_call_rows, module.batched = count, batched
     backends = torch_runtime.SDPA_BACKENDS
     torch_runtime.SDPA_BACKENDS = [SDPBackend.CUDNN_ATTENTION, *backends]  # what SDPA chose before dc3c0ee
     found["cuDNN allowed"] = differing(engine, ids)
     torch_runtime.SDPA_BACKENDS = backends
-    print({k: report[k] for k in ("one_call_verdicts", "alone_differs_from_batch")}, flush=True)
+    print({k: report[k] for k in ("product_choices", "alone_differs_from_batch")}, flush=True)
     if DEVICE == "cuda":
         varlen = TorchRewardEngine(checkpoint, device=DEVICE, dtype="bf16", max_step_tokens=16384, attention="varlen")
         found["attention varlen"] = differing(varlen, ids)
@@ -97,8 +99,8 @@ def one_call_against_tiles(checkpoint: str, ids: list[np.ndarray], engine: Torch
     tiles = TorchRewardEngine(checkpoint, device=DEVICE, dtype="bf16", max_step_tokens=16384)
     for module in tiles.trunk.modules():
         if hasattr(module, "one_call_rows"):
-            module.one_call_rows = 0
-    engines = {"one call where proven": engine, "tiles everywhere": tiles}
+            module.one_call_rows, module.batched = 0, True
+    engines = {"as the probes chose": engine, "bmm tiles everywhere": tiles}
     tokens = sum(len(s) for s in ids)
     best = dict.fromkeys(engines, float("inf"))
     for each in engines.values():  # warm-up

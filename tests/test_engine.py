@@ -154,34 +154,35 @@ def test_a_cpu_engine_reuses_its_step_memory_instead_of_faulting_it_in(checkpoin
     assert faults < 10_000, f"{faults} minor page faults in three scorings"
 
 
-def test_a_step_makes_one_product_call_per_layer_where_the_probe_proved_it(engine, token_ids):
-    """Structural: a linear layer whose shape passed the load's probe (invariance.settle_products) makes one
-    call per step; the others make one batched call over their tiles (aten::bmm), and so does the head."""
+def test_a_step_makes_each_layers_products_the_way_its_probe_chose(engine, token_ids):
+    """Structural: per the load's probes (invariance.settle_products) a layer makes one call per step, one
+    batched call over its tiles (aten::bmm), or one call per tile (aten::mm, as the head)."""
     from torch.profiler import ProfilerActivity, profile
 
+    batch = token_ids[:5]
+    tiles = -(-sum(len(ids) for ids in batch) // engine.tile_rows)
     with profile(activities=[ProfilerActivity.CPU]) as trace:
-        engine.score_step(token_ids[:5])
-    bmm = sum(event.count for event in trace.key_averages() if event.key == "aten::bmm")
+        engine.score_step(batch)
+    count = {event.key: event.count for event in trace.key_averages()}
     layers = [m for m in engine.trunk.modules() if hasattr(m, "one_call_rows")]
-    tiled = sum(1 for m in layers if not m.one_call_rows)
-    assert bmm == tiled + 1, f"{bmm} batched products, {tiled} of {len(layers)} layers tiled"
+    one_call = sum(1 for m in layers if m.one_call_rows)
+    batched = sum(1 for m in layers if not m.one_call_rows and m.batched)
+    assert count.get("aten::bmm", 0) == batched
+    assert count.get("aten::mm", 0) == one_call + (len(layers) - one_call - batched) * tiles + 1  # + the head's one tile
     assert all(m.one_call_rows in (0, 8192) for m in layers)  # max_step_tokens 8192: every step the engine makes
 
 
-def test_a_step_never_lets_sdpa_choose_cudnn(engine, token_ids, monkeypatch):
-    """Structural: cuDNN's SDPA builds an execution plan per shape and stride, and a packed step's views have
-    strides set by the step's rows (torch_runtime.SDPA_BACKENDS); every SDPA call of a step runs without it,
-    and the setting is the caller's again after the step."""
-    from reward_server.runtimes import torch_runtime
+def test_bf16_on_a_cpu_is_batch_invariant_too(tmp_path):
+    """bf16 on a CPU, at the bench checkpoint's widths (hidden 512, MLP 1792): oneDNN's bf16 products, one
+    call or batched over tiles, give a tile other bits at some row or tile counts, so the load's probes leave
+    such shapes one call per tile (invariance.py); each sequence alone and inside one batch, bit for bit."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
 
-    seen = []
-    sdpa = torch_runtime.F.scaled_dot_product_attention
-
-    def recording(*args, **kwargs):
-        seen.append(torch.backends.cuda.cudnn_sdp_enabled())
-        return sdpa(*args, **kwargs)
-
-    monkeypatch.setattr(torch_runtime.F, "scaled_dot_product_attention", recording)
-    engine.score_step(token_ids[:3])
-    assert seen and not any(seen)
-    assert torch.backends.cuda.cudnn_sdp_enabled()
+    config = LlamaConfig(vocab_size=1000, hidden_size=512, intermediate_size=1792, num_hidden_layers=2, num_attention_heads=8)
+    torch.manual_seed(4)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
+    engine = TorchRewardEngine(str(tmp_path), device="cpu", dtype="bf16", max_step_tokens=2048)
+    rng = np.random.default_rng(4)
+    sequences = [rng.integers(0, 999, n) for n in (150, 900, 30, 700, 90, 260, 5, 400)]  # 2 differed with batched tiles everywhere
+    together = engine.score(sequences)[:, 0]
+    assert np.array_equal(together, [engine.score([s])[0, 0] for s in sequences])

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from reward_server.fp8 import Fp8Linear
-from reward_server.invariance import make_batch_invariant, one_call_keeps_rows, settle_products, tiled_matmul
+from reward_server.invariance import make_batch_invariant, one_call_keeps_rows, settle_products, tile_calls, tiled_matmul
 
 
 def _split_sums(weight: torch.Tensor, from_rows: int):
@@ -28,27 +28,31 @@ def test_the_probe_finds_sums_that_change_with_the_row_count():
     torch.manual_seed(0)
     weight, rows = torch.randn(48, 96), torch.randn(1024, 96)
     assert not one_call_keeps_rows(_split_sums(weight, 768), rows, 256)  # only at 768 rows and more
-    assert one_call_keeps_rows(lambda r: tiled_matmul(r, weight, 256), rows, 256)
+    assert one_call_keeps_rows(lambda r: tile_calls(lambda t: t @ weight.T, r, 256), rows, 256)
 
 
-def test_layers_take_one_call_only_where_their_shape_passed():
+def test_each_shape_takes_the_first_way_its_probe_proves():
+    """One call where proven; else the batched tiles where proven; else one call per tile (invariant by
+    construction). Above the probed rows a one-call layer takes one call per tile."""
     torch.manual_seed(1)
-    model = make_batch_invariant(nn.Sequential(nn.Linear(96, 48, bias=False), nn.Linear(48, 96)))
-    kept, split = model[0], model[1]
-    split.product = _split_sums(split.weight.detach(), 512)
-    verdicts = settle_products(model, 1000)  # rounded up to whole tiles: 1,024 rows
-    assert list(verdicts.values()) == [kept.one_call_rows > 0, False] and kept.one_call_rows in (0, 1024)
-    assert split.one_call_rows == 0
+    model = make_batch_invariant(nn.Sequential(nn.Linear(96, 48, bias=False), nn.Linear(48, 96), nn.Linear(96, 96)))
+    one_call, batched, per_tile = model
+    batched.product = _split_sums(batched.weight.detach(), 512)
+    for product in ("product", "batched_tiles"):
+        setattr(per_tile, product, _split_sums(per_tile.weight.detach(), 512))
+    one_call.product = lambda rows: tiled_matmul(rows, one_call.weight, 256)  # whatever the CPU's mm does: proven
+    choices = settle_products(model, 1000)  # rounded up to whole tiles: 1,024 rows
+    assert list(choices.values()) == ["one call", "batched tiles", "tile calls"]
+    assert (one_call.one_call_rows, batched.one_call_rows, per_tile.one_call_rows) == (1024, 0, 0)
+    assert (one_call.batched, batched.batched, per_tile.batched) == (False, True, False)
     with torch.inference_mode():
-        for layer, inputs in ((kept, torch.randn(1280, 96)), (split, torch.randn(1280, 48))):
+        for layer in model:
+            inputs = torch.randn(1300, layer.weight.shape[1])
             bias = 0 if layer.bias is None else layer.bias
-            tiles = tiled_matmul(inputs, layer.weight, 256) + bias
-            assert torch.equal(layer(inputs), tiles)  # 1,280 rows: beyond the probed rows, tiles again
-            if layer.one_call_rows:  # one call: each tile's bits are its own call's, at every row count
-                own = torch.cat([layer.product(inputs[i : i + 256]) for i in range(0, 1024, 256)]) + bias
-                assert all(torch.equal(layer(inputs[:count]), own[:count]) for count in (256, 512, 1024))
-            else:
-                assert all(torch.equal(layer(inputs[:count]), tiles[:count]) for count in (256, 512, 1024))
+            own = torch.cat([layer.product(inputs[i : i + 256]) for i in range(0, 1280, 256)]) + bias
+            for count in (256, 512, 1024, 1280):  # 1,280: beyond the probed rows
+                assert torch.equal(layer(inputs[:count]), own[:count]), (layer, count)
+            assert torch.equal(layer(inputs)[:1280], own)  # 1,300 rows: the last tile zero-padded
 
 
 def test_a_product_the_device_cannot_make_keeps_the_tiles():
@@ -58,7 +62,7 @@ def test_a_product_the_device_cannot_make_keeps_the_tiles():
         raise RuntimeError("no such kernel here")
 
     model[0].product = types.MethodType(refuses, model[0])
-    assert list(settle_products(model, 512).values()) == [False] and model[0].one_call_rows == 0
+    assert list(settle_products(model, 512).values()) == ["batched tiles"] and model[0].one_call_rows == 0
 
 
 @pytest.mark.parametrize("tile_rows", [64, 256])
@@ -70,7 +74,7 @@ def test_fp8_one_call_keeps_each_tiles_bits_where_proven(tile_rows):
         tiles = layer(x)
         settle_products(nn.Sequential(layer), len(x))
         if not layer.one_call_rows:
-            pytest.skip("this CPU's fp32 product is not row-count invariant at these shapes")
+            pytest.skip("this CPU's fp32 product is not row-count invariant at this shape")
         whole = layer(x)
         assert torch.equal(whole, torch.cat([layer.product(x[i : i + tile_rows]) for i in range(0, len(x), tile_rows)]))
         assert (whole.float() - tiles.float()).abs().max() <= 1e-2 * tiles.float().abs().max()  # the tiles' sums, reordered

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from reward_server.invariance import TILE_ROWS, tiled_matmul
+from reward_server.invariance import TILE_ROWS, settled_product, tiled_matmul
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8).max  # 448
@@ -48,7 +48,9 @@ def fp8_kernels(device: torch.device) -> bool:
 
 
 class Fp8Linear(nn.Module):
-    """nn.Linear with e4m3 weights and per-row scales; output in `out_dtype`."""
+    """nn.Linear with e4m3 weights and per-row scales; output in `out_dtype`. Its products are made as a
+    TiledLinear's (invariance.settled_product); the tensor cores have no batched FP8 product, so there the
+    tiles are one call each."""
 
     def __init__(self, linear: nn.Linear, out_dtype: torch.dtype = torch.bfloat16, tile_rows: int = TILE_ROWS) -> None:
         super().__init__()
@@ -59,48 +61,32 @@ class Fp8Linear(nn.Module):
         self.out_dtype, self.tile_rows = out_dtype, tile_rows
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.one_call_rows = 0  # as TiledLinear's (invariance.settle_products)
+        self.batched = not fp8_kernels(weight.device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.reshape(-1, x.shape[-1])
-        if rows.shape[0] <= self.one_call_rows and rows.shape[0] % self.tile_rows == 0:
-            out = self.product(rows)
-        else:
-            product = _tensor_core_product if fp8_kernels(rows.device) else _emulated_product
-            out = product(rows, self.weight, self.weight_scale, self.out_dtype, self.tile_rows)
-        out = out.view(*x.shape[:-1], self.out_features)
+        out = settled_product(self, x.reshape(-1, x.shape[-1])).view(*x.shape[:-1], self.out_features)
         return out if self.bias is None else out + self.bias
 
     def product(self, rows: torch.Tensor) -> torch.Tensor:
-        """One call over `rows` [M, in] (no bias; invariance.settle_products): on the tensor cores, or emulated."""
+        """One call over `rows` [M, in] (no bias): on the tensor cores, or emulated in one fp32 product."""
         if not fp8_kernels(rows.device):
-            return _emulated_product(rows, self.weight, self.weight_scale, self.out_dtype, 0)
+            return _emulated(rows, self.weight, self.weight_scale, self.out_dtype, lambda values, weight: F.linear(values, weight))
         values, scale = quantize_rows(rows)
         return torch._scaled_mm(values, self.weight.T, scale_a=scale, scale_b=self.weight_scale, out_dtype=self.out_dtype)
 
+    def batched_tiles(self, rows: torch.Tensor) -> torch.Tensor:
+        """The emulation's tiles in one batched fp32 product; none on the tensor cores."""
+        if fp8_kernels(rows.device):
+            raise RuntimeError("no batched FP8 product on tensor cores: one call per tile")
+        return _emulated(
+            rows, self.weight, self.weight_scale, self.out_dtype, lambda values, weight: tiled_matmul(values, weight, self.tile_rows)
+        )
 
-def _emulated_product(
-    rows: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, out_dtype: torch.dtype, tile_rows: int
-) -> torch.Tensor:
-    """The tensor cores' arithmetic in fp32 (exact products, fp32 sums) on fixed tiles, or in one call (tile_rows 0)."""
+
+def _emulated(rows: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, out_dtype: torch.dtype, matmul) -> torch.Tensor:
+    """The tensor cores' arithmetic in fp32: exact products of the e4m3 values, fp32 sums (by `matmul`)."""
     values, scale = quantize_rows(rows)
-    sums = tiled_matmul(values.float(), weight.float(), tile_rows) if tile_rows else F.linear(values.float(), weight.float())
-    return (sums * scale * weight_scale).to(out_dtype)
-
-
-def _tensor_core_product(
-    rows: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, out_dtype: torch.dtype, tile_rows: int
-) -> torch.Tensor:
-    """torch._scaled_mm with row-wise scales, one call per fixed tile."""
-    count = rows.shape[0]
-    tiles = -(-count // tile_rows)
-    short = tiles * tile_rows - count  # none for the engine's packed rows (whole tiles): no copy
-    values, scale = quantize_rows(F.pad(rows, (0, 0, 0, short)) if short else rows)
-    out = torch.empty(tiles * tile_rows, weight.shape[0], dtype=out_dtype, device=rows.device)
-    column_major = weight.T  # _scaled_mm wants its second operand column-major: [in, out] with stride (1, in)
-    for t in range(tiles):
-        tile = slice(t * tile_rows, (t + 1) * tile_rows)
-        out[tile] = torch._scaled_mm(values[tile], column_major, scale_a=scale[tile], scale_b=weight_scale, out_dtype=out_dtype)
-    return out[:count]
+    return (matmul(values.float(), weight.float()) * scale * weight_scale).to(out_dtype)
 
 
 def quantize_trunk(trunk: nn.Module, device: torch.device, tile_rows: int = TILE_ROWS, bf16_layers: int = 0) -> nn.Module:

@@ -26,10 +26,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from reward_server.head_spec import HeadSpec, default_names, head_bias, read_head_spec, read_separate_head
-from reward_server.invariance import tiled_matmul
+from reward_server.invariance import tile_calls
 from reward_server.parallel import shard_trunk
 from reward_server.rank_loading import load_rank_model
 
@@ -60,7 +61,8 @@ class RewardHead:
 
     def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
         """[M, hidden] -> [M, N] outputs, in fp32."""
-        outputs = tiled_matmul(hidden.float(), self.weight.float())
+        weight = self.weight.float()
+        outputs = tile_calls(lambda rows: F.linear(rows, weight), hidden.float())  # a few tiles: one call shape each
         if self.softcap:
             outputs = torch.tanh(outputs / self.softcap) * self.softcap
         return outputs if self.bias is None else outputs + self.bias.float()

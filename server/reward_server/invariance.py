@@ -2,27 +2,29 @@
 
 Linear layers are the one place where it would: a matrix product's kernel (and so the order of its
 floating-point sums) depends on how many rows it gets, so the same row can come out a few ulps
-apart in a step of 37 rows and in one of 2,048. Here every linear layer and the reward head run on
-fixed tiles of TILE_ROWS rows (the packed rows as one batched product: the engine fills its
-packed row up to whole tiles, other callers' rows are zero-padded), so each row always goes through
-the same kernel. Everything else in the trunk is per row
-(embeddings, norms, rotary, activations) or per sequence (attention). One tile size on every device:
-a 64-row tile reads each weight for 64 rows only, too few to keep a GPU's tensor cores busy (an
-H200's 70B-wide layer: 103 ms at 64 rows, 55 ms at 256, benchmarks/gpu_fp8_tp.py) or an AVX-512
-CPU's FMA units (the bench checkpoint's products: 64-row tiles ~78 % of one plain matmul, 256-row
-tiles ~94 %). The cost of larger tiles is the filler of a step's last tile (`tile_rows` setting). Identical
-sequences of one batch are scored once (batching.unique), so copies never form a shared-prefix group
-among themselves.
+apart in a step of 37 rows and in one of 2,048. Here every linear layer and the reward head work on
+fixed tiles of TILE_ROWS rows (the engine fills its packed row up to whole tiles, other callers' rows are
+zero-padded), and a layer's product is made in one of three ways, each giving every tile the bits of that
+tile's own call:
+- one call over all the rows, where a probe proved it (below);
+- one batched call over the tiles (`bmm`), where a probe proved it: a batched kernel too may be chosen by
+  the number of tiles (on a CPU, oneDNN's bf16 `bmm` gave a tile other bits in a batch of 5 tiles than alone);
+- one call per tile, the same call whatever the row count: invariant by construction, the fallback.
+Everything else in the trunk is per row (embeddings, norms, rotary, activations) or per sequence
+(attention). One tile size on every device: a 64-row tile reads each weight for 64 rows only, too few to
+keep a GPU's tensor cores busy (an H200's 70B-wide layer: 103 ms at 64 rows, 55 ms at 256,
+benchmarks/gpu_fp8_tp.py) or an AVX-512 CPU's FMA units (the bench checkpoint's products: 64-row tiles
+~78 % of one plain matmul, 256-row tiles ~94 %). The cost of larger tiles is the filler of a step's last
+tile (`tile_rows` setting). Identical sequences of one batch are scored once (batching.unique), so copies
+never form a shared-prefix group among themselves.
 
-One call instead of a tile's worth of calls where that is proven to give the same bits: a library's
-product over M rows may give every row the bits it gets in a call of one tile, whatever M (no split-K, no
-kernel whose sums run in another order at some M); then one call per layer keeps batch invariance and
-reads each weight once. Whether it does depends on the library, the GPU and the layer's shape (one H200,
-torch 2.11: FP8 `_scaled_mm` with row-wise scales did at every row count on the 8B and 70B shapes; cuBLAS's
-bf16 product did for some shapes and not for the down projections). So it is not assumed: at load,
-`settle_products` runs each shape's product at every row count the engine can make (whole tiles up to its
-largest step) and compares every tile of it, bit for bit, with that tile's own call; a layer takes one
-call only if all of them agree, and steps above the probed rows go back to tiles.
+The probes: whether a library's product over M rows gives every tile the bits of that tile alone depends on
+the library, the device and the layer's shape (one H200, torch 2.11: FP8 `_scaled_mm` with row-wise scales
+did at every row count on the 8B and 70B shapes; cuBLAS's bf16 product did for some shapes and not for the
+down projections). So it is not assumed: at load `settle_products` runs each shape's product at every row
+count the engine can make (whole tiles up to its largest step) and compares every tile of it, bit for bit,
+with that tile's own call; one call, else the batched call, wins only if all of them agree; steps above the
+probed rows take the layer's tiles.
 """
 
 from __future__ import annotations
@@ -34,10 +36,11 @@ import torch.nn.functional as F
 from torch import nn
 
 TILE_ROWS = 256
+Product = Callable[[torch.Tensor], torch.Tensor]
 
 
 def tiled_matmul(x: torch.Tensor, weight: torch.Tensor, tile_rows: int = TILE_ROWS) -> torch.Tensor:
-    """x [..., in] @ weight.T, computed in tiles of `tile_rows` rows."""
+    """x [..., in] @ weight.T, computed in tiles of `tile_rows` rows, as one batched product."""
     rows = x.reshape(-1, x.shape[-1])
     tiles = -(-rows.shape[0] // tile_rows)
     short = tiles * tile_rows - rows.shape[0]  # none for the engine's packed rows (whole tiles): no copy
@@ -46,7 +49,17 @@ def tiled_matmul(x: torch.Tensor, weight: torch.Tensor, tile_rows: int = TILE_RO
     return out[: rows.shape[0]].view(*x.shape[:-1], weight.shape[0])
 
 
-def one_call_keeps_rows(product: Callable[[torch.Tensor], torch.Tensor], rows: torch.Tensor, tile_rows: int) -> bool:
+def tile_calls(product: Product, rows: torch.Tensor, tile_rows: int = TILE_ROWS) -> torch.Tensor:
+    """`product` called once per tile of `tile_rows` rows (the last zero-padded): one call shape, whatever
+    the row count."""
+    count = rows.shape[0]
+    short = -count % tile_rows
+    padded = F.pad(rows, (0, 0, 0, short)) if short else rows
+    tiles = [product(padded[i : i + tile_rows]) for i in range(0, len(padded), tile_rows)]
+    return (tiles[0] if len(tiles) == 1 else torch.cat(tiles))[:count]
+
+
+def one_call_keeps_rows(product: Product, rows: torch.Tensor, tile_rows: int) -> bool:
     """Whether `product` over the first M `rows` gives each tile of them the bits of that tile's own call,
     for every M that is a whole number of tiles up to len(rows)."""
     tiles = [product(rows[i : i + tile_rows]) for i in range(0, len(rows), tile_rows)]
@@ -64,26 +77,37 @@ class TiledLinear(nn.Module):
         super().__init__()
         self.weight, self.bias = linear.weight, linear.bias
         self.tile_rows = tile_rows
-        self.one_call_rows = 0  # up to this many rows (whole tiles) one call is proven to keep them: settle_products
+        self.one_call_rows = 0  # up to this many rows (whole tiles) one call keeps them: settle_products
+        self.batched = True  # else one call per tile: settle_products
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.reshape(-1, x.shape[-1])
-        if rows.shape[0] <= self.one_call_rows and rows.shape[0] % self.tile_rows == 0:
-            out = self.product(rows).view(*x.shape[:-1], self.weight.shape[0])
-        else:
-            out = tiled_matmul(x, self.weight, self.tile_rows)
+        out = settled_product(self, x.reshape(-1, x.shape[-1])).view(*x.shape[:-1], self.weight.shape[0])
         return out if self.bias is None else out + self.bias
 
     def product(self, rows: torch.Tensor) -> torch.Tensor:
         """One call over `rows` [M, in] (no bias)."""
         return F.linear(rows, self.weight)
 
+    def batched_tiles(self, rows: torch.Tensor) -> torch.Tensor:
+        """One batched call over the tiles of `rows` (no bias)."""
+        return tiled_matmul(rows, self.weight, self.tile_rows)
 
-def settle_products(model: nn.Module, max_rows: int) -> dict[tuple, bool]:
-    """Give each tiled layer of `model` one call per step where `one_call_keeps_rows` proves it for its
-    shape up to `max_rows` rows (rounded up to whole tiles); one probe per distinct shape, on random rows
-    made like its inputs. Returns each shape's verdict."""
-    verdicts: dict[tuple, bool] = {}
+
+def settled_product(layer: nn.Module, rows: torch.Tensor) -> torch.Tensor:
+    """A tiled layer's product of `rows` [M, in], made the way `settle_products` chose for it."""
+    if rows.shape[0] <= layer.one_call_rows and rows.shape[0] % layer.tile_rows == 0:
+        return layer.product(rows)
+    if layer.batched:
+        return layer.batched_tiles(rows)
+    return tile_calls(layer.product, rows, layer.tile_rows)
+
+
+def settle_products(model: nn.Module, max_rows: int) -> dict[tuple, str]:
+    """Choose, per distinct shape of `model`'s tiled layers, how their products are made (the module
+    docstring): one call if `one_call_keeps_rows` proves it up to `max_rows` rows (rounded up to whole
+    tiles), else the batched tiles if it proves them, else one call per tile. One probe per shape, on random
+    rows made like its inputs. Returns each shape's choice."""
+    choices: dict[tuple, str] = {}
     generator = torch.Generator(device="cpu").manual_seed(0)
     for module in model.modules():
         if not hasattr(module, "one_call_rows"):
@@ -91,16 +115,25 @@ def settle_products(model: nn.Module, max_rows: int) -> dict[tuple, bool]:
         weight, tile = module.weight, module.tile_rows
         rows = -(-max_rows // tile) * tile
         key = (type(module).__name__, tuple(weight.shape), weight.dtype, tile, rows)
-        if key not in verdicts:
+        if key not in choices:
             dtype = weight.dtype if weight.element_size() > 1 else torch.bfloat16  # FP8 layers take bf16 inputs
             sample = torch.randn(rows, weight.shape[1], generator=generator).to(weight.device, dtype)
-            try:
-                verdicts[key] = one_call_keeps_rows(module.product, sample, tile)
-            except RuntimeError:  # a product this device cannot make (FP8 without its tensor cores): tiles
-                verdicts[key] = False
+            choices[key] = "tile calls"
+            for way, product in (("one call", module.product), ("batched tiles", module.batched_tiles)):
+                if product is not None and _keeps_rows(product, sample, tile):
+                    choices[key] = way
+                    break
             del sample
-        module.one_call_rows = rows if verdicts[key] else 0
-    return verdicts
+        module.one_call_rows = rows if choices[key] == "one call" else 0
+        module.batched = choices[key] == "batched tiles"
+    return choices
+
+
+def _keeps_rows(product: Product, sample: torch.Tensor, tile: int) -> bool:
+    try:
+        return one_call_keeps_rows(product, sample, tile)
+    except RuntimeError:  # a product this device cannot make (FP8 without its tensor cores)
+        return False
 
 
 def make_batch_invariant(model: nn.Module, tile_rows: int = TILE_ROWS) -> nn.Module:

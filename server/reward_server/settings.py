@@ -107,7 +107,7 @@ class Settings:
     attention: str = _setting(
         "loop",
         "loop (one SDPA call per sequence) | varlen (one variable-length FlashAttention call per layer; GPU only; on an H200 with "
-        "torch 2.11 no faster and not bit-for-bit batch invariant: README, How the engine runs a batch)",
+        "torch 2.11 no faster, its batch invariance unproven: README, How the engine runs a batch)",
         (ENGINE_MODEL,),
         "choice",
         choices=("loop", "varlen"),

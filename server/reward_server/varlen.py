@@ -4,10 +4,10 @@ conversations on a 32-layer model, each with its slices, and on Hopper a cuDNN e
 every sequence length not seen before). It takes the packed row as it is, with the sequences' bounds.
 
 Opt-in, not the default, for what one H200 measured (torch 2.11, benchmarks/gpu_checks.py, 2026-11-27):
-- it was not bit-for-bit batch invariant there: of 64 conversations scored alone and inside one batch, some
-  differed in their last bits (8 of 8 agreed in a later run; the per-sequence path through cuDNN failed the
-  same 64-conversation check: README, "Batch invariance"). Where the op takes `num_splits` (torch >= 2.13)
-  it is given 1, which its documentation says makes the output independent of the batch: unmeasured;
+- its batch invariance is unproven: of 64 conversations scored alone and inside one batch, some differed in
+  their last bits, but every linear layer ran on `bmm` tiles then, which can break it alone (invariance.py;
+  8 of 8 agreed in a later run with probed products). Where the op takes `num_splits` (torch >= 2.13) it is
+  given 1, which its documentation says makes the output independent of the batch;
 - it was no faster: the engine fed 16 conversations a call, long mix, 32,870 tokens/s against the per-sequence
   path's 32,740 (attention is ~8 % of a step's GPU time; the tiled products are ~65 %).
 
