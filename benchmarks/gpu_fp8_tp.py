@@ -4,7 +4,7 @@
 
 1. Speed and memory: a Llama-3.1-70B-wide trunk (hidden 8192, 64 heads, 8 KV heads, MLP 28672) with
    --layers of its 80 layers, random weights built on the GPU, run by the project's engine (fixed --tiles
-   row tiles, or one call per layer where its load's probe proves it keeps the tiles' bits; packed steps of
+   row tiles, each layer's products made as the load's probes chose, invariance.py; packed steps of
    --step-tokens tokens) in bf16 and in FP8 (torch._scaled_mm, row-wise scales).
    Reported per layer: time of one step, weight bytes, activation peak; and the implied tokens/s of the
    80-layer model (step tokens / (80 x per-layer time); the embedding lookup, final norm and head are
