@@ -33,6 +33,7 @@ import shutil
 import statistics
 import tempfile
 import time
+import urllib.request
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -42,6 +43,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from reward_server.batching import shared_prefixes
+from reward_server.metrics import STEP_SECONDS, STEP_TOKENS
 from reward_server.prefix_cache import BLOCK_TOKENS, block_keys
 from reward_server.runtimes.torch_runtime import DTYPES, TorchRewardEngine
 from tests.live_server import REPO
@@ -226,6 +228,20 @@ def group_costs(latencies: list[float], n: int = 8, echo: bool = False) -> dict[
     return costs
 
 
+def engine_steps(metrics_url: str) -> tuple[float, float, float]:
+    """The server's packed engine steps so far, from its metrics: (steps, tokens, seconds)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(metrics_url, timeout=10) as response:
+        text = response.read().decode()
+    totals = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name in (f"{STEP_TOKENS}_count", f"{STEP_TOKENS}_sum", f"{STEP_SECONDS}_sum"):
+                totals[sample.name] = totals.get(sample.name, 0.0) + sample.value
+    return totals.get(f"{STEP_TOKENS}_count", 0.0), totals.get(f"{STEP_TOKENS}_sum", 0.0), totals.get(f"{STEP_SECONDS}_sum", 0.0)
+
+
 def through_server(url: str, conversations: list[Conversation], concurrency: int = 16) -> list[float]:
     """Client-side latency per conversation with `concurrency` requests in flight (one asyncio client)."""
     from reward_client import AsyncRewardClient
@@ -274,6 +290,7 @@ def main() -> None:
 
     results: list[Result] = []
     request_costs: dict[str, dict[str, float]] = {}
+    server_steps: dict[str, dict[str, float]] = {}
     server = None
     workdir = Path(tempfile.mkdtemp(prefix="reward-bench-"))
     if not args.no_server:  # the server side needs the client and tritonclient; a bare GPU box may lack them
@@ -323,8 +340,18 @@ def main() -> None:
             record("b transformers padded x8", name, ids, lambda ids=ids: systems.padded_batches(ids))
             record("c engine in-process", name, ids, lambda ids=ids: systems.engine_in_process(ids), reused=reused_tokens(ids, 16, False))
             if server is not None:
+                before = engine_steps(server.metrics_url)
                 record("d server gRPC c=16", name, ids, lambda convs=convs: through_server(server.grpc_url, convs))
                 record("d server HTTP c=16", name, ids, lambda convs=convs: through_server(server.http_url, convs))
+                # Were the server's steps as large as (c)'s calls of 16? Warm-ups included, over gRPC and HTTP.
+                steps, tokens, seconds = (after - first for after, first in zip(engine_steps(server.metrics_url), before, strict=True))
+                server_steps[name] = {
+                    "steps": steps,
+                    "tokens_per_step": tokens / max(steps, 1),
+                    "ms_per_step": 1e3 * seconds / max(steps, 1),
+                }
+                server_steps[name]["c_tokens_per_call"] = sum(len(s) for s in ids) / -(-len(ids) // 16)
+                print(f"  server steps ({name}): {server_steps[name]}", flush=True)
         if "best-of-8" in chosen:
             ids = systems.ids(best_of)
             record("a transformers 1-by-1", "best-of-8", ids, lambda: systems.one_at_a_time(ids))
@@ -383,6 +410,7 @@ def main() -> None:
         "checkpoint": str(args.checkpoint),
         "results": [asdict(r) for r in results],
         "rlhf_request_cost": request_costs,
+        "server_steps": server_steps,
     }
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"written to {args.out}")
