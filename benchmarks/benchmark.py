@@ -349,8 +349,8 @@ def main() -> None:
                     "steps": steps,
                     "tokens_per_step": tokens / max(steps, 1),
                     "ms_per_step": 1e3 * seconds / max(steps, 1),
+                    "c_tokens_per_call": sum(len(s) for s in ids) / -(-len(ids) // 16),
                 }
-                server_steps[name]["c_tokens_per_call"] = sum(len(s) for s in ids) / -(-len(ids) // 16)
                 print(f"  server steps ({name}): {server_steps[name]}", flush=True)
         if "best-of-8" in chosen:
             ids = systems.ids(best_of)

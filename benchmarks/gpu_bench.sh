@@ -42,8 +42,8 @@ chmod +x "$bin/reward-server"
 if [ ! -f "$checkpoint/model.safetensors" ]; then
   "$python" build/demo_checkpoint.py --preset "$preset" --device "$device" --dtype "$dtype" --tokenizer-from "$tokenizer" --out "$checkpoint"
 fi
-# CHECKS=0 skips what a CPU cannot check (benchmarks/gpu_checks.py: the varlen kernel's parity, invariance and
-# prefix cache, the products' row-count invariance); BENCH=0 skips the bench and the profiled step.
+# CHECKS=0 skips what a CPU cannot check (benchmarks/gpu_checks.py: batch invariance per configuration, the
+# products' probes and speed, the prefix cache's bits); BENCH=0 skips the bench and the profiled step.
 if [ "${CHECKS:-1}" = 1 ]; then
   "$python" -m benchmarks.gpu_checks $([ "$device" = cpu ] && echo --cpu-dry-run) --checkpoint "$checkpoint" --out "$out/gpu-checks.json" 2>&1 | tee "$out/checks.log"
 fi

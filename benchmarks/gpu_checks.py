@@ -68,7 +68,7 @@ def differing(engine: TorchRewardEngine, ids: list[np.ndarray]) -> list[int]:
 def engines_agree(checkpoint: str, ids: list[np.ndarray], report: dict) -> None:
     """Batch invariance over the whole mix, by configuration: what breaks it, if anything does."""
     engine = TorchRewardEngine(checkpoint, device=DEVICE, dtype="bf16", max_step_tokens=16384)
-    report["product_choices"] = {str(key[:2]): verdict for key, verdict in engine.one_call_products.items()}
+    report["product_choices"] = {str(key[:2]): verdict for key, verdict in engine.products.items()}
     report["alone_differs_from_batch"] = found = {"default": differing(engine, ids)}
     layers = [m for m in engine.trunk.modules() if hasattr(m, "one_call_rows")]
     settled = {m: (m.one_call_rows, m.batched) for m in layers}

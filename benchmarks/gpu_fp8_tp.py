@@ -108,7 +108,7 @@ def speed(layers: int, step_tokens: int, repeats: int, tiles: list[int]) -> dict
                 "weights_80_layers_GiB": 80 * layer_bytes / 2**30,
                 "tokens_per_s_80_layers": step_tokens / (80 * per_layer),
                 "alone_equals_packed": bool(alone == packed),
-                "products": sorted(model.one_call_products.values()),
+                "products": sorted(model.products.values()),
             }
             print(f"70B-wide {dtype} tile {tile}: {row}", flush=True)
             del model

@@ -70,7 +70,7 @@ class Fp8Linear(nn.Module):
     def product(self, rows: torch.Tensor) -> torch.Tensor:
         """One call over `rows` [M, in] (no bias): on the tensor cores, or emulated in one fp32 product."""
         if not fp8_kernels(rows.device):
-            return _emulated(rows, self.weight, self.weight_scale, self.out_dtype, lambda values, weight: F.linear(values, weight))
+            return _emulated(rows, self.weight, self.weight_scale, self.out_dtype, F.linear)
         values, scale = quantize_rows(rows)
         return torch._scaled_mm(values, self.weight.T, scale_a=scale, scale_b=self.weight_scale, out_dtype=self.out_dtype)
 

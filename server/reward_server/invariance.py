@@ -49,6 +49,11 @@ def tiled_matmul(x: torch.Tensor, weight: torch.Tensor, tile_rows: int = TILE_RO
     return out[: rows.shape[0]].view(*x.shape[:-1], weight.shape[0])
 
 
+def whole_tiles(rows: int, tile_rows: int) -> int:
+    """`rows` rounded up to whole tiles."""
+    return -(-rows // tile_rows) * tile_rows
+
+
 def tile_calls(product: Product, rows: torch.Tensor, tile_rows: int = TILE_ROWS) -> torch.Tensor:
     """`product` called once per tile of `tile_rows` rows (the last zero-padded): one call shape, whatever
     the row count."""
@@ -113,14 +118,14 @@ def settle_products(model: nn.Module, max_rows: int) -> dict[tuple, str]:
         if not hasattr(module, "one_call_rows"):
             continue
         weight, tile = module.weight, module.tile_rows
-        rows = -(-max_rows // tile) * tile
+        rows = whole_tiles(max_rows, tile)
         key = (type(module).__name__, tuple(weight.shape), weight.dtype, tile, rows)
         if key not in choices:
             dtype = weight.dtype if weight.element_size() > 1 else torch.bfloat16  # FP8 layers take bf16 inputs
             sample = torch.randn(rows, weight.shape[1], generator=generator).to(weight.device, dtype)
             choices[key] = "tile calls"
             for way, product in (("one call", module.product), ("batched tiles", module.batched_tiles)):
-                if product is not None and _keeps_rows(product, sample, tile):
+                if _keeps_rows(product, sample, tile):
                     choices[key] = way
                     break
             del sample

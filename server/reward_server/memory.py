@@ -20,6 +20,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from reward_server.invariance import whole_tiles
+
 SLACK = 1.5
 RESERVE = 0.1  # of the free GPU memory
 
@@ -85,14 +87,14 @@ def plan_step_tokens(
         source = f"{1 - RESERVE:.0%} of the {_gib(free)} free on the device after the weights ({_gib(weights)})"
     else:
         return max_step_tokens or default  # a CPU without a budget: nothing to plan against
-    one = memory.bytes(_whole(max_tokens, tile))
+    one = memory.bytes(whole_tiles(max_tokens, tile))
     if one > available:
         raise ValueError(
             f"memory: one {max_tokens}-token conversation needs {_gib(one)} of activations, but only {_gib(available)} "
             f"is left ({source}); lower max_tokens, use dtype fp8 or more tensor_parallel ranks, or raise memory_budget"
         )
     if max_step_tokens is not None:
-        needed = memory.bytes(_whole(max(max_step_tokens, max_tokens), tile))
+        needed = memory.bytes(whole_tiles(max(max_step_tokens, max_tokens), tile))
         if needed > available:
             raise ValueError(
                 f"memory: max_step_tokens {max_step_tokens} needs {_gib(needed)} of activations, but only {_gib(available)} "
@@ -101,10 +103,6 @@ def plan_step_tokens(
         return max_step_tokens
     fits = (available - memory.fixed) // memory.per_token // tile * tile
     return max(min(fits, default), max_tokens)
-
-
-def _whole(tokens: int, tile: int) -> int:
-    return -(-tokens // tile) * tile
 
 
 def _gib(n: int) -> str:

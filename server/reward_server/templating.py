@@ -63,7 +63,10 @@ class ChatTokenizer:
 
     def render(self, messages: list) -> str:
         """The conversation in the checkpoint's chat template."""
-        return self._apply(messages, tokenize=False)
+        try:
+            return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=False, return_dict=False)
+        except jinja2.TemplateError as exc:  # the template's own raise_exception()
+            raise RequestError(f"conversation: rejected by the chat template: {exc}", "template") from None
 
     def tokenize(self, texts: list[str]) -> list[list[int]]:
         """Token ids of rendered texts, as apply_chat_template(tokenize=True) gives them (it encodes its text
@@ -85,12 +88,6 @@ class ChatTokenizer:
             return render_cuts(self.tokenizer, messages)
         except Exception:  # a template the recording view cannot serve (or that refuses): rendered plainly
             return Cuts(self.render(messages), {})
-
-    def _apply(self, messages: list, tokenize: bool):
-        try:
-            return self.tokenizer.apply_chat_template(messages, tokenize=tokenize, add_generation_prompt=False, return_dict=False)
-        except jinja2.TemplateError as exc:  # the template's own raise_exception()
-            raise RequestError(f"conversation: rejected by the chat template: {exc}", "template") from None
 
     def _turn_end(self, cut: str, text: str, ids: list[int], ends: list[int], index: int) -> int:
         """Last token of the conversation cut after assistant turn `index` (rendered as `cut`), in the

@@ -205,7 +205,7 @@ class TorchRewardEngine:
         or cuda, the index of this engine's first GPU (engine instance k of several: k * tensor_parallel,
         instances.py); `threads`: CPU threads of each rank (None: torch's default, or shared by the ranks);
         `fp8_bf16_layers`: with dtype fp8, the first decoder layers left in bf16 (fp8.py); `attention`: loop (one
-        SDPA call per sequence) or varlen (one FlashAttention call per layer on a GPU; not batch invariant, varlen.py)."""
+        SDPA call per sequence) or varlen (one FlashAttention call per layer on a GPU; its invariance unproven, varlen.py)."""
         if attention not in ("loop", "varlen"):
             raise ValueError(f"attention {attention!r}: expected loop or varlen")
         self.min_shared_prefix = min_shared_prefix  # 0 turns prefix reuse off
@@ -271,8 +271,8 @@ class TorchRewardEngine:
             default=16384 if on_gpu else 2048,
             tile=tile_rows,
         )
-        # One product call per layer where proven bit-identical to the tiles at every row count (invariance.py)
-        self.one_call_products = settle_products(self.trunk, max(self.max_step_tokens, max_tokens))
+        # How each layer shape's products are made: one call or one bmm where proven, else one call per tile
+        self.products = settle_products(self.trunk, max(self.max_step_tokens, max_tokens))
 
     @property
     def cache_counters(self) -> CacheCounters | None:
