@@ -43,9 +43,12 @@ if [ ! -f "$checkpoint/model.safetensors" ]; then
   "$python" build/demo_checkpoint.py --preset "$preset" --device "$device" --dtype "$dtype" --tokenizer-from "$tokenizer" --out "$checkpoint"
 fi
 # CHECKS=0 skips what a CPU cannot check (benchmarks/gpu_checks.py: batch invariance per configuration, the
-# products' probes and speed, the prefix cache's bits); BENCH=0 skips the bench and the profiled step.
-if [ "${CHECKS:-1}" = 1 ]; then
-  "$python" -m benchmarks.gpu_checks $([ "$device" = cpu ] && echo --cpu-dry-run) --checkpoint "$checkpoint" --out "$out/gpu-checks.json" 2>&1 | tee "$out/checks.log"
+# products' probes and speed, the prefix cache's bits; CHECKS=cache runs that check alone, any --only list);
+# BENCH=0 skips the bench and the profiled step.
+checks=${CHECKS:-1}
+if [ "$checks" != 0 ]; then
+  [ "$checks" = 1 ] && checks=invariance,cache,products
+  "$python" -m benchmarks.gpu_checks $([ "$device" = cpu ] && echo --cpu-dry-run) --only "$checks" --checkpoint "$checkpoint" --out "$out/gpu-checks.json" 2>&1 | tee "$out/checks.log"
 fi
 [ "${BENCH:-1}" = 1 ] || exit 0
 server=()
@@ -60,6 +63,7 @@ if [ "${OVERHEAD_ROUNDS:-0}" -gt 0 ] && [ ${#server[@]} -eq 0 ]; then
     tee "$out/overhead.log"
 fi
 
+[ "${PROFILE:-1}" = 1 ] || exit 0  # PROFILE=0 skips the profiled step
 "$python" - "$out" "$checkpoint" "$device" "$dtype" <<'EOF'
 # One engine step of the long mix under torch.profiler: where a step's time goes (host syncs, attention
 # calls per layer, tiling, copies). Open step-trace.json in Perfetto or chrome://tracing.

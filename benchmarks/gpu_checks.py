@@ -3,15 +3,16 @@
     python -m benchmarks.gpu_checks --checkpoint /tmp/rm-8b --out checks.json     (benchmarks/gpu_bench.sh builds it)
 
 1. Batch invariance over the long mix's 64 conversations, each alone and inside one batch, bit for bit:
-   which conversations differ with the defaults, with every layer on `bmm` tiles, with every layer one call
-   per tile, with cuDNN's SDPA allowed (as before dc3c0ee) and with `attention: varlen`, so that one run
-   tells what breaks it.
+   which conversations differ with the defaults (`attention: auto`, varlen on a GPU), with every layer on
+   `bmm` tiles, with every layer one call per tile, with `attention: loop`, and with the loop and cuDNN's
+   SDPA allowed (as before dc3c0ee), so that one run tells what breaks it.
 2. The products the load's probes chose per layer shape (invariance.settle_products), and the engine fed
    16 conversations a call (the bench's (c), long mix) with them and with every layer on `bmm` tiles,
    interleaved.
 3. The prefix cache: 8 responses to one 2,000-token prompt sent one after another (each continuing the
    cached prompt) against each scored alone by the same engine with an empty cache, bit for bit; and each
-   later request's time against the first's.
+   later request's time against the first's; with the defaults (the cache keeps the loop's tiles) and with
+   `attention: varlen`.
 4. The matrix products alone: whether one cuBLAS bf16 product and one FP8 `torch._scaled_mm` (row-wise
    scales) over M rows give each 256-row tile the bits of that tile's own call, for M from 1 to 16,384,
    and their speed against the tiles and the FP8 quantisation's.
@@ -78,18 +79,17 @@ def engines_agree(checkpoint: str, ids: list[np.ndarray], report: dict) -> None:
         found[label] = differing(engine, ids)
     for module, (count, batched) in settled.items():
         module.one_call_rows, module.batched = count, batched
+    report["default_attention"] = "varlen" if engine.varlen else "loop"
+    loop = TorchRewardEngine(checkpoint, device=DEVICE, dtype="bf16", max_step_tokens=16384, attention="loop")
+    found["attention loop"] = differing(loop, ids)
     backends = torch_runtime.SDPA_BACKENDS
     torch_runtime.SDPA_BACKENDS = [SDPBackend.CUDNN_ATTENTION, *backends]  # what SDPA chose before dc3c0ee
-    found["cuDNN allowed"] = differing(engine, ids)
+    found["attention loop, cuDNN allowed"] = differing(loop, ids)
     torch_runtime.SDPA_BACKENDS = backends
-    print({k: report[k] for k in ("product_choices", "alone_differs_from_batch")}, flush=True)
-    if DEVICE == "cuda":
-        varlen = TorchRewardEngine(checkpoint, device=DEVICE, dtype="bf16", max_step_tokens=16384, attention="varlen")
-        found["attention varlen"] = differing(varlen, ids)
-        report["varlen_vs_loop_max_abs"] = float(np.abs(varlen.score(ids)[:, 0] - engine.score(ids)[:, 0]).max())
-        print({k: report[k] for k in report if k.startswith(("varlen", "alone"))}, flush=True)
-        del varlen
-        torch.cuda.empty_cache()
+    report["default_vs_loop_max_abs"] = float(np.abs(loop.score(ids)[:, 0] - engine.score(ids)[:, 0]).max())
+    print({k: report[k] for k in report if k.startswith(("product", "alone", "default"))}, flush=True)
+    del loop
+    torch.cuda.empty_cache()
     report["engine_c_long_tokens_per_s"] = one_call_against_tiles(checkpoint, ids, engine)
 
 
@@ -120,11 +120,12 @@ def one_call_against_tiles(checkpoint: str, ids: list[np.ndarray], engine: Torch
     return rates
 
 
-def cache_is_exact(checkpoint: str, maker: WorkloadMaker, report: dict) -> None:
+def cache_is_exact(checkpoint: str, maker: WorkloadMaker, report: dict, attention: str = "auto") -> None:
     prompt, responses = maker.best_of(8, 2000, 100, 300)
     conversations = [[*prompt, {"role": "assistant", "content": r}] for r in responses]
     ids = [np.array(maker.tokenizer.apply_chat_template(c, tokenize=True, return_dict=False)) for c in conversations]
-    cached = TorchRewardEngine(checkpoint, device=DEVICE, dtype="bf16", max_step_tokens=16384, prefix_cache_tokens=65536)
+    options = dict(device=DEVICE, dtype="bf16", max_step_tokens=16384, prefix_cache_tokens=65536, attention=attention)
+    cached = TorchRewardEngine(checkpoint, **options)
     per_token = cached.prefix_cache.max_bytes // (cached.prefix_cache.capacity * BLOCK_TOKENS)
     empty = lambda: PrefixCache(65536, per_token)  # noqa: E731
     alone = []
@@ -138,11 +139,13 @@ def cache_is_exact(checkpoint: str, maker: WorkloadMaker, report: dict) -> None:
         start = time.perf_counter()
         scores.append(cached.score([s])[0, 0])
         seconds.append(time.perf_counter() - start)
-    report["cache_one_by_one_equals_alone"] = bool(np.array_equal(np.array(scores), np.array(alone)))
-    report["cache_hits"] = cached.prefix_cache.counters.hits
-    report["cache_first_request_s"] = seconds[0]
-    report["cache_later_over_first"] = float(np.mean(seconds[1:]) / seconds[0])
-    print({k: report[k] for k in report if k.startswith("cache")}, flush=True)
+    report[f"cache_{attention}"] = found = {
+        "one_by_one_equals_alone": bool(np.array_equal(np.array(scores), np.array(alone))),
+        "hits": cached.prefix_cache.counters.hits,
+        "first_request_s": seconds[0],
+        "later_over_first": float(np.mean(seconds[1:]) / seconds[0]),
+    }
+    print(f"cache, attention {attention}: {found}", flush=True)
     del cached
     torch.cuda.empty_cache()
 
@@ -192,6 +195,7 @@ def main() -> None:
     parser.add_argument("--checkpoint", default="/tmp/rm-8b")
     parser.add_argument("--out", default="gpu-checks.json")
     parser.add_argument("--cpu-dry-run", action="store_true", help="on the CPU with small shapes: checks this script only")
+    parser.add_argument("--only", default="invariance,cache,products", help="comma-separated subset of the checks")
     args = parser.parse_args()
     if args.cpu_dry_run:
         global DEVICE
@@ -204,11 +208,13 @@ def main() -> None:
     maker = WorkloadMaker(AutoTokenizer.from_pretrained(args.checkpoint), seed=2024)
     count, longest = (8, 300) if args.cpu_dry_run else (64, 3000)
     ids = [np.array(maker.tokenizer.apply_chat_template(c, tokenize=True, return_dict=False)) for c in maker.mix(count, 100, longest)]
-    for check in (
-        lambda: engines_agree(args.checkpoint, ids, report),
-        lambda: cache_is_exact(args.checkpoint, maker, report),
-        lambda: products(report),
-    ):
+    attentions = ("auto", "varlen") if DEVICE == "cuda" else ("auto",)  # varlen runs on a GPU only
+    checks = {
+        "invariance": lambda: engines_agree(args.checkpoint, ids, report),
+        "cache": lambda: [cache_is_exact(args.checkpoint, maker, report, attention) for attention in attentions],
+        "products": lambda: products(report),
+    }
+    for check in (checks[name] for name in args.only.split(",")):
         try:
             check()
         except Exception as exc:  # one failing check must not cost the others' device minutes

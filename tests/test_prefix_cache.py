@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import re
 import urllib.request
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
+from torch.nn.attention.bias import CausalBias
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from reward_server.batching import run_steps
 from reward_server.prefix_cache import BLOCK_TOKENS, CacheCounters, PrefixCache, block_keys, kv_bytes_per_token
+from reward_server.runtimes import torch_runtime
 from reward_server.runtimes.torch_runtime import TorchRewardEngine
 from tests.test_architectures import CONFIGS, TOLERANCE, VOCAB, _eager, _engine, _save
 
@@ -124,6 +128,27 @@ def test_cached_or_not_the_same_bits(family, tmp_path):
     assert np.array_equal(together.score(sequences), one_by_one)
     alone = np.concatenate([_engine(folder, prefix_cache_tokens=1024).score([s]) for s in sequences])
     assert np.array_equal(alone, one_by_one)
+
+
+def test_continued_prompts_attend_through_a_lower_right_causal_bias(monkeypatch, tmp_path):
+    """A tile or a response that continues earlier keys is handed to SDPA as `causal_lower_right`, never as a
+    boolean mask: CUDA's fused kernels take no mask with grouped-query heads, so a mask meant the math kernel."""
+    torch.manual_seed(21)
+    folder = _save(AutoModelForCausalLM.from_config(CONFIGS["llama"]()), tmp_path)
+    _, sequences = _group(21)
+    masks = []
+
+    def spy(q, k, v, attn_mask=None, **options):
+        masks.append((attn_mask, q.shape[1] != k.shape[1], q.shape[2] < k.shape[2]))
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, **options)
+
+    # the runtime's own calls only (CausalBias dispatches through torch's F.scaled_dot_product_attention)
+    monkeypatch.setattr(torch_runtime, "F", SimpleNamespace(scaled_dot_product_attention=spy))
+    cached = _engine(folder, prefix_cache_tokens=1024)
+    _cached_scores(cached, sequences)  # 64-token tiles, cached prompts, one shared-prompt step
+    assert cached.prefix_cache.counters.hits > 0
+    assert any(gqa for _, gqa, _ in masks) and any(continued for *_, continued in masks)
+    assert all(isinstance(mask, CausalBias) for mask, *_ in masks)
 
 
 @pytest.mark.parametrize("family", ["mistral", "gemma2"])

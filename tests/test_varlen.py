@@ -104,6 +104,19 @@ def test_varlen_path_continues_cached_prompts(family, kernel, tmp_path):
     assert continued  # some segments attended to keys before their own tokens
 
 
+def test_auto_takes_varlen_where_it_runs_unless_the_prefix_cache_is_on(kernel, tmp_path):
+    folder = _family("llama", tmp_path, 35)
+    assert _engine(folder).varlen  # the default: auto
+    assert not _engine(folder, prefix_cache_tokens=1024).varlen  # the cache's bit-identity rests on the loop's tiles
+    assert not _engine(folder, attention="loop").varlen
+
+
+def test_auto_keeps_the_per_sequence_path_where_the_kernel_cannot_run(tmp_path):
+    engine = _engine(_family("llama", tmp_path, 36))
+    engine.score([np.arange(40) % 900])
+    assert not engine.varlen
+
+
 def test_unknown_attention_is_refused(tmp_path):
     with pytest.raises(ValueError, match="attention 'flash'"):
         _engine(_family("llama", tmp_path, 33), attention="flash")

@@ -105,12 +105,12 @@ class Settings:
         minimum=1,
     )
     attention: str = _setting(
-        "loop",
-        "loop (one SDPA call per sequence) | varlen (one variable-length FlashAttention call per layer; GPU only; on an H200 with "
-        "torch 2.11 no faster, its batch invariance unproven: README, How the engine runs a batch)",
+        "auto",
+        "auto (varlen where it runs, unless the prefix cache is on) | loop (one SDPA call per sequence) | varlen (one "
+        "variable-length FlashAttention call per layer; CUDA GPUs, sm80+, bf16/fp16/fp8): README, How the engine runs a batch",
         (ENGINE_MODEL,),
         "choice",
-        choices=("loop", "varlen"),
+        choices=("auto", "loop", "varlen"),
     )
     max_tokens: int = _setting(4096, "longest templated conversation (tokens) scored", ALL, "int", minimum=1)
     max_bytes: int = _setting(

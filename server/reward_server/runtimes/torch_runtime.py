@@ -2,8 +2,8 @@
 
 Packed execution: the sequences of one step are concatenated into a single row with no
 padding, so every linear layer runs once over exactly the real tokens; attention is causal within
-each sequence only, so its cost follows each sequence's own length: one SDPA call per sequence
-(or, with `attention: varlen` on a GPU, one variable-length FlashAttention call per layer: varlen.py).
+each sequence only, so its cost follows each sequence's own length: on a GPU one variable-length
+FlashAttention call per layer (varlen.py), elsewhere (or with the prefix cache on) one SDPA call per sequence.
 The reward head (`heads`) is applied only to the final hidden states where scores are read
 (the last token, or the end of every assistant turn): the full-vocabulary projection is never computed.
 """
@@ -19,6 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.attention.bias import causal_lower_right
 from transformers.masking_utils import AttentionMaskInterface
 from transformers.modeling_utils import AttentionInterface
 
@@ -109,8 +110,12 @@ def _attend(q, k, v, scaling, window, softcap):
     """The last q.shape[2] positions of a causal sequence of k.shape[2] tokens attend to its keys."""
     gqa = q.shape[1] != k.shape[1]
     queries, keys = q.shape[2], k.shape[2]
-    if not window and not softcap and queries == keys:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling, enable_gqa=gqa)
+    if not window and not softcap:
+        # causal_lower_right, not a boolean mask: SDPA's CUDA kernels take no mask with grouped-query heads, so
+        # a mask sends them to the math kernel (on one H200 a continued prompt then cost more than recomputing
+        # it); FlashAttention computes the lower-right causal case itself. On a CPU: the same mask, the same bits.
+        bias = causal_lower_right(queries, keys)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scaling, enable_gqa=gqa)
     rows = torch.arange(keys - queries, keys, device=q.device)[:, None]
     cols = torch.arange(keys, device=q.device)[None]
     visible = (cols <= rows) & ((rows - cols < window) if window else True)
@@ -197,7 +202,7 @@ class TorchRewardEngine:
         first_device: int = 0,
         threads: int | None = None,
         fp8_bf16_layers: int = 0,
-        attention: str = "loop",
+        attention: str = "auto",
     ) -> None:
         """`auto` and None pick the defaults measured per device (README, "Precision and step size").
         tensor_parallel > 1: the model runs in that many worker processes (parallel.py), `rank` being
@@ -205,9 +210,10 @@ class TorchRewardEngine:
         or cuda, the index of this engine's first GPU (engine instance k of several: k * tensor_parallel,
         instances.py); `threads`: CPU threads of each rank (None: torch's default, or shared by the ranks);
         `fp8_bf16_layers`: with dtype fp8, the first decoder layers left in bf16 (fp8.py); `attention`: loop (one
-        SDPA call per sequence) or varlen (one FlashAttention call per layer on a GPU; its invariance unproven, varlen.py)."""
-        if attention not in ("loop", "varlen"):
-            raise ValueError(f"attention {attention!r}: expected loop or varlen")
+        SDPA call per sequence), varlen (one FlashAttention call per layer on a GPU, varlen.py) or auto (varlen
+        where it runs and the prefix cache is off, whose bit-identity cached or not rests on the loop's tiles)."""
+        if attention not in ("auto", "loop", "varlen"):
+            raise ValueError(f"attention {attention!r}: expected auto, loop or varlen")
         self.min_shared_prefix = min_shared_prefix  # 0 turns prefix reuse off
         self.ranks = None
         self.prefix_cache: PrefixCache | None = None  # across requests; each rank holds its own
@@ -246,8 +252,9 @@ class TorchRewardEngine:
         if dtype == "fp8":  # layer by layer onto the device: the bf16 weights never all sit there
             quantize_trunk(trunk, self.device, tile_rows, fp8_bf16_layers)
         self.trunk = make_batch_invariant(trunk.to(self.device).eval(), tile_rows)
-        self.varlen = attention == "varlen"
-        if self.varlen and not varlen.available(self.device, DTYPES[dtype]):
+        runs = varlen.available(self.device, DTYPES[dtype])
+        self.varlen = attention == "varlen" or (attention == "auto" and runs and not prefix_cache_tokens)
+        if self.varlen and not runs:
             raise ValueError(
                 f"attention varlen needs FlashAttention on a CUDA GPU (sm80+) and dtype bf16, fp16 or fp8; here: {device} {dtype}"
             )
