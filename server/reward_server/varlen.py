@@ -3,13 +3,17 @@ variable-length kernel, instead of one SDPA call per sequence and layer (512 cal
 conversations on a 32-layer model, each with its slices, and on Hopper a cuDNN execution plan built for
 every sequence length not seen before). It takes the packed row as it is, with the sequences' bounds.
 
-Opt-in, not the default, for what one H200 measured (torch 2.11, benchmarks/gpu_checks.py, 2026-11-27):
-- its batch invariance is unproven: of 64 conversations scored alone and inside one batch, some differed in
-  their last bits, but every linear layer ran on `bmm` tiles then, which can break it alone (invariance.py;
-  8 of 8 agreed in a later run with probed products). Where the op takes `num_splits` (torch >= 2.13) it is
-  given 1, which its documentation says makes the output independent of the batch;
-- it was no faster: the engine fed 16 conversations a call, long mix, 32,870 tokens/s against the per-sequence
-  path's 32,740 (attention is ~8 % of a step's GPU time; the tiled products are ~65 %).
+The default where it runs (`attention: auto`), unless the prefix cache is on, for what one H200 measured
+(torch 2.11, benchmarks/gpu_checks.py and gpu_bench.sh, 2026-11-27):
+- batch invariance: each of 64 conversations scored alone and inside one batch gave one value. The kernel
+  is chosen by head size, causality and the device, never by the batch; the batch sizes only its grid.
+  The decoding path that splits the keys (one query a sequence) is kept off by `max_q` >= 2, and where the
+  op takes `num_splits` (torch >= 2.13) it is given 1 as well;
+- with the prefix cache, 8 responses to one prompt sent one after another gave the bits each gave alone
+  (one check; the loop's tiles make it so by construction, so `auto` keeps the loop there);
+- speed: no gain in a long step (attention ~10 % of its GPU time; 32,870 against 32,740 tokens/s), but
+  fewer calls from Python where steps are small: the server's short-mix steps took 49.7 ms against
+  56.6 (two runs of the same day).
 
 Within a segment the kernel computes what the per-sequence path computes: each segment's queries are its
 last tokens, bottom-right aligned on its keys (a continued prefix's first). Its single-query path (every

