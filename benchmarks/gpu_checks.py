@@ -38,7 +38,14 @@ from reward_server.runtimes import torch_runtime
 from reward_server.runtimes.torch_runtime import TorchRewardEngine
 
 DEVICE = "cuda"
-SHAPES = {"8B qkv": (4096, 6144), "8B up": (4096, 14336), "8B down": (14336, 4096), "70B up": (8192, 28672), "70B down": (28672, 8192)}
+SHAPES = {  # (in, out); q/k/v and gate/up are stacked into one product each (fused.py)
+    "8B qkv": (4096, 6144),
+    "8B gate/up": (4096, 28672),
+    "8B down": (14336, 4096),
+    "70B qkv": (8192, 10240),
+    "70B gate/up": (8192, 57344),
+    "70B down": (28672, 8192),
+}
 ROWS = [1, 64, 200, 256, 512, 768, 1024, 2048, 2304, 4096, 8192, 12288, 16384]
 
 

@@ -98,8 +98,8 @@ def fp8_engine(checkpoint):
 
 def test_fp8_engine_quantises_the_trunk_only(fp8_engine):
     layer = fp8_engine.trunk.layers[0]
-    assert isinstance(layer.self_attn.q_proj, Fp8Linear) and isinstance(layer.mlp.down_proj, Fp8Linear)
-    assert layer.self_attn.q_proj.weight.dtype == FP8
+    assert isinstance(layer.self_attn.qkv_proj.linear, Fp8Linear) and isinstance(layer.mlp.down_proj, Fp8Linear)
+    assert layer.self_attn.qkv_proj.linear.weight.dtype == FP8
     assert fp8_engine.trunk.norm.weight.dtype == torch.bfloat16
     assert fp8_engine.trunk.get_input_embeddings().weight.dtype == torch.bfloat16
     assert fp8_engine.head.weight.dtype == torch.bfloat16  # the head computes in fp32 (heads.RewardHead)
@@ -147,7 +147,8 @@ def test_the_first_layers_can_stay_bf16(checkpoint, fp8_engine, token_ids):
     two; more than the model has is refused; batch invariance holds."""
     kept = TorchRewardEngine(str(checkpoint), device="cpu", dtype="fp8", max_step_tokens=8192, fp8_bf16_layers=1)
     layers = kept.trunk.layers
-    assert not isinstance(layers[0].self_attn.q_proj, Fp8Linear) and layers[0].self_attn.q_proj.weight.dtype == torch.bfloat16
+    qkv = layers[0].self_attn.qkv_proj.linear
+    assert not isinstance(qkv, Fp8Linear) and qkv.weight.dtype == torch.bfloat16
     assert all(isinstance(layer.mlp.down_proj, Fp8Linear) for layer in layers[1:])
     batch = token_ids[:8]
     together = kept.score(batch)[:, 0]

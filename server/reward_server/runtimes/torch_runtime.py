@@ -26,6 +26,7 @@ from transformers.modeling_utils import AttentionInterface
 from reward_server import varlen
 from reward_server.batching import Step, plan_steps, score_all, shared_prefixes
 from reward_server.fp8 import quantize_trunk
+from reward_server.fused import stack_siblings
 from reward_server.heads import load_reward_model
 from reward_server.host_memory import keep_freed_memory
 from reward_server.invariance import TILE_ROWS, make_batch_invariant, settle_products
@@ -248,6 +249,7 @@ class TorchRewardEngine:
             raise ValueError(f"dtype {dtype!r}: expected auto or one of {sorted(DTYPES)}")
         shard = (rank, tensor_parallel) if tensor_parallel > 1 else None
         trunk, head = load_reward_model(checkpoint, DTYPES[dtype], PACKED_ATTENTION, shard)
+        stack_siblings(trunk)  # q/k/v and gate/up: one product each (fused.py)
         self.tile_rows = tile_rows = tile_rows or TILE_ROWS
         if dtype == "fp8":  # layer by layer onto the device: the bf16 weights never all sit there
             quantize_trunk(trunk, self.device, tile_rows, fp8_bf16_layers)
