@@ -13,7 +13,7 @@ from reward_server.runtimes import torch_runtime
 from tests.test_architectures import CONFIGS, _engine, _save, _sequences
 
 
-@pytest.mark.parametrize("family", ["llama", "nemotron", "qwen2", "gemma2"])
+@pytest.mark.parametrize("family", sorted(CONFIGS))
 def test_one_product_per_group_and_the_scores_of_the_separate_projections(family, monkeypatch, tmp_path):
     torch.manual_seed(40)
     model = AutoModelForCausalLM.from_config(CONFIGS[family]())

@@ -5,8 +5,9 @@ every sequence length not seen before). It takes the packed row as it is, with t
 
 The default where it runs (`attention: auto`), unless the prefix cache is on, for what one H200 measured
 (torch 2.11, benchmarks/gpu_checks.py and gpu_bench.sh, 2026-11-27):
-- batch invariance: each of 64 conversations scored alone and inside one batch gave one value. The kernel
-  is chosen by head size, causality and the device, never by the batch; the batch sizes only its grid.
+- batch invariance: each of 64 conversations scored alone and inside one batch gave one value. In
+  FlashAttention-2's source the kernel is chosen by head size, causality and the device, not by the batch,
+  which sizes only its grid.
   The decoding path that splits the keys (one query a sequence) is kept off by `max_q` >= 2, and where the
   op takes `num_splits` (torch >= 2.13) it is given 1 as well;
 - with the prefix cache, 8 responses to one prompt sent one after another gave the bits each gave alone
