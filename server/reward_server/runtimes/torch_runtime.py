@@ -62,7 +62,7 @@ def packed_attention(module, query, key, value, attention_mask, scaling=None, dr
     pieces = []
     for segment, (start, end) in enumerate(pairwise(bounds)):
         q, k, v = query[:, :, start:end], key[:, :, start:end], value[:, :, start:end]
-        prefix = shared.kv(module.layer_idx, segment) if shared is not None else None
+        prefix = shared.kv(module.layer_idx, segment, key, value, bounds) if shared is not None else None
         if prefix is not None:
             k, v = torch.cat([prefix[0], k], dim=2), torch.cat([prefix[1], v], dim=2)
         if shared is not None:
@@ -78,7 +78,7 @@ def _packed_keys(layer: int, key, value, bounds: list[int], shared: SharedPrefix
     keys, values = key[0].transpose(0, 1), value[0].transpose(0, 1)  # views of the projections' rows
     if shared is None:
         return keys, values
-    prefixes = [shared.kv(layer, segment) for segment in range(len(bounds) - 1)]
+    prefixes = [shared.kv(layer, segment, key, value, bounds) for segment in range(len(bounds) - 1)]
     if any(p is not None for p in prefixes):
         pieces = []
         for prefix, (start, end) in zip(prefixes, pairwise(bounds), strict=True):
@@ -155,17 +155,31 @@ PACKING: ContextVar[Packing] = ContextVar("packing")
 
 @dataclass
 class SharedPrefixes:
-    """Per packed segment: the keys/values of the tokens before it, computed earlier (this step's shared
-    prompts, or the prefix cache), and which of its keys/values to copy out for later use."""
+    """Per packed segment: the keys/values of the tokens before it (the prefix cache's, or those of another
+    segment of the same forward: a shared prompt computed beside its members), and which of its keys/values
+    to copy out for later use."""
 
-    before: list[torch.Tensor | None]  # [layers, 2, kv_heads, tokens before the segment, head_dim], or None
+    # [layers, 2, kv_heads, tokens before the segment, head_dim]; or the index of the segment it continues
+    # (that segment's keys/values at each layer, after that segment's own `before`); or None
+    before: list[torch.Tensor | int | None]
     keep: list[tuple[int, int]]  # token range (from the sequence's first token) of keys/values to copy out
     layers: int
     kept: list[torch.Tensor | None] = field(default_factory=list)  # what was copied out: [layers, 2, kv_heads, range, head_dim]
 
-    def kv(self, layer: int, segment: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-        kv = self.before[segment] if segment < len(self.before) else None  # past the list: the filler (_forward)
-        return None if kv is None else (kv[layer, 0][None], kv[layer, 1][None])
+    def kv(
+        self, layer: int, segment: int, key: torch.Tensor, value: torch.Tensor, bounds: list[int]
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The keys/values [1, kv_heads, tokens, dim] before `segment`'s own at `layer`, whose packed keys
+        and values of this forward are `key`, `value` [1, kv_heads, tokens, dim], segments at `bounds`."""
+        before = self.before[segment] if segment < len(self.before) else None  # past the list: the filler (_forward)
+        if before is None:
+            return None
+        if not isinstance(before, int):
+            return before[layer, 0][None], before[layer, 1][None]
+        start, end = bounds[before], bounds[before + 1]
+        own = key[:, :, start:end], value[:, :, start:end]
+        earlier = self.kv(layer, before, key, value, bounds)
+        return own if earlier is None else (torch.cat([earlier[0], own[0]], dim=2), torch.cat([earlier[1], own[1]], dim=2))
 
     def capture(self, layer: int, segment: int, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Copy this layer's keys/values [1, kv_heads, tokens, dim] (the prefix's included) of the kept range."""
@@ -341,57 +355,52 @@ class TorchRewardEngine:
     ) -> np.ndarray:
         """One packed forward; head outputs [P, N] at `positions` as in `score`. `prefixes` (from
         `plan`): (length, positions in `sequences`) of each group sharing a prefix (best-of-n);
-        that prefix is computed once for the group. With the prefix cache on, leading whole blocks
+        that prefix is computed once for the group, as a segment of the same forward whose keys/values
+        the members attend to at each layer. With the prefix cache on, leading whole blocks
         found there are not computed, and the whole blocks computed are stored (prefix_cache.py)."""
         if self.ranks is not None:  # every rank runs this same step; rank 0 answers
             outputs, self._rank_counters = self.ranks.score_step(sequences, prefixes, positions)
             return outputs
         positions = self.read_positions(sequences) if positions is None else positions
-        before: list[torch.Tensor | None] = [None] * len(sequences)
-        if prefixes:  # each group's prompt first (unless all cached), its keys/values kept whole for the members
-            prompts = [sequences[members[0]][:length] for length, members in prefixes]
-            cache = self.prefix_cache
-            found = [None if cache is None else cache.lookup(p, len(p))[1] for p in prompts]
-            todo = [g for g, kv in enumerate(found) if kv is None or kv.shape[3] < len(prompts[g])]
-            if todo:
-                reads = [np.array([len(prompts[g]) - 1]) for g in todo]
-                _, kept = self._pass([prompts[g] for g in todo], reads, [found[g] for g in todo], whole=True)
-                for g, kv in zip(todo, kept, strict=True):
-                    found[g] = kv
-            for kv, (_, members) in zip(found, prefixes, strict=True):
-                for i in members:
-                    before[i] = kv
-        hidden, _ = self._pass(sequences, positions, before)
+        before: list[torch.Tensor | int | None] = [None] * len(sequences)
+        prompts: list[np.ndarray] = []  # computed in this forward, before the sequences, each read once
+        prompt_before: list[torch.Tensor | None] = []
+        cache = self.prefix_cache
+        for length, members in prefixes:  # a group's prompt: from the cache if whole there, else a segment of this forward
+            prompt = sequences[members[0]][:length]
+            kv = None if cache is None else cache.lookup(prompt, length)[1]
+            if kv is None or kv.shape[3] < length:
+                prompts.append(prompt)
+                prompt_before.append(kv)  # its cached leading blocks, if any
+                kv = len(prompts) - 1  # the members continue that segment (the prompts go first)
+            for i in members:
+                before[i] = kv
+        reads = [np.array([len(p) - 1]) for p in prompts] + list(positions)
+        hidden = self._pass([*prompts, *sequences], reads, [*prompt_before, *before])[len(prompts) :]  # the prompts' reads dropped
         return self.head(hidden).cpu().numpy()
 
-    def _pass(
-        self, sequences: list[np.ndarray], reads: Sequence[np.ndarray], before: list[torch.Tensor | None], whole: bool = False
-    ) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
+    def _pass(self, sequences: list[np.ndarray], reads: Sequence[np.ndarray], before: list[torch.Tensor | int | None]) -> torch.Tensor:
         """Final hidden states at `reads` of the packed `sequences`, each continuing the keys/values
-        `before[i]` of its leading tokens; where None, the prefix cache's longest run of leading blocks
-        that ends by the first read, if any. The whole blocks this pass computes go into the cache.
-        `whole`: also return each sequence's keys/values from its first token."""
+        `before[i]` of its leading tokens (or the whole of an earlier sequence i of this pass, when an int);
+        where None, the prefix cache's longest run of leading blocks that ends by the first read, if any.
+        The whole blocks this pass computes go into the cache."""
         cache = self.prefix_cache
         if cache is not None:
             before = [cache.lookup(s, int(r[0]))[1] if kv is None else kv for s, r, kv in zip(sequences, reads, before, strict=True)]
-        starts = [0 if kv is None else kv.shape[3] for kv in before]
+        starts = [0 if kv is None else len(sequences[kv]) if isinstance(kv, int) else kv.shape[3] for kv in before]
         stored = [start // BLOCK_TOKENS * BLOCK_TOKENS for start in starts]  # blocks below: in the cache already
         ends = [len(s) // BLOCK_TOKENS * BLOCK_TOKENS for s in sequences]
-        if whole:
-            keep = [(0, len(s)) for s in sequences]
-        else:
-            keep = [(a, b) if cache is not None else (0, 0) for a, b in zip(stored, ends, strict=True)]
+        keep = [(a, b) if cache is not None else (0, 0) for a, b in zip(stored, ends, strict=True)]
         shared = None
         if any(kv is not None for kv in before) or any(b > a for a, b in keep):
             shared = SharedPrefixes(before=before, keep=keep, layers=self.trunk.config.num_hidden_layers)
         suffixes = [s[start:] for s, start in zip(sequences, starts, strict=True)]
         hidden = self._forward(suffixes, starts, [np.asarray(r) - start for r, start in zip(reads, starts, strict=True)], shared)
-        kept = shared.kept if shared is not None and shared.kept else [None] * len(sequences)
-        if cache is not None:
-            for s, kv, (first, _), low, high in zip(sequences, kept, keep, stored, ends, strict=True):
+        if cache is not None and shared is not None and shared.kept:
+            for s, kv, (first, _), low, high in zip(sequences, shared.kept, keep, stored, ends, strict=True):
                 if high > low:
                     cache.insert(block_keys(s, high // BLOCK_TOKENS), kv[:, :, :, low - first : high - first], low // BLOCK_TOKENS)
-        return hidden, kept
+        return hidden
 
     def _forward(
         self, sequences: list[np.ndarray], offsets: list[int], reads: list[np.ndarray], shared: SharedPrefixes | None = None
