@@ -131,21 +131,25 @@ def test_cached_or_not_the_same_bits(family, tmp_path):
 
 
 @pytest.mark.parametrize("cache", [0, 1024])
-def test_a_shared_prompt_is_computed_beside_its_members_in_one_forward(cache, monkeypatch, tmp_path):
+@pytest.mark.parametrize("budget", [1024, 256])
+def test_a_shared_prompt_is_computed_beside_its_members_in_one_forward(budget, cache, monkeypatch, tmp_path):
     """A step's shared prompt is a segment of the step's one forward, its members attending to its keys at
-    each layer (not a forward of its own first, whose fixed cost a GPU pays per forward)."""
+    each layer (not a forward of its own first, whose fixed cost a GPU pays per forward); a group over the
+    step budget (295 tokens against 256) keeps its prompt in a forward of its own, first."""
     torch.manual_seed(22)
     folder = _save(AutoModelForCausalLM.from_config(CONFIGS["llama"]()), tmp_path)
     _, sequences = _group(22)
-    engine = TorchRewardEngine(folder, device="cpu", dtype="fp32", max_step_tokens=1024, prefix_cache_tokens=cache)
+    engine = TorchRewardEngine(folder, device="cpu", dtype="fp32", max_step_tokens=budget, prefix_cache_tokens=cache)
     (step,) = engine.plan(sequences)
     assert step.prefixes and len(step.prefixes[0][1]) == len(sequences)
     forwards, forward = [], engine._forward
     monkeypatch.setattr(engine, "_forward", lambda *args: forwards.append([len(s) for s in args[0]]) or forward(*args))
     together = engine.score(sequences)
     prompt = step.prefixes[0][0]
-    assert len(forwards) == 1 and forwards[0][0] == prompt  # the prompt, then each member's own tokens
-    assert sorted(forwards[0][1 : 1 + len(sequences)]) == sorted(len(s) - prompt for s in sequences)
+    suffixes = sorted(len(s) - prompt for s in sequences)
+    assert forwards[0][0] == prompt and len(forwards) == (1 if budget == 1024 else 2)
+    members = forwards[-1][1:] if len(forwards) == 1 else forwards[-1]  # after the prompt, or a forward of their own
+    assert sorted(members[: len(sequences)]) == suffixes
     alone = np.concatenate([TorchRewardEngine(folder, device="cpu", dtype="fp32", prefix_cache_tokens=cache).score([s]) for s in sequences])
     if cache:  # the tiles make it the same bits (README, "Prefix cache across requests")
         assert np.array_equal(together, alone)

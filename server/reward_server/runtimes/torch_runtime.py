@@ -356,7 +356,9 @@ class TorchRewardEngine:
         """One packed forward; head outputs [P, N] at `positions` as in `score`. `prefixes` (from
         `plan`): (length, positions in `sequences`) of each group sharing a prefix (best-of-n);
         that prefix is computed once for the group, as a segment of the same forward whose keys/values
-        the members attend to at each layer. With the prefix cache on, leading whole blocks
+        the members attend to at each layer (a group over `max_step_tokens`, alone in its step: in a
+        forward of its own first, so that no forward exceeds the budget by more than a plain step would).
+        With the prefix cache on, leading whole blocks
         found there are not computed, and the whole blocks computed are stored (prefix_cache.py)."""
         if self.ranks is not None:  # every rank runs this same step; rank 0 answers
             outputs, self._rank_counters = self.ranks.score_step(sequences, prefixes, positions)
@@ -376,31 +378,43 @@ class TorchRewardEngine:
             for i in members:
                 before[i] = kv
         reads = [np.array([len(p) - 1]) for p in prompts] + list(positions)
-        hidden = self._pass([*prompts, *sequences], reads, [*prompt_before, *before])[len(prompts) :]  # the prompts' reads dropped
-        return self.head(hidden).cpu().numpy()
+        tokens = sum(map(len, prompts)) + sum(map(len, sequences)) - sum(length * len(members) for length, members in prefixes)
+        if prompts and tokens > self.max_step_tokens:  # a group over the budget (alone in its step): its prompt first
+            _, kept = self._pass(prompts, reads[: len(prompts)], prompt_before, whole=True)
+            before = [kept[b] if isinstance(b, int) else b for b in before]
+            reads, prompts, prompt_before = reads[len(prompts) :], [], []
+        hidden, _ = self._pass([*prompts, *sequences], reads, [*prompt_before, *before])
+        return self.head(hidden[len(prompts) :]).cpu().numpy()  # the prompts' reads dropped
 
-    def _pass(self, sequences: list[np.ndarray], reads: Sequence[np.ndarray], before: list[torch.Tensor | int | None]) -> torch.Tensor:
+    def _pass(
+        self, sequences: list[np.ndarray], reads: Sequence[np.ndarray], before: list[torch.Tensor | int | None], whole: bool = False
+    ) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
         """Final hidden states at `reads` of the packed `sequences`, each continuing the keys/values
         `before[i]` of its leading tokens (or the whole of an earlier sequence i of this pass, when an int);
         where None, the prefix cache's longest run of leading blocks that ends by the first read, if any.
-        The whole blocks this pass computes go into the cache."""
+        The whole blocks this pass computes go into the cache. `whole`: also return each sequence's
+        keys/values from its first token."""
         cache = self.prefix_cache
         if cache is not None:
             before = [cache.lookup(s, int(r[0]))[1] if kv is None else kv for s, r, kv in zip(sequences, reads, before, strict=True)]
         starts = [0 if kv is None else len(sequences[kv]) if isinstance(kv, int) else kv.shape[3] for kv in before]
         stored = [start // BLOCK_TOKENS * BLOCK_TOKENS for start in starts]  # blocks below: in the cache already
         ends = [len(s) // BLOCK_TOKENS * BLOCK_TOKENS for s in sequences]
-        keep = [(a, b) if cache is not None else (0, 0) for a, b in zip(stored, ends, strict=True)]
+        if whole:
+            keep = [(0, len(s)) for s in sequences]
+        else:
+            keep = [(a, b) if cache is not None else (0, 0) for a, b in zip(stored, ends, strict=True)]
         shared = None
         if any(kv is not None for kv in before) or any(b > a for a, b in keep):
             shared = SharedPrefixes(before=before, keep=keep, layers=self.trunk.config.num_hidden_layers)
         suffixes = [s[start:] for s, start in zip(sequences, starts, strict=True)]
         hidden = self._forward(suffixes, starts, [np.asarray(r) - start for r, start in zip(reads, starts, strict=True)], shared)
-        if cache is not None and shared is not None and shared.kept:
-            for s, kv, (first, _), low, high in zip(sequences, shared.kept, keep, stored, ends, strict=True):
+        kept = shared.kept if shared is not None and shared.kept else [None] * len(sequences)
+        if cache is not None:
+            for s, kv, (first, _), low, high in zip(sequences, kept, keep, stored, ends, strict=True):
                 if high > low:
                     cache.insert(block_keys(s, high // BLOCK_TOKENS), kv[:, :, :, low - first : high - first], low // BLOCK_TOKENS)
-        return hidden
+        return hidden, kept
 
     def _forward(
         self, sequences: list[np.ndarray], offsets: list[int], reads: list[np.ndarray], shared: SharedPrefixes | None = None
