@@ -60,8 +60,9 @@ class Fp8Linear(nn.Module):
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().to(out_dtype), requires_grad=False)
         self.out_dtype, self.tile_rows = out_dtype, tile_rows
         self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.tensor_cores = fp8_kernels(weight.device)  # the device it is made on (quantize_trunk: the layer's)
         self.one_call_rows = 0  # as TiledLinear's (invariance.settle_products)
-        self.batched = not fp8_kernels(weight.device)
+        self.batched = not self.tensor_cores
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = settled_product(self, x.reshape(-1, x.shape[-1])).view(*x.shape[:-1], self.out_features)
@@ -69,14 +70,14 @@ class Fp8Linear(nn.Module):
 
     def product(self, rows: torch.Tensor) -> torch.Tensor:
         """One call over `rows` [M, in] (no bias): on the tensor cores, or emulated in one fp32 product."""
-        if not fp8_kernels(rows.device):
+        if not self.tensor_cores:
             return _emulated(rows, self.weight, self.weight_scale, self.out_dtype, F.linear)
         values, scale = quantize_rows(rows)
         return torch._scaled_mm(values, self.weight.T, scale_a=scale, scale_b=self.weight_scale, out_dtype=self.out_dtype)
 
     def batched_tiles(self, rows: torch.Tensor) -> torch.Tensor:
         """The emulation's tiles in one batched fp32 product; none on the tensor cores."""
-        if fp8_kernels(rows.device):
+        if self.tensor_cores:
             raise RuntimeError("no batched FP8 product on tensor cores: one call per tile")
         return _emulated(
             rows, self.weight, self.weight_scale, self.out_dtype, lambda values, weight: tiled_matmul(values, weight, self.tile_rows)

@@ -42,11 +42,16 @@ Product = Callable[[torch.Tensor], torch.Tensor]
 def tiled_matmul(x: torch.Tensor, weight: torch.Tensor, tile_rows: int = TILE_ROWS) -> torch.Tensor:
     """x [..., in] @ weight.T, computed in tiles of `tile_rows` rows, as one batched product."""
     rows = x.reshape(-1, x.shape[-1])
-    tiles = -(-rows.shape[0] // tile_rows)
-    short = tiles * tile_rows - rows.shape[0]  # none for the engine's packed rows (whole tiles): no copy
-    padded = (F.pad(rows, (0, 0, 0, short)) if short else rows).reshape(tiles, tile_rows, -1)
-    out = torch.bmm(padded, weight.T.unsqueeze(0).expand(tiles, -1, -1)).view(tiles * tile_rows, -1)
+    padded = _whole_tile_rows(rows, tile_rows)
+    tiles = padded.shape[0] // tile_rows
+    out = torch.bmm(padded.view(tiles, tile_rows, -1), weight.T.unsqueeze(0).expand(tiles, -1, -1)).view(tiles * tile_rows, -1)
     return out[: rows.shape[0]].view(*x.shape[:-1], weight.shape[0])
+
+
+def _whole_tile_rows(rows: torch.Tensor, tile_rows: int) -> torch.Tensor:
+    """`rows` [M, in], zero-padded up to whole tiles (none for the engine's packed rows: no copy)."""
+    short = -rows.shape[0] % tile_rows
+    return F.pad(rows, (0, 0, 0, short)) if short else rows
 
 
 def whole_tiles(rows: int, tile_rows: int) -> int:
@@ -57,11 +62,9 @@ def whole_tiles(rows: int, tile_rows: int) -> int:
 def tile_calls(product: Product, rows: torch.Tensor, tile_rows: int = TILE_ROWS) -> torch.Tensor:
     """`product` called once per tile of `tile_rows` rows (the last zero-padded): one call shape, whatever
     the row count."""
-    count = rows.shape[0]
-    short = -count % tile_rows
-    padded = F.pad(rows, (0, 0, 0, short)) if short else rows
+    padded = _whole_tile_rows(rows, tile_rows)
     tiles = [product(padded[i : i + tile_rows]) for i in range(0, len(padded), tile_rows)]
-    return (tiles[0] if len(tiles) == 1 else torch.cat(tiles))[:count]
+    return (tiles[0] if len(tiles) == 1 else torch.cat(tiles))[: rows.shape[0]]
 
 
 def one_call_keeps_rows(product: Product, rows: torch.Tensor, tile_rows: int) -> bool:
