@@ -51,24 +51,28 @@ class Forwarder(grpc.GenericRpcHandler):
 
     def service(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
         async def forward(requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
-            code = grpc.StatusCode.OK
+            # Counted before the status goes out (abort sends it): a caller that reads the metrics
+            # once its call has ended finds the call counted.
+            def count(code: grpc.StatusCode) -> None:
+                self.metrics.calls.labels(METHODS.get(details.method, "other"), code.name).inc()
+
             try:
                 async for answer in self._forward(details.method, requests, context):
                     yield answer
             except grpc.aio.AioRpcError as exc:  # upstream's status, passed on as it is
-                code = exc.code()
-                await context.abort(code, exc.details() or "", exc.trailing_metadata() or ())
+                count(exc.code())
+                await context.abort(exc.code(), exc.details() or "", exc.trailing_metadata() or ())
             except _Refused:
-                code = grpc.StatusCode.UNAUTHENTICATED
-                await context.abort(code, "Unauthorized")
+                count(grpc.StatusCode.UNAUTHENTICATED)
+                await context.abort(grpc.StatusCode.UNAUTHENTICATED, "Unauthorized")
             except asyncio.CancelledError:
-                code = grpc.StatusCode.CANCELLED
+                count(grpc.StatusCode.CANCELLED)
                 raise
             except Exception:
-                code = grpc.StatusCode.UNKNOWN  # what grpc answers for a handler's own failure
+                count(grpc.StatusCode.UNKNOWN)  # what grpc answers for a handler's own failure
                 raise
-            finally:
-                self.metrics.calls.labels(METHODS.get(details.method, "other"), code.name).inc()
+            else:
+                count(grpc.StatusCode.OK)  # the OK status follows this generator's end
 
         return grpc.stream_stream_rpc_method_handler(forward)  # no (de)serializers: raw bytes
 
