@@ -43,7 +43,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from reward_server.batching import shared_prefixes
-from reward_server.metrics import STEP_SECONDS, STEP_TOKENS
+from reward_server.metrics import STEP_DEVICE_WAIT, STEP_SECONDS, STEP_TOKENS
 from reward_server.prefix_cache import BLOCK_TOKENS, block_keys
 from reward_server.runtimes.torch_runtime import DTYPES, TorchRewardEngine
 from tests.live_server import REPO
@@ -202,13 +202,15 @@ class Systems:
         return latencies
 
     def engine_in_process(self, ids: list[np.ndarray], concurrency: int = 16, engine: TorchRewardEngine | None = None) -> list[float]:
-        """The engine fed the way the server feeds it: up to `concurrency` sequences per call."""
-        latencies = []
+        """The engine fed the way the server feeds it: up to `concurrency` sequences per call. Keeps each
+        call's wait for the device after its last step's launch in `call_waits`."""
+        latencies, self.call_waits = [], []
         for i in range(0, len(ids), concurrency):
             start = time.perf_counter()
             (engine or self.engine).score(ids[i : i + concurrency])
             sync(self.device)
             latencies += [time.perf_counter() - start] * len(ids[i : i + concurrency])
+            self.call_waits.append((engine or self.engine).device_wait)
         return latencies
 
 
@@ -228,8 +230,8 @@ def group_costs(latencies: list[float], n: int = 8, echo: bool = False) -> dict[
     return costs
 
 
-def engine_steps(metrics_url: str) -> tuple[float, float, float]:
-    """The server's packed engine steps so far, from its metrics: (steps, tokens, seconds)."""
+def engine_steps(metrics_url: str) -> tuple[float, float, float, float]:
+    """The server's packed engine steps so far, from its metrics: (steps, tokens, seconds, seconds waiting for the device)."""
     from prometheus_client.parser import text_string_to_metric_families
 
     with urllib.request.urlopen(metrics_url, timeout=10) as response:
@@ -237,9 +239,10 @@ def engine_steps(metrics_url: str) -> tuple[float, float, float]:
     totals = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
-            if sample.name in (f"{STEP_TOKENS}_count", f"{STEP_TOKENS}_sum", f"{STEP_SECONDS}_sum"):
+            if sample.name in (f"{STEP_TOKENS}_count", f"{STEP_TOKENS}_sum", f"{STEP_SECONDS}_sum", f"{STEP_DEVICE_WAIT}_sum"):
                 totals[sample.name] = totals.get(sample.name, 0.0) + sample.value
-    return totals.get(f"{STEP_TOKENS}_count", 0.0), totals.get(f"{STEP_TOKENS}_sum", 0.0), totals.get(f"{STEP_SECONDS}_sum", 0.0)
+    names = (f"{STEP_TOKENS}_count", f"{STEP_TOKENS}_sum", f"{STEP_SECONDS}_sum", f"{STEP_DEVICE_WAIT}_sum")
+    return tuple(totals.get(name, 0.0) for name in names)
 
 
 def through_server(url: str, conversations: list[Conversation], concurrency: int = 16) -> list[float]:
@@ -338,18 +341,25 @@ def main() -> None:
             ids = systems.ids(convs)
             record("a transformers 1-by-1", name, ids, lambda ids=ids: systems.one_at_a_time(ids))
             record("b transformers padded x8", name, ids, lambda ids=ids: systems.padded_batches(ids))
-            record("c engine in-process", name, ids, lambda ids=ids: systems.engine_in_process(ids), reused=reused_tokens(ids, 16, False))
+            in_step = reused_tokens(ids, 16, False)
+            calls = record("c engine in-process", name, ids, lambda ids=ids: systems.engine_in_process(ids), reused=in_step)
+            call_ms, wait_ms = 1e3 * float(np.mean(calls[::16])), 1e3 * float(np.mean(systems.call_waits))  # (c)'s measured run
             if server is not None:
                 before = engine_steps(server.metrics_url)
                 record("d server gRPC c=16", name, ids, lambda convs=convs: through_server(server.grpc_url, convs))
                 record("d server HTTP c=16", name, ids, lambda convs=convs: through_server(server.http_url, convs))
-                # Were the server's steps as large as (c)'s calls of 16? Warm-ups included, over gRPC and HTTP.
-                steps, tokens, seconds = (after - first for after, first in zip(engine_steps(server.metrics_url), before, strict=True))
+                # Were the server's steps as large as (c)'s calls of 16, and as busy on the device? Warm-ups included,
+                # over gRPC and HTTP. A wait near 0 where (c)'s is not: the server's host is what the steps wait for.
+                after = engine_steps(server.metrics_url)
+                steps, tokens, seconds, waited = (now - first for now, first in zip(after, before, strict=True))
                 server_steps[name] = {
                     "steps": steps,
                     "tokens_per_step": tokens / max(steps, 1),
                     "ms_per_step": 1e3 * seconds / max(steps, 1),
+                    "device_wait_ms_per_step": 1e3 * waited / max(steps, 1),
                     "c_tokens_per_call": sum(len(s) for s in ids) / -(-len(ids) // 16),
+                    "c_ms_per_call": call_ms,
+                    "c_device_wait_ms_per_call": wait_ms,  # after its last step's launch
                 }
                 print(f"  server steps ({name}): {server_steps[name]}", flush=True)
         if "best-of-8" in chosen:

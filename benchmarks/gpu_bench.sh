@@ -91,4 +91,9 @@ with torch.profiler.profile(activities=activities) as profile:
         torch.cuda.synchronize()
 profile.export_chrome_trace(f"{out}/step-trace.json")
 print(profile.key_averages().table(sort_by="cuda_time_total" if gpu else "cpu_time_total", row_limit=25))
+# What the host does per decoder layer: kernels launched (a GPU) and operators dispatched.
+launches = sum(e.count for e in profile.key_averages() if "LaunchKernel" in e.key)
+steps, layers = len(engine.plan(ids)), engine.trunk.config.num_hidden_layers
+operators = sum(e.count for e in profile.key_averages() if e.key.startswith("aten::"))
+print(f"per layer and step: {launches / steps / layers:.1f} kernel launches, {operators / steps / layers:.1f} aten operators (nested included)")
 EOF

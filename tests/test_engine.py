@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from reward_server.batching import run_steps
 from reward_server.runtimes.torch_runtime import TorchRewardEngine
 from tests.corpus import conversations
 
@@ -70,6 +71,16 @@ def test_batch_invariance(engine, token_ids):
     alone = np.array([engine.score([ids])[0, 0] for ids in batch])
     assert np.array_equal(together[:16], alone)
     assert together[16] == together[17] == alone[3]
+
+
+def test_a_step_reports_its_wait_for_the_device(engine, device, token_ids):
+    """RewardEngine.device_wait (the metric reward_engine_step_device_wait_seconds): of a step, the time its
+    host thread waited for the results after launching the work. On a CPU the work runs as it is launched,
+    so nearly none of the step; on a GPU the part the host's launching did not cover."""
+    results = list(run_steps(engine, token_ids[:6], engine.read_positions(token_ids[:6])))
+    assert all(r.device_wait is not None and 0 <= r.device_wait <= r.seconds for r in results)
+    if device == "cpu":
+        assert sum(r.device_wait for r in results) < 0.05 * sum(r.seconds for r in results)
 
 
 def test_tile_rows_change_the_sums_not_the_scores_or_the_invariance(checkpoint, device, engine, token_ids):

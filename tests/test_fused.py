@@ -35,7 +35,7 @@ def test_one_product_per_group_and_the_scores_of_the_separate_projections(family
     monkeypatch.setattr(engine, "_forward", lambda *args: forwards.append(1) or forward(*args))
     got = engine.score(sequences)
     assert forwards and len(calls) == len(shared) * len(forwards)  # each group's product once a forward, not once a sibling
-    assert all(module._output is None and module._input is None for module in shared)  # nothing held after a step
+    assert all(module.made.output is None and module.made.input is None for module in shared)  # nothing held after a step
     monkeypatch.setattr(torch_runtime, "stack_siblings", lambda trunk: trunk)
     separate = _engine(folder)
     assert not any(isinstance(m, SharedProduct) for m in separate.trunk.modules())

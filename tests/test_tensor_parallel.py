@@ -78,9 +78,11 @@ def test_batch_invariance_under_tensor_parallel(tmp_path):
         alone = np.concatenate([engine.score([s]) for s in sequences])
         together = engine.score(sequences)
         reversed_ = engine.score(sequences[::-1])[::-1]
+        waited = engine.device_wait  # rank 0's, passed on with its outputs
     finally:
         engine.close()
     assert np.array_equal(alone, together) and np.array_equal(alone, reversed_)
+    assert waited is not None and waited >= 0
 
 
 def test_splits_that_cannot_work_are_refused():

@@ -98,6 +98,7 @@ class StepResult:
     prefixes: list[tuple[int, list[int]]]
     seconds: float
     cache: Any = None  # prefix_cache.CacheCounters of this step (bytes_held: after it), None when no cache
+    device_wait: float | None = None  # of `seconds`, the wait for the device's results (RewardEngine.device_wait)
 
     @property
     def reused(self) -> int:
@@ -123,7 +124,8 @@ def run_steps(engine: Any, sequences: Sequence[np.ndarray], positions: Sequence[
             continue
         bounds = np.cumsum([0, *(len(positions[i]) for i in chosen)])
         outputs = [scored[bounds[k] : bounds[k + 1]] for k, u in enumerate(step.indices) for _ in members[u]]
-        yield StepResult(indices, outputs, None, computed, step.prefixes, time.perf_counter() - started, _since(engine, counted))
+        seconds = time.perf_counter() - started
+        yield StepResult(indices, outputs, None, computed, step.prefixes, seconds, _since(engine, counted), engine.device_wait)
 
 
 def _since(engine: Any, counted: Any) -> Any:

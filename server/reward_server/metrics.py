@@ -14,7 +14,10 @@ TRUNCATED = "reward_truncated_rows_total"  # counter {model}: rows cut to max_to
 VALUE = "reward_value"  # histogram {model, attribute}: head outputs of the scored (final) turns
 STEP_TOKENS = "reward_engine_step_tokens"  # histogram {model}: tokens computed per packed engine step
 STEP_SECONDS = "reward_engine_step_duration_seconds"  # histogram {model}
+# histogram {model}: of a step's duration, the time spent waiting for the device's results after its last launch
+STEP_DEVICE_WAIT = "reward_engine_step_device_wait_seconds"
 
 REWARD_BUCKETS = [-32.0, -16.0, -8.0, -4.0, -2.0, -1.0, -0.5, 0.0, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0]
 STEP_TOKEN_BUCKETS = [float(2**k) for k in range(4, 16)]  # 16 .. 32,768
 STEP_SECONDS_BUCKETS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]
+DEVICE_WAIT_BUCKETS = [0.0001, 0.0005, 0.001, 0.0025, *STEP_SECONDS_BUCKETS]  # 0.1 ms .. 30 s: near 0 when launching is the bottleneck

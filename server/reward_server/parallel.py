@@ -303,5 +303,5 @@ def worker_main(rank: int, world: int, store: str, options: dict[str, Any], conn
             connection.send(("error", traceback.format_exc()))
             os._exit(1)
         if rank == 0:  # every rank's cache keys, hits and evicts alike: rank 0's counters stand for all
-            connection.send(("ok", (outputs, engine.cache_counters)))
+            connection.send(("ok", (outputs, engine.cache_counters, engine.device_wait)))
     dist.destroy_process_group()

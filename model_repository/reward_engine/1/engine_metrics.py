@@ -23,6 +23,9 @@ class EngineMetrics:
             "values": pb_utils.MetricFamily(metrics.VALUE, "Reward-head outputs of the scored turns", histogram),
             "step_tokens": pb_utils.MetricFamily(metrics.STEP_TOKENS, "Tokens computed per packed engine step", histogram),
             "step_seconds": pb_utils.MetricFamily(metrics.STEP_SECONDS, "Duration of a packed engine step", histogram),
+            "device_wait": pb_utils.MetricFamily(
+                metrics.STEP_DEVICE_WAIT, "Of a packed engine step, the wait for the device's results after the last launch", histogram
+            ),
         }
         self.rejections = {r: self.families["rejected"].Metric(labels={**labels, "reason": r}) for r in REJECTION_REASONS}
         self.tokens = self.families["tokens"].Metric(labels=labels)
@@ -33,6 +36,7 @@ class EngineMetrics:
         ]
         self.step_tokens = self.families["step_tokens"].Metric(labels=labels, buckets=metrics.STEP_TOKEN_BUCKETS)
         self.step_seconds = self.families["step_seconds"].Metric(labels=labels, buckets=metrics.STEP_SECONDS_BUCKETS)
+        self.device_wait = self.families["device_wait"].Metric(labels=labels, buckets=metrics.DEVICE_WAIT_BUCKETS)
 
     def rejected(self, reason: str) -> None:
         self.rejections[reason].increment(1)
@@ -44,6 +48,8 @@ class EngineMetrics:
         self.reused.increment(result.reused)
         self.step_tokens.observe(sum(result.computed) - result.reused)
         self.step_seconds.observe(result.seconds)
+        if result.device_wait is not None:
+            self.device_wait.observe(result.device_wait)
         if result.cache is not None:
             for name, count in (("hits", result.cache.hits), ("misses", result.cache.misses), ("evictions", result.cache.evictions)):
                 self.cache[name].increment(count)

@@ -27,6 +27,9 @@ class RewardEngine(Protocol):
     vocab_size: int  # token ids must lie below this
     supports_turns: bool  # can read scores at any position, not only at the last token
     cache_counters: CacheCounters | None  # the prefix cache's cumulative counters; None without a cache
+    # Of the last score_step: seconds its host thread waited for the device's results after launching its
+    # work (≈ 0 on a CPU, where the work runs as it is launched); None where not measured.
+    device_wait: float | None
 
     def read_positions(self, sequences: Sequence[np.ndarray], positions: Sequence[np.ndarray] | None = None) -> list[np.ndarray]:
         """Where each sequence's outputs are read: `positions` (default: its last token), adjusted as the

@@ -10,6 +10,7 @@ The reward head (`heads`) is applied only to the final hidden states where score
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -31,6 +32,7 @@ from reward_server.heads import load_reward_model
 from reward_server.host_memory import keep_freed_memory
 from reward_server.invariance import TILE_ROWS, make_batch_invariant, settle_products
 from reward_server.memory import module_bytes, plan_step_tokens, step_memory
+from reward_server.norms import fuse_rms_norms
 from reward_server.parallel import RankGroup, rank_device
 from reward_server.prefix_cache import BLOCK_TOKENS, CacheCounters, PrefixCache, block_keys, kv_bytes_per_token
 
@@ -233,6 +235,7 @@ class TorchRewardEngine:
         self.ranks = None
         self.prefix_cache: PrefixCache | None = None  # across requests; each rank holds its own
         self._rank_counters: CacheCounters | None = None  # rank 0's, as of its last step (tensor parallel)
+        self.device_wait: float | None = None  # of the last step (RewardEngine.device_wait; rank 0's under tensor parallel)
         # With the cache, attention runs in tiles of its blocks and shared prompts end on a block boundary:
         # cached or not, every tile is the same call (bit-identical by construction, _attend_tiles).
         self.attention_tile = BLOCK_TOKENS if prefix_cache_tokens else 0
@@ -264,6 +267,7 @@ class TorchRewardEngine:
         shard = (rank, tensor_parallel) if tensor_parallel > 1 else None
         trunk, head = load_reward_model(checkpoint, DTYPES[dtype], PACKED_ATTENTION, shard)
         stack_siblings(trunk)  # q/k/v and gate/up: one product each (fused.py)
+        fuse_rms_norms(trunk)  # one kernel per norm where torch has one (norms.py)
         self.tile_rows = tile_rows = tile_rows or TILE_ROWS
         if dtype == "fp8":  # layer by layer onto the device: the bf16 weights never all sit there
             quantize_trunk(trunk, self.device, tile_rows, fp8_bf16_layers)
@@ -361,7 +365,7 @@ class TorchRewardEngine:
         With the prefix cache on, leading whole blocks
         found there are not computed, and the whole blocks computed are stored (prefix_cache.py)."""
         if self.ranks is not None:  # every rank runs this same step; rank 0 answers
-            outputs, self._rank_counters = self.ranks.score_step(sequences, prefixes, positions)
+            outputs, self._rank_counters, self.device_wait = self.ranks.score_step(sequences, prefixes, positions)
             return outputs
         positions = self.read_positions(sequences) if positions is None else positions
         before: list[torch.Tensor | int | None] = [None] * len(sequences)
@@ -384,7 +388,11 @@ class TorchRewardEngine:
             before = [kept[b] if isinstance(b, int) else b for b in before]
             reads, prompts, prompt_before = reads[len(prompts) :], [], []
         hidden, _ = self._pass([*prompts, *sequences], reads, [*prompt_before, *before])
-        return self.head(hidden[len(prompts) :]).cpu().numpy()  # the prompts' reads dropped
+        outputs = self.head(hidden[len(prompts) :])  # the prompts' reads dropped
+        launched = time.perf_counter()  # on a GPU the work is queued: the copy below waits for it to finish
+        scores = outputs.cpu().numpy()
+        self.device_wait = time.perf_counter() - launched
+        return scores
 
     def _pass(
         self, sequences: list[np.ndarray], reads: Sequence[np.ndarray], before: list[torch.Tensor | int | None], whole: bool = False

@@ -41,6 +41,7 @@ class TrtllmRewardEngine:
 
     supports_turns = False  # generation logits exist only at the last prompt token
     cache_counters = None  # no prefix cache
+    device_wait = None  # not measured: the executor runs and waits in its own threads
 
     def __init__(self, engine_dir: str) -> None:
         import tensorrt_llm  # imported here: the torch runtime must not need it
