@@ -43,11 +43,11 @@ if [ ! -f "$checkpoint/model.safetensors" ]; then
   "$python" build/demo_checkpoint.py --preset "$preset" --device "$device" --dtype "$dtype" --tokenizer-from "$tokenizer" --out "$checkpoint"
 fi
 # CHECKS=0 skips what a CPU cannot check (benchmarks/gpu_checks.py: batch invariance per configuration, the
-# products' probes and speed, the prefix cache's bits; CHECKS=cache runs that check alone, any --only list);
+# products' probes and speed, the prefix cache's bits, CUDA graphs against none; CHECKS=graphs runs that check alone, any --only list);
 # BENCH=0 skips the bench and the profiled step.
 checks=${CHECKS:-1}
 if [ "$checks" != 0 ]; then
-  [ "$checks" = 1 ] && checks=invariance,cache,products
+  [ "$checks" = 1 ] && checks=invariance,cache,products,graphs
   "$python" -m benchmarks.gpu_checks $([ "$device" = cpu ] && echo --cpu-dry-run) --only "$checks" --checkpoint "$checkpoint" --out "$out/gpu-checks.json" 2>&1 | tee "$out/checks.log"
 fi
 [ "${BENCH:-1}" = 1 ] || exit 0

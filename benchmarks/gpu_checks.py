@@ -16,6 +16,9 @@
 4. The matrix products alone: whether one cuBLAS bf16 product and one FP8 `torch._scaled_mm` (row-wise
    scales) over M rows give each 256-row tile the bits of that tile's own call, for M from 1 to 16,384,
    and their speed against the tiles and the FP8 quantisation's.
+5. `cuda_graphs`: the long mix scored in one batch and each of 16 conversations alone, and the short mix 16
+   a call, by the engine with graphs against the same engine without, bit for bit; the shapes captured, the
+   load's cost, and the short mix's calls both ways (interleaved, best of 2; the first pass captures).
 """
 
 from __future__ import annotations
@@ -157,6 +160,34 @@ def cache_is_exact(checkpoint: str, maker: WorkloadMaker, report: dict, attentio
     torch.cuda.empty_cache()
 
 
+def graphs_agree(checkpoint: str, ids: list[np.ndarray], short: list[np.ndarray], report: dict) -> None:
+    options = dict(device=DEVICE, dtype="bf16", max_step_tokens=16384)
+    plain = TorchRewardEngine(checkpoint, **options)
+    started = time.perf_counter()
+    graphed = TorchRewardEngine(checkpoint, **options, cuda_graphs=True)
+    found = report["graphs"] = {"load_s_with_graphs": time.perf_counter() - started}
+    batch = plain.score(ids)
+    found["long_batch_equal"] = bool(np.array_equal(graphed.score(ids), batch))
+    found["long_alone_equal"] = bool(all(np.array_equal(graphed.score([s])[0], batch[i]) for i, s in enumerate(ids[:16])))
+    calls = [short[i : i + 16] for i in range(0, len(short), 16)]
+    found["short_equal"] = bool(all(np.array_equal(graphed.score(c), plain.score(c)) for c in calls))  # also the warm-up
+    best = {"without": float("inf"), "with": float("inf")}
+    for _ in range(2):
+        for label, engine in (("without", plain), ("with", graphed)):
+            sync()
+            start = time.perf_counter()
+            for c in calls:
+                engine.score(c)
+            sync()
+            best[label] = min(best[label], time.perf_counter() - start)
+    tokens = sum(len(s) for s in short)
+    found["short_tokens_per_s"] = {label: tokens / seconds for label, seconds in best.items()}
+    found["shapes_captured"], found["capture_failed"] = len(graphed.graphs.graphs), graphed.graphs.failed
+    print(f"cuda graphs: {found}", flush=True)
+    del plain, graphed
+    torch.cuda.empty_cache()
+
+
 def products(report: dict) -> None:
     """Row-count invariance and speed of one bf16 mm and one FP8 _scaled_mm over up to 16,384 rows."""
     torch.manual_seed(0)
@@ -202,7 +233,7 @@ def main() -> None:
     parser.add_argument("--checkpoint", default="/tmp/rm-8b")
     parser.add_argument("--out", default="gpu-checks.json")
     parser.add_argument("--cpu-dry-run", action="store_true", help="on the CPU with small shapes: checks this script only")
-    parser.add_argument("--only", default="invariance,cache,products", help="comma-separated subset of the checks")
+    parser.add_argument("--only", default="invariance,cache,products,graphs", help="comma-separated subset of the checks")
     args = parser.parse_args()
     if args.cpu_dry_run:
         global DEVICE
@@ -220,7 +251,13 @@ def main() -> None:
         for attention in ("auto", "varlen") if DEVICE == "cuda" else ("auto",):  # varlen runs on a GPU only
             cache_is_exact(args.checkpoint, maker, report, attention)
 
-    checks = {"invariance": lambda: engines_agree(args.checkpoint, ids, report), "cache": caches, "products": lambda: products(report)}
+    short = [np.array(maker.tokenizer.apply_chat_template(c, tokenize=True, return_dict=False)) for c in maker.mix(64, 30, 300)]
+    checks = {
+        "invariance": lambda: engines_agree(args.checkpoint, ids, report),
+        "cache": caches,
+        "products": lambda: products(report),
+        "graphs": (lambda: graphs_agree(args.checkpoint, ids, short, report)) if DEVICE == "cuda" else lambda: None,  # CUDA only
+    }
     for check in (checks[name] for name in args.only.split(",")):
         try:
             check()

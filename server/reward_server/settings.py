@@ -112,6 +112,13 @@ class Settings:
         "choice",
         choices=("auto", "loop", "varlen"),
     )
+    cuda_graphs: bool = _setting(
+        False,
+        "replay steps from CUDA graphs, one per step shape, captured when first met (needs attention varlen, tensor_parallel 1; "
+        "steps sharing a prompt run as before): fewer launches from Python; unmeasured (README, How the engine runs a batch)",
+        (ENGINE_MODEL,),
+        "bool",
+    )
     max_tokens: int = _setting(4096, "longest templated conversation (tokens) scored", ALL, "int", minimum=1)
     max_bytes: int = _setting(
         1 << 20, "largest conversation accepted, in bytes (checked before parsing)", (PREPROCESSING_MODEL, NEMO_MODEL), "int", minimum=1

@@ -76,6 +76,7 @@ def load_engine(settings: Settings, instance: int = 0) -> RewardEngine:
         prefix_cache_tokens=settings.prefix_cache_tokens,
         tile_rows=settings.tile_rows,
         attention=settings.attention,
+        cuda_graphs=settings.cuda_graphs,
         tensor_parallel=settings.tensor_parallel,
         memory_budget=settings.memory_budget,
         max_tokens=settings.max_tokens,

@@ -31,10 +31,11 @@ from reward_server.fused import stack_siblings
 from reward_server.heads import load_reward_model
 from reward_server.host_memory import keep_freed_memory
 from reward_server.invariance import TILE_ROWS, make_batch_invariant, settle_products
-from reward_server.memory import module_bytes, plan_step_tokens, step_memory
+from reward_server.memory import StepMemory, module_bytes, plan_step_tokens, step_memory
 from reward_server.norms import fuse_rms_norms
 from reward_server.parallel import RankGroup, rank_device
 from reward_server.prefix_cache import BLOCK_TOKENS, CacheCounters, PrefixCache, block_keys, kv_bytes_per_token
+from reward_server.step_graphs import StepGraphs
 
 PACKED_ATTENTION = "packed_reward"  # no "sdpa" in the name: transformers would then demand SDPA support
 # SDPA's kernels for the per-sequence path: not cuDNN's, which builds an execution plan for every shape and
@@ -61,6 +62,8 @@ def packed_attention(module, query, key, value, attention_mask, scaling=None, dr
     if packing.varlen is not None and varlen.fits(query.shape[-1], window, softcap):
         keys, values = _packed_keys(module.layer_idx, key, value, bounds, shared)
         return varlen.attend(query[0].transpose(0, 1), keys, values, packing.varlen, scaling)[None], None
+    if not bounds:  # a CUDA graph's capture (step_graphs.py): its bounds are on the device only
+        raise RuntimeError(f"layer {module.layer_idx} (a sliding window or soft-capping) cannot run in the varlen kernel")
     pieces = []
     for segment, (start, end) in enumerate(pairwise(bounds)):
         q, k, v = query[:, :, start:end], key[:, :, start:end], value[:, :, start:end]
@@ -220,6 +223,7 @@ class TorchRewardEngine:
         threads: int | None = None,
         fp8_bf16_layers: int = 0,
         attention: str = "auto",
+        cuda_graphs: bool = False,
     ) -> None:
         """`auto` and None pick the defaults measured per device (README, "Precision and step size").
         tensor_parallel > 1: the model runs in that many worker processes (parallel.py), `rank` being
@@ -228,9 +232,12 @@ class TorchRewardEngine:
         instances.py); `threads`: CPU threads of each rank (None: torch's default, or shared by the ranks);
         `fp8_bf16_layers`: with dtype fp8, the first decoder layers left in bf16 (fp8.py); `attention`: loop (one
         SDPA call per sequence), varlen (one FlashAttention call per layer on a GPU, varlen.py) or auto (varlen
-        where it runs and the prefix cache is off, whose bit-identity cached or not rests on the loop's tiles)."""
+        where it runs and the prefix cache is off, whose bit-identity cached or not rests on the loop's tiles);
+        `cuda_graphs`: steps without shared prefixes replayed from CUDA graphs (step_graphs.py)."""
         if attention not in ("auto", "loop", "varlen"):
             raise ValueError(f"attention {attention!r}: expected auto, loop or varlen")
+        if cuda_graphs and tensor_parallel > 1:
+            raise ValueError("cuda_graphs needs tensor_parallel 1 (the ranks' sums are not captured)")
         self.min_shared_prefix = min_shared_prefix  # 0 turns prefix reuse off
         self.ranks = None
         self.prefix_cache: PrefixCache | None = None  # across requests; each rank holds its own
@@ -288,6 +295,8 @@ class TorchRewardEngine:
         reserved = self.prefix_cache.max_bytes if self.prefix_cache is not None else 0
         # Small steps keep a CPU's activations in cache; a GPU wants large ones; both within memory.
         memory = step_memory(trunk.config, DTYPES[dtype].itemsize, tensor_parallel, max_tokens, fp8=dtype == "fp8")
+        if cuda_graphs:  # the graphs' memory pool holds a step's activations, and so does the allocator for the others
+            memory = StepMemory(2 * memory.per_token, 2 * memory.fixed)
         self.max_step_tokens = plan_step_tokens(
             memory,
             weights=module_bytes(self.trunk, head.weight) + reserved,
@@ -300,6 +309,14 @@ class TorchRewardEngine:
         )
         # How each layer shape's products are made: one call or one bmm where proven, else one call per tile
         self.products = settle_products(self.trunk, max(self.max_step_tokens, max_tokens))
+        self.graphs = None
+        if cuda_graphs:
+            if not self.varlen:
+                raise ValueError(
+                    "cuda_graphs needs attention varlen: a CUDA GPU (sm80+), dtype bf16, fp16 or fp8, and the prefix cache off"
+                )
+            graphed = lambda ids, positions, batch: self._trunk(ids, positions, Packing([], None, 0, batch))  # noqa: E731
+            self.graphs = StepGraphs(graphed, self.device, max(max_tokens, tile_rows), tile_rows)
 
     @property
     def cache_counters(self) -> CacheCounters | None:
@@ -437,18 +454,24 @@ class TorchRewardEngine:
             sequences, offsets = [*sequences, np.zeros(filler, np.int64)], [*offsets, 0]
         lengths = [len(s) for s in sequences]
         bounds = _bounds(lengths)
-        input_ids = torch.from_numpy(np.concatenate(sequences).astype(np.int64))[None].to(self.device)
-        position_ids = torch.cat([torch.arange(o, o + n) for o, n in zip(offsets, lengths, strict=True)])[None].to(self.device)
-        batch = varlen.VarlenBatch.of(lengths, offsets, self.device) if self.varlen else None
-        token = PACKING.set(Packing(bounds.tolist(), shared, self.attention_tile, batch))
-        try:
-            with sdpa_kernel(SDPA_BACKENDS):
-                hidden = self.trunk(input_ids=input_ids, position_ids=position_ids, use_cache=False)
-        finally:
-            PACKING.reset(token)
-        hidden = hidden.last_hidden_state[0]
+        input_ids = torch.from_numpy(np.concatenate(sequences).astype(np.int64))
+        position_ids = torch.cat([torch.arange(o, o + n) for o, n in zip(offsets, lengths, strict=True)])
+        hidden = self.graphs.run(input_ids, position_ids, lengths) if self.graphs is not None and shared is None else None
+        if hidden is None:
+            batch = varlen.VarlenBatch.of(lengths, offsets, self.device) if self.varlen else None
+            packing = Packing(bounds.tolist(), shared, self.attention_tile, batch)
+            hidden = self._trunk(input_ids[None].to(self.device), position_ids[None].to(self.device), packing)
         rows = np.concatenate([start + r for start, r in zip(bounds[: len(reads)].tolist(), reads, strict=True)])
         return hidden[torch.from_numpy(rows).to(self.device)]
+
+    def _trunk(self, input_ids: torch.Tensor, position_ids: torch.Tensor, packing: Packing) -> torch.Tensor:
+        """The trunk's final hidden states [rows, hidden] for input_ids, position_ids [1, rows] packed as `packing` says."""
+        token = PACKING.set(packing)
+        try:
+            with sdpa_kernel(SDPA_BACKENDS):
+                return self.trunk(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state[0]
+        finally:
+            PACKING.reset(token)
 
 
 def _last_not(sequence: np.ndarray, token: int) -> int:

@@ -1,0 +1,113 @@
+"""`cuda_graphs: true`: a step's trunk forward replayed from a CUDA graph instead of launched from Python.
+
+A decoder layer launches some 20 kernels from Python (norms, rotary, products, attention, activations,
+residual adds); for a step of a thousand tokens on a fast GPU that host work takes about as long as the
+kernels themselves (README, Benchmark). A CUDA graph records a forward's kernels once and replays them with
+one launch. A graph is made for a step shape: its rows (whole tiles, the engine's filler included) and a
+bucket of its segments (a power of two from 8; the unused ones are empty, which FlashAttention's varlen
+kernel skips). Each shape is captured the first time a step has it, then replayed: the step's token ids,
+positions and segment bounds are copied into the graph's input buffers. All graphs share one memory pool
+(one step runs at a time, and each step's hidden states are read before the next replay).
+
+What can be captured: steps whose every layer runs the varlen kernel (`attention: varlen` or `auto` on a GPU;
+no sliding windows or soft-capping), with nothing continued from earlier keys/values (a best-of-n group's
+shared prompt, the prefix cache: those steps run as before, from Python). The varlen kernel is given the
+graph's bounds and, as `max_q`/`max_k`, the longest segment any step of that shape can hold, which sizes its
+grid only (varlen.py). Scores are meant to be the bits of the same step run from Python:
+benchmarks/gpu_checks.py `--only graphs` checks it on a GPU; unmeasured until it runs there.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from reward_server import varlen
+
+MIN_SEGMENTS = 8
+
+
+def segment_bucket(segments: int) -> int:
+    """The graph's number of segments for a step of `segments`: the next power of two, at least MIN_SEGMENTS."""
+    return max(MIN_SEGMENTS, 1 << (segments - 1).bit_length())
+
+
+def padded_bounds(lengths: list[int], segments: int) -> np.ndarray:
+    """int32 [segments + 1]: where each of `lengths` starts in the packed row, then empty segments at its end."""
+    bounds = np.full(segments + 1, sum(lengths), dtype=np.int32)
+    bounds[: len(lengths) + 1] = np.cumsum([0, *lengths])
+    return bounds
+
+
+@dataclass
+class _Graph:
+    graph: torch.cuda.CUDAGraph
+    input_ids: torch.Tensor  # [1, rows] int64: the graph's input buffers, filled before each replay
+    position_ids: torch.Tensor  # [1, rows] int64
+    bounds: torch.Tensor  # [segments + 1] int32
+    hidden: torch.Tensor | None = None  # [rows, hidden]: the graph's output, in the shared pool
+
+
+class StepGraphs:
+    """The trunk's forward over packed steps, captured per step shape and replayed. `forward(input_ids,
+    position_ids, batch)` is the trunk's forward with the varlen bounds of `batch` (torch_runtime sets them
+    around it); it returns the final hidden states [rows, hidden]. The smallest shape (`rows` rows) is
+    captured at once: ValueError if the model cannot be captured at all."""
+
+    def __init__(self, forward: Callable[..., torch.Tensor], device: torch.device, longest: int, rows: int) -> None:
+        self.forward, self.device, self.longest = forward, device, longest
+        self.pool = torch.cuda.graph_pool_handle()
+        self.graphs: dict[tuple[int, int], _Graph] = {}
+        self.failed = False  # a later capture failed: every later step runs from Python
+        try:
+            self.graphs[rows, MIN_SEGMENTS] = self._capture(rows, MIN_SEGMENTS)
+        except RuntimeError as exc:
+            raise ValueError(f"cuda_graphs: the model's forward cannot be captured in a CUDA graph: {exc}") from exc
+
+    def run(self, input_ids: torch.Tensor, position_ids: torch.Tensor, lengths: list[int]) -> torch.Tensor | None:
+        """Final hidden states [rows, hidden] of a step (ids and positions [rows] on the host, `lengths` of its
+        segments), replayed from its shape's graph; None once a capture has failed (the caller runs it from Python)."""
+        rows, segments = len(input_ids), segment_bucket(len(lengths))
+        made = self.graphs.get((rows, segments))
+        if made is None and not self.failed:
+            try:
+                made = self.graphs[rows, segments] = self._capture(rows, segments)
+            except RuntimeError as exc:  # e.g. out of memory for this shape's activations
+                self.failed = True
+                why = f"a step of {rows} rows could not be captured ({exc})"
+                print(f"reward engine: cuda_graphs: {why}; steps run from Python", file=sys.stderr, flush=True)
+        if made is None:
+            return None
+        made.input_ids[0].copy_(input_ids, non_blocking=True)
+        made.position_ids[0].copy_(position_ids, non_blocking=True)
+        made.bounds.copy_(torch.from_numpy(padded_bounds(lengths, segments)), non_blocking=True)
+        made.graph.replay()
+        return made.hidden
+
+    @torch.inference_mode()
+    def _capture(self, rows: int, segments: int) -> _Graph:
+        """The graph of a step of `rows` rows and `segments` segments, captured after one warm-up run on a side
+        stream (cuBLAS's workspaces and lazy initialisations stay out of the graph)."""
+        longest = max(2, min(rows, self.longest))
+        made = _Graph(
+            torch.cuda.CUDAGraph(),
+            torch.zeros((1, rows), dtype=torch.int64, device=self.device),
+            torch.zeros((1, rows), dtype=torch.int64, device=self.device),
+            torch.zeros(segments + 1, dtype=torch.int32, device=self.device),
+        )
+        # the warm-up's bounds: segments of at most `longest` rows (any valid bounds do)
+        warm = [min(longest, rows - start) for start in range(0, rows, longest)][:segments]
+        made.bounds.copy_(torch.from_numpy(padded_bounds(warm, segments)))
+        batch = varlen.VarlenBatch(made.bounds, made.bounds, longest, longest)
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            self.forward(made.input_ids, made.position_ids, batch)
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        with torch.cuda.graph(made.graph, pool=self.pool):
+            made.hidden = self.forward(made.input_ids, made.position_ids, batch)
+        return made
