@@ -32,7 +32,7 @@ def test_a_layer_outside_the_varlen_kernel_cannot_be_captured(checkpoint):
     window, soft-capping, or no varlen kernel at all, as on this CPU) fails the capture, and with it the load."""
     engine = TorchRewardEngine(str(checkpoint), device="cpu")
     ids = torch.zeros((1, 8), dtype=torch.int64)
-    with pytest.raises(RuntimeError, match="layer 0 .* cannot run in the varlen kernel"):
+    with pytest.raises(RuntimeError, match=r"layer 0 .* cannot run in the varlen kernel"):
         engine._trunk(ids, torch.arange(8)[None], Packing([], None, 0, None))
 
 

@@ -7,7 +7,8 @@ one launch. A graph is made for a step shape: its rows (whole tiles, the engine'
 bucket of its segments (a power of two from 8; the unused ones are empty, which FlashAttention's varlen
 kernel skips). Each shape is captured the first time a step has it, then replayed: the step's token ids,
 positions and segment bounds are copied into the graph's input buffers. All graphs share one memory pool
-(one step runs at a time, and each step's hidden states are read before the next replay).
+and write their hidden states into one output buffer (one step runs at a time, and each step's hidden states
+are read before the next replay), so that the graphs together hold one step's memory, not one each.
 
 What can be captured: steps whose every layer runs the varlen kernel (`attention: varlen` or `auto` on a GPU;
 no sliding windows or soft-capping), with nothing continued from earlier keys/values (a best-of-n group's
@@ -49,17 +50,17 @@ class _Graph:
     input_ids: torch.Tensor  # [1, rows] int64: the graph's input buffers, filled before each replay
     position_ids: torch.Tensor  # [1, rows] int64
     bounds: torch.Tensor  # [segments + 1] int32
-    hidden: torch.Tensor | None = None  # [rows, hidden]: the graph's output, in the shared pool
 
 
 class StepGraphs:
     """The trunk's forward over packed steps, captured per step shape and replayed. `forward(input_ids,
     position_ids, batch)` is the trunk's forward with the varlen bounds of `batch` (torch_runtime sets them
-    around it); it returns the final hidden states [rows, hidden]. The smallest shape (`rows` rows) is
-    captured at once: ValueError if the model cannot be captured at all."""
+    around it); it returns the final hidden states [rows, hidden], which every graph copies into `output`
+    [most rows, hidden] (so steps have at most its rows). The smallest shape (`rows` rows) is captured at
+    once: ValueError if the model cannot be captured at all."""
 
-    def __init__(self, forward: Callable[..., torch.Tensor], device: torch.device, longest: int, rows: int) -> None:
-        self.forward, self.device, self.longest = forward, device, longest
+    def __init__(self, forward: Callable[..., torch.Tensor], output: torch.Tensor, longest: int, rows: int) -> None:
+        self.forward, self.output, self.device, self.longest = forward, output, output.device, longest
         self.pool = torch.cuda.graph_pool_handle()
         self.graphs: dict[tuple[int, int], _Graph] = {}
         self.failed = False  # a later capture failed: every later step runs from Python
@@ -73,7 +74,7 @@ class StepGraphs:
         segments), replayed from its shape's graph; None once a capture has failed (the caller runs it from Python)."""
         rows, segments = len(input_ids), segment_bucket(len(lengths))
         made = self.graphs.get((rows, segments))
-        if made is None and not self.failed:
+        if made is None and not self.failed and rows <= len(self.output):
             try:
                 made = self.graphs[rows, segments] = self._capture(rows, segments)
             except RuntimeError as exc:  # e.g. out of memory for this shape's activations
@@ -82,11 +83,11 @@ class StepGraphs:
                 print(f"reward engine: cuda_graphs: {why}; steps run from Python", file=sys.stderr, flush=True)
         if made is None:
             return None
-        made.input_ids[0].copy_(input_ids, non_blocking=True)
-        made.position_ids[0].copy_(position_ids, non_blocking=True)
-        made.bounds.copy_(torch.from_numpy(padded_bounds(lengths, segments)), non_blocking=True)
+        made.input_ids[0].copy_(input_ids)
+        made.position_ids[0].copy_(position_ids)
+        made.bounds.copy_(torch.from_numpy(padded_bounds(lengths, segments)))
         made.graph.replay()
-        return made.hidden
+        return self.output[:rows]
 
     @torch.inference_mode()
     def _capture(self, rows: int, segments: int) -> _Graph:
@@ -109,5 +110,5 @@ class StepGraphs:
             self.forward(made.input_ids, made.position_ids, batch)
         torch.cuda.current_stream(self.device).wait_stream(side)
         with torch.cuda.graph(made.graph, pool=self.pool):
-            made.hidden = self.forward(made.input_ids, made.position_ids, batch)
+            self.output[:rows].copy_(self.forward(made.input_ids, made.position_ids, batch))
         return made

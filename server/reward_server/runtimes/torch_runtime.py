@@ -30,7 +30,7 @@ from reward_server.fp8 import quantize_trunk
 from reward_server.fused import stack_siblings
 from reward_server.heads import load_reward_model
 from reward_server.host_memory import keep_freed_memory
-from reward_server.invariance import TILE_ROWS, make_batch_invariant, settle_products
+from reward_server.invariance import TILE_ROWS, make_batch_invariant, settle_products, whole_tiles
 from reward_server.memory import StepMemory, module_bytes, plan_step_tokens, step_memory
 from reward_server.norms import fuse_rms_norms
 from reward_server.parallel import RankGroup, rank_device
@@ -316,7 +316,9 @@ class TorchRewardEngine:
                     "cuda_graphs needs attention varlen: a CUDA GPU (sm80+), dtype bf16, fp16 or fp8, and the prefix cache off"
                 )
             graphed = lambda ids, positions, batch: self._trunk(ids, positions, Packing([], None, 0, batch))  # noqa: E731
-            self.graphs = StepGraphs(graphed, self.device, max(max_tokens, tile_rows), tile_rows)
+            rows = whole_tiles(max(self.max_step_tokens, max_tokens), tile_rows)
+            output = torch.empty((rows, trunk.config.hidden_size), dtype=self.trunk.get_input_embeddings().weight.dtype, device=self.device)
+            self.graphs = StepGraphs(graphed, output, max(max_tokens, tile_rows), tile_rows)
 
     @property
     def cache_counters(self) -> CacheCounters | None:
