@@ -164,11 +164,11 @@ def timed(run: Callable[[], object]) -> tuple[float, object]:
 
 
 class Systems:
-    def __init__(self, checkpoint: Path, dtype: str, device: str) -> None:
+    def __init__(self, checkpoint: Path, dtype: str, device: str, cuda_graphs: bool = False) -> None:
         self.device = device
         self.tokenizer = AutoTokenizer.from_pretrained(checkpoint)
         self.hf = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=DTYPES[dtype]).to(device).eval()
-        self.engine = TorchRewardEngine(str(checkpoint), device=device, dtype=dtype)
+        self.engine = TorchRewardEngine(str(checkpoint), device=device, dtype=dtype, cuda_graphs=cuda_graphs)
 
     def ids(self, conversations: list[Conversation]) -> list[np.ndarray]:
         return [np.array(self.tokenizer.apply_chat_template(c, tokenize=True, return_dict=False)) for c in conversations]
@@ -276,11 +276,12 @@ def main() -> None:
     parser.add_argument("--no-server", action="store_true", help="skip (d)")
     parser.add_argument("--rlhf-prompts", type=int, default=4, help="groups of 8 responses in the rlhf workload")
     parser.add_argument("--prefix-cache-tokens", type=int, default=65536, help="the prefix cache of rlhf's cache-on runs")
+    parser.add_argument("--cuda-graphs", action="store_true", help="(c) and (d) with cuda_graphs on (a GPU)")
     parser.add_argument("--out", type=Path, default=REPO / "bench-results.json")
     args = parser.parse_args()
     args.checkpoint = args.checkpoint.resolve()
 
-    systems = Systems(args.checkpoint, args.dtype, args.device)
+    systems = Systems(args.checkpoint, args.dtype, args.device, args.cuda_graphs)
     maker = WorkloadMaker(systems.tokenizer, seed=2024)
     workloads = {"long": maker.mix(64, 100, 3000), "short": maker.mix(256, 30, 300)}
     prompt, responses = maker.best_of(8, 2000, 100, 300)
@@ -301,6 +302,7 @@ def main() -> None:
         from tests.live_server import start_server, stop_server
 
         settings = {"REWARD_CHECKPOINT": str(args.checkpoint), "REWARD_DTYPE": args.dtype, "REWARD_DEVICE": args.device}
+        settings["REWARD_CUDA_GRAPHS"] = str(args.cuda_graphs).lower()
         server = start_server(workdir / "server.log", env=settings)
     try:
 
@@ -384,7 +386,8 @@ def main() -> None:
                 latencies = record(f"c engine c=1, cache {label}", "rlhf", ids, run, reused=reused_tokens(ids, 1, cache), warmup=warm_run)
                 request_costs[f"c engine c=1, cache {label}"] = group_costs(latencies, echo=True)
             if server is not None:
-                env = {**settings, "REWARD_PREFIX_CACHE_TOKENS": str(args.prefix_cache_tokens)}
+                # the cache runs the per-sequence loop, which graphs cannot capture
+                env = {**settings, "REWARD_PREFIX_CACHE_TOKENS": str(args.prefix_cache_tokens), "REWARD_CUDA_GRAPHS": "false"}
                 cache_server = start_server(workdir / "server-cache.log", env=env)
                 try:
                     for label, url, cache in (("off", server.grpc_url, False), ("on", cache_server.grpc_url, True)):

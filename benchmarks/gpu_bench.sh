@@ -11,6 +11,7 @@
 # checkpoint in bf16 (/tmp/rm-8b, kept between runs), runs benchmarks/gpu_checks.py, then
 # benchmarks/benchmark.py on the long, short, best-of-8 and rlhf workloads side by side, then one profiled
 # engine step of the long mix.
+# CUDA_GRAPHS=1 runs (c) and (d) with cuda_graphs on.
 # REWARD_* variables reach the server rows (d): REWARD_ENGINE_INSTANCES=2 REWARD_MEMORY_BUDGET=38000000000
 # runs two engine instances sharing the GPU (one computes while the other waits on its requests).
 # OVERHEAD_ROUNDS (default 0) adds benchmarks/gateway_overhead.py's rounds. DEVICE, DTYPE, PRESET,
@@ -56,7 +57,8 @@ server=()
 "$python" -c 'import importlib.util, tritonclient.grpc; assert importlib.util.find_spec("pytriton")' || server=(--no-server)
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$out/gpu.txt" || true
 "$python" -m benchmarks.benchmark --checkpoint "$checkpoint" --device "$device" --dtype "$dtype" --workloads "${WORKLOADS:-long,short,best-of-8,rlhf}" \
-  --rlhf-prompts "${RLHF_PROMPTS:-4}" "${server[@]}" --out "$out/bench-gpu.json" 2>&1 | tee "$out/bench.log"
+  --rlhf-prompts "${RLHF_PROMPTS:-4}" "${server[@]}" $([ "${CUDA_GRAPHS:-0}" = 1 ] && echo --cuda-graphs) --out "$out/bench-gpu.json" 2>&1 |
+  tee "$out/bench.log"
 # OVERHEAD_ROUNDS=N (with the server): the HTTP gateway's and the gRPC front's cost against direct gRPC (issue 15)
 if [ "${OVERHEAD_ROUNDS:-0}" -gt 0 ] && [ ${#server[@]} -eq 0 ]; then
   "$python" -m benchmarks.gateway_overhead --checkpoint "$checkpoint" --device "$device" --dtype "$dtype" --rounds "$OVERHEAD_ROUNDS" 2>&1 |

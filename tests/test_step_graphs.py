@@ -1,15 +1,41 @@
-"""`cuda_graphs` (step_graphs.py): step shapes, the refusals a CPU can check, and on a GPU the bits of the
-steps run from Python (skipped here: this machine has no GPU; benchmarks/gpu_checks.py --only graphs)."""
+"""`cuda_graphs` (step_graphs.py): step shapes, the refusals a CPU can check, a CPU emulation of capture and
+replay, and on a GPU the bits of the steps run from Python (skipped here: this machine has no GPU;
+benchmarks/gpu_checks.py --only graphs).
+
+The emulation stands in for what cannot run here (CUDA graphs, FlashAttention's varlen kernel): a capture
+records the aten operations of the forward, and a replay runs them again on the very tensors they ran on,
+writing each result where the capture's result lives, as a graph's kernels work on the memory of the capture.
+A forward that used a value known on the host at capture (a step's bounds, its length, anything but the
+graph's buffers) would replay the captured step instead of the new one, and an operation that waits for
+the device (`.item()`, `bool(tensor)`) fails the capture, as it would on a GPU. What it cannot show: that
+CUDA accepts every kernel, and FlashAttention's own bits (gpu_checks)."""
 
 from __future__ import annotations
+
+import contextlib
 
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+from transformers import AutoModelForCausalLM
 
+from reward_server import varlen
 from reward_server.runtimes.torch_runtime import Packing, TorchRewardEngine
 from reward_server.settings import Settings
 from reward_server.step_graphs import padded_bounds, segment_bucket
+from tests.corpus import conversations
+from tests.test_architectures import CONFIGS, _engine, _save, _sequences
+
+
+@pytest.fixture(scope="module")
+def token_ids(tokenizer):
+    return [np.array(tokenizer.apply_chat_template(c, tokenize=True, return_dict=False)) for c in conversations()]
+
+
+WAITS_FOR_THE_DEVICE = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.is_nonzero.default, torch.ops.aten.item.default}
 
 
 def test_a_step_shape_is_its_rows_and_a_power_of_two_of_segments():
@@ -36,11 +62,132 @@ def test_a_layer_outside_the_varlen_kernel_cannot_be_captured(checkpoint):
         engine._trunk(ids, torch.arange(8)[None], Packing([], None, 0, None))
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_graphs_give_the_bits_of_steps_run_from_python(checkpoint, tokenizer):
-    from tests.corpus import conversations
+class _Recorder(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list = []
 
-    ids = [np.array(tokenizer.apply_chat_template(c, tokenize=True, return_dict=False)) for c in conversations()]
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in WAITS_FOR_THE_DEVICE:
+            raise RuntimeError(f"{func} waits for the device: not permitted while a stream is capturing")
+        out = func(*args, **(kwargs or {}))
+        # An alias of an input (a view, or `to` that converted nothing) sees what is written there; anything
+        # else is run again. Its schema does not tell: `to` is marked as a view even when it copies.
+        inputs = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+        outputs = [t.untyped_storage().data_ptr() for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
+        alias = not func._schema.is_mutable and bool(outputs) and all(o in inputs for o in outputs)
+        if not alias:
+            self.calls.append((func, args, kwargs or {}, out))
+        return out
+
+
+class _EmulatedGraph:
+    captures = replays = 0
+
+    def __init__(self) -> None:
+        self.calls: list = []
+
+    def replay(self) -> None:
+        type(self).replays += 1
+        for func, args, kwargs, out in self.calls:
+            for fresh, kept in zip(tree_leaves(func(*args, **kwargs)), tree_leaves(out), strict=True):
+                if isinstance(kept, torch.Tensor) and fresh.data_ptr() != kept.data_ptr():
+                    kept.copy_(fresh)
+
+
+class _Stream:
+    def wait_stream(self, other) -> None:
+        pass
+
+
+@pytest.fixture
+def emulated_graphs(monkeypatch):
+    """torch.cuda's graph API on a CPU (above), and the varlen kernel as one SDPA call with a block-diagonal
+    causal mask made on the device from the bounds (the kernel takes them as device tensors too)."""
+    capturing = []
+
+    @contextlib.contextmanager
+    def graph(made, pool=None, capture_error_mode="global"):
+        recorder = _Recorder()
+        capturing.append(True)
+        try:
+            with recorder:
+                yield
+        finally:
+            capturing.pop()
+        made.calls = recorder.calls
+        _EmulatedGraph.captures += 1
+
+    def attend(query, key, value, batch, scale):
+        rows = torch.arange(query.shape[0])
+        segment = torch.searchsorted(batch.cu_q.long(), rows, right=True)
+        visible = (segment[:, None] == segment[None, :]) & (rows[None, :] <= rows[:, None])
+        q, k, v = (t.transpose(0, 1)[None] for t in (query, key, value))
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=visible, scale=scale, enable_gqa=True)[0].transpose(0, 1)
+
+    _EmulatedGraph.captures = _EmulatedGraph.replays = 0
+    for name, fake in {
+        "CUDAGraph": _EmulatedGraph,
+        "graph": graph,
+        "graph_pool_handle": lambda: None,
+        "Stream": lambda device=None: _Stream(),
+        "current_stream": lambda device=None: _Stream(),
+        "stream": lambda stream: contextlib.nullcontext(),
+        "is_current_stream_capturing": lambda: bool(capturing),  # what transformers asks before a check that waits
+    }.items():
+        monkeypatch.setattr(torch.cuda, name, fake)
+    monkeypatch.setattr(varlen, "available", lambda device, dtype: True)
+    monkeypatch.setattr(varlen, "attend", attend)
+    return _EmulatedGraph
+
+
+def test_a_replayed_step_is_the_new_step_not_the_captured_one(emulated_graphs, checkpoint, token_ids):
+    plain = TorchRewardEngine(str(checkpoint), device="cpu")  # the same emulated varlen kernel, run from Python
+    graphed = TorchRewardEngine(str(checkpoint), device="cpu", cuda_graphs=True)
+    assert plain.varlen and graphed.graphs is not None and emulated_graphs.captures == 1  # the smallest shape at load
+    batches = [token_ids[:1], token_ids[1:2], token_ids[2:5], token_ids[5:8], token_ids[:16], token_ids[16:32], token_ids[:1]]
+    for batch in batches:
+        assert np.array_equal(graphed.score(batch), plain.score(batch))
+    shapes = {(rows, segments) for rows, segments in graphed.graphs.graphs}
+    assert emulated_graphs.captures == len(shapes) < len(batches) <= emulated_graphs.replays  # shapes met again were replayed
+    assert not graphed.graphs.failed
+
+
+@pytest.mark.parametrize("family", sorted(CONFIGS))
+def test_every_family_replays_its_steps_or_is_refused_at_load(emulated_graphs, family, tmp_path):
+    """Qwen2's biases, Nemotron's partial rotary and LayerNorm replay as run from Python; Mistral's and
+    Gemma 2's windows (and Gemma 2's soft-capping) need the per-sequence path, which a graph cannot hold."""
+    torch.manual_seed(60)
+    folder = _save(AutoModelForCausalLM.from_config(CONFIGS[family]()), tmp_path)
+    if family in ("mistral", "gemma2"):
+        with pytest.raises(ValueError, match="cannot run in the varlen kernel"):
+            _engine(folder, cuda_graphs=True)
+        return
+    sequences = _sequences(60)[:5]  # no shared prompt: every step replays
+    plain, graphed = _engine(folder), _engine(folder, cuda_graphs=True)
+    for batch in (sequences[:2], sequences[2:4], sequences):
+        assert np.array_equal(graphed.score(batch), plain.score(batch))
+    assert emulated_graphs.replays >= 3
+
+
+def test_fp8_replays_its_steps(emulated_graphs, checkpoint, token_ids):
+    plain = TorchRewardEngine(str(checkpoint), device="cpu", dtype="fp8")
+    graphed = TorchRewardEngine(str(checkpoint), device="cpu", dtype="fp8", cuda_graphs=True)
+    for batch in (token_ids[:3], token_ids[3:6]):
+        assert np.array_equal(graphed.score(batch), plain.score(batch))
+
+
+def test_a_forward_that_waits_for_the_device_is_refused_at_load(emulated_graphs, checkpoint, monkeypatch):
+    """transformers checks the positions for packed sequences with a host read unless a stream is capturing:
+    told that none is, its check fails the capture, and the load says so."""
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    with pytest.raises(ValueError, match=r"cuda_graphs: the model's forward cannot be captured in a CUDA graph: .*waits for the device"):
+        TorchRewardEngine(str(checkpoint), device="cpu", cuda_graphs=True)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_graphs_give_the_bits_of_steps_run_from_python(checkpoint, token_ids):
+    ids = token_ids
     plain = TorchRewardEngine(str(checkpoint), device="cuda", dtype="bf16")
     graphed = TorchRewardEngine(str(checkpoint), device="cuda", dtype="bf16", cuda_graphs=True)
     expected = plain.score(ids)

@@ -109,6 +109,6 @@ class StepGraphs:
         with torch.cuda.stream(side):
             self.forward(made.input_ids, made.position_ids, batch)
         torch.cuda.current_stream(self.device).wait_stream(side)
-        with torch.cuda.graph(made.graph, pool=self.pool):
+        with torch.cuda.graph(made.graph, pool=self.pool, capture_error_mode="thread_local"):  # other threads of the stub may call CUDA
             self.output[:rows].copy_(self.forward(made.input_ids, made.position_ids, batch))
         return made
