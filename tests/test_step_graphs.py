@@ -107,7 +107,7 @@ def emulated_graphs(monkeypatch):
     capturing = []
 
     @contextlib.contextmanager
-    def graph(made, pool=None, capture_error_mode="global"):
+    def graph(made, pool=None, stream=None, capture_error_mode="global"):
         recorder = _Recorder()
         capturing.append(True)
         try:
@@ -133,12 +133,25 @@ def emulated_graphs(monkeypatch):
         "Stream": lambda device=None: _Stream(),
         "current_stream": lambda device=None: _Stream(),
         "stream": lambda stream: contextlib.nullcontext(),
+        "device": lambda device: contextlib.nullcontext(),
         "is_current_stream_capturing": lambda: bool(capturing),  # what transformers asks before a check that waits
     }.items():
         monkeypatch.setattr(torch.cuda, name, fake)
     monkeypatch.setattr(varlen, "available", lambda device, dtype: True)
     monkeypatch.setattr(varlen, "attend", attend)
     return _EmulatedGraph
+
+
+def test_a_segment_longer_than_its_shape_was_sized_for_runs_from_python(emulated_graphs, checkpoint, token_ids):
+    """The varlen kernel's grid is sized at capture for the longest segment a shape may hold (`max_tokens`, or
+    the step's rows): a longer one (the engine's API does not enforce max_tokens) would leave rows unwritten."""
+    plain = TorchRewardEngine(str(checkpoint), device="cpu", max_tokens=64)
+    graphed = TorchRewardEngine(str(checkpoint), device="cpu", max_tokens=64, cuda_graphs=True)  # segments up to 256 (a tile)
+    long = np.concatenate([token_ids[0]] * 8)[:300]
+    assert np.array_equal(graphed.score([long]), plain.score([long]))
+    assert (512, 8) not in graphed.graphs.graphs and not graphed.graphs.failed
+    assert np.array_equal(graphed.score([long[:200]]), plain.score([long[:200]]))  # 256 rows: replayed
+    assert emulated_graphs.replays == 1
 
 
 def test_a_replayed_step_is_the_new_step_not_the_captured_one(emulated_graphs, checkpoint, token_ids):

@@ -56,44 +56,55 @@ class StepGraphs:
     """The trunk's forward over packed steps, captured per step shape and replayed. `forward(input_ids,
     position_ids, batch)` is the trunk's forward with the varlen bounds of `batch` (torch_runtime sets them
     around it); it returns the final hidden states [rows, hidden], which every graph copies into `output`
-    [most rows, hidden] (so steps have at most its rows). The smallest shape (`rows` rows) is captured at
-    once: ValueError if the model cannot be captured at all."""
+    [most rows, hidden] (so steps have at most its rows). `longest`: the longest segment a step may have (the
+    varlen kernel's grid is sized for it). The smallest shape (`rows` rows) is captured at once: ValueError if
+    the model cannot be captured at all. Everything runs on `output`'s device (made current around each call:
+    a graph is captured on the current device, whatever device its kernels' tensors are on)."""
 
     def __init__(self, forward: Callable[..., torch.Tensor], output: torch.Tensor, longest: int, rows: int) -> None:
         self.forward, self.output, self.device, self.longest = forward, output, output.device, longest
         self.pool = torch.cuda.graph_pool_handle()
+        self.stream = torch.cuda.Stream(self.device)  # the captures' (torch.cuda.graph's own is made on the current device)
         self.graphs: dict[tuple[int, int], _Graph] = {}
-        self.failed = False  # a later capture failed: every later step runs from Python
+        self.failed = False  # a capture failed: shapes not captured by then run from Python
         try:
             self.graphs[rows, MIN_SEGMENTS] = self._capture(rows, MIN_SEGMENTS)
         except RuntimeError as exc:
             raise ValueError(f"cuda_graphs: the model's forward cannot be captured in a CUDA graph: {exc}") from exc
 
+    def longest_segment(self, rows: int) -> int:
+        """The longest segment a step of `rows` rows may hold: the varlen kernel's `max_q` and `max_k` there."""
+        return max(2, min(rows, self.longest))
+
     def run(self, input_ids: torch.Tensor, position_ids: torch.Tensor, lengths: list[int]) -> torch.Tensor | None:
         """Final hidden states [rows, hidden] of a step (ids and positions [rows] on the host, `lengths` of its
-        segments), replayed from its shape's graph; None once a capture has failed (the caller runs it from Python)."""
+        segments), replayed from its shape's graph; None where it has none (the caller runs the step from Python):
+        a capture failed before, the step has more rows than `output`, or a segment longer than `longest`."""
         rows, segments = len(input_ids), segment_bucket(len(lengths))
-        made = self.graphs.get((rows, segments))
-        if made is None and not self.failed and rows <= len(self.output):
-            try:
-                made = self.graphs[rows, segments] = self._capture(rows, segments)
-            except RuntimeError as exc:  # e.g. out of memory for this shape's activations
-                self.failed = True
-                why = f"a step of {rows} rows could not be captured ({exc})"
-                print(f"reward engine: cuda_graphs: {why}; steps run from Python", file=sys.stderr, flush=True)
-        if made is None:
+        if rows > len(self.output) or max(lengths) > self.longest_segment(rows):
             return None
-        made.input_ids[0].copy_(input_ids)
-        made.position_ids[0].copy_(position_ids)
-        made.bounds.copy_(torch.from_numpy(padded_bounds(lengths, segments)))
-        made.graph.replay()
+        with torch.cuda.device(self.device):
+            made = self.graphs.get((rows, segments))
+            if made is None and not self.failed:
+                try:
+                    made = self.graphs[rows, segments] = self._capture(rows, segments)
+                except RuntimeError as exc:  # e.g. out of memory for this shape's activations
+                    self.failed = True
+                    why = f"a step of {rows} rows could not be captured ({exc})"
+                    print(f"reward engine: cuda_graphs: {why}; shapes not captured yet run from Python", file=sys.stderr, flush=True)
+            if made is None:
+                return None
+            made.input_ids[0].copy_(input_ids)
+            made.position_ids[0].copy_(position_ids)
+            made.bounds.copy_(torch.from_numpy(padded_bounds(lengths, segments)))
+            made.graph.replay()
         return self.output[:rows]
 
     @torch.inference_mode()
     def _capture(self, rows: int, segments: int) -> _Graph:
         """The graph of a step of `rows` rows and `segments` segments, captured after one warm-up run on a side
         stream (cuBLAS's workspaces and lazy initialisations stay out of the graph)."""
-        longest = max(2, min(rows, self.longest))
+        longest = self.longest_segment(rows)
         made = _Graph(
             torch.cuda.CUDAGraph(),
             torch.zeros((1, rows), dtype=torch.int64, device=self.device),
@@ -104,11 +115,12 @@ class StepGraphs:
         warm = [min(longest, rows - start) for start in range(0, rows, longest)][:segments]
         made.bounds.copy_(torch.from_numpy(padded_bounds(warm, segments)))
         batch = varlen.VarlenBatch(made.bounds, made.bounds, longest, longest)
-        side = torch.cuda.Stream(self.device)
-        side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(side):
-            self.forward(made.input_ids, made.position_ids, batch)
-        torch.cuda.current_stream(self.device).wait_stream(side)
-        with torch.cuda.graph(made.graph, pool=self.pool, capture_error_mode="thread_local"):  # other threads of the stub may call CUDA
-            self.output[:rows].copy_(self.forward(made.input_ids, made.position_ids, batch))
+        with torch.cuda.device(self.device):
+            self.stream.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(self.stream):
+                self.forward(made.input_ids, made.position_ids, batch)
+            torch.cuda.current_stream(self.device).wait_stream(self.stream)
+            # thread_local: other threads of the stub may call CUDA meanwhile
+            with torch.cuda.graph(made.graph, pool=self.pool, stream=self.stream, capture_error_mode="thread_local"):
+                self.output[:rows].copy_(self.forward(made.input_ids, made.position_ids, batch))
         return made

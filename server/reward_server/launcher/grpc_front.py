@@ -65,7 +65,7 @@ class Forwarder(grpc.GenericRpcHandler):
             except _Refused:
                 count(grpc.StatusCode.UNAUTHENTICATED)
                 await context.abort(grpc.StatusCode.UNAUTHENTICATED, "Unauthorized")
-            except asyncio.CancelledError:
+            except (asyncio.CancelledError, GeneratorExit):  # the caller went away (GeneratorExit: closed at a yield)
                 count(grpc.StatusCode.CANCELLED)
                 raise
             except Exception:

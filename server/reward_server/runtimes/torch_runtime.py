@@ -313,7 +313,8 @@ class TorchRewardEngine:
         if cuda_graphs:
             if not self.varlen:
                 raise ValueError(
-                    "cuda_graphs needs attention varlen: a CUDA GPU (sm80+), dtype bf16, fp16 or fp8, and the prefix cache off"
+                    "cuda_graphs needs attention varlen: a CUDA GPU (sm80+) and dtype bf16, fp16 or fp8 (auto picks the loop "
+                    "where the prefix cache is on)"
                 )
             graphed = lambda ids, positions, batch: self._trunk(ids, positions, Packing([], None, 0, batch))  # noqa: E731
             rows = whole_tiles(max(self.max_step_tokens, max_tokens), tile_rows)
@@ -458,13 +459,15 @@ class TorchRewardEngine:
         bounds = _bounds(lengths)
         input_ids = torch.from_numpy(np.concatenate(sequences).astype(np.int64))
         position_ids = torch.cat([torch.arange(o, o + n) for o, n in zip(offsets, lengths, strict=True)])
+        # Before the forward is launched: a copy to a GPU waits for the work queued before it.
+        rows = np.concatenate([start + r for start, r in zip(bounds[: len(reads)].tolist(), reads, strict=True)])
+        rows = torch.from_numpy(rows).to(self.device)
         hidden = self.graphs.run(input_ids, position_ids, lengths) if self.graphs is not None and shared is None else None
         if hidden is None:
             batch = varlen.VarlenBatch.of(lengths, offsets, self.device) if self.varlen else None
             packing = Packing(bounds.tolist(), shared, self.attention_tile, batch)
             hidden = self._trunk(input_ids[None].to(self.device), position_ids[None].to(self.device), packing)
-        rows = np.concatenate([start + r for start, r in zip(bounds[: len(reads)].tolist(), reads, strict=True)])
-        return hidden[torch.from_numpy(rows).to(self.device)]
+        return hidden[rows]
 
     def _trunk(self, input_ids: torch.Tensor, position_ids: torch.Tensor, packing: Packing) -> torch.Tensor:
         """The trunk's final hidden states [rows, hidden] for input_ids, position_ids [1, rows] packed as `packing` says."""
