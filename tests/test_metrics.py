@@ -86,9 +86,9 @@ def test_prometheus_scrapes_the_project_metrics(server, prometheus):
     assert prometheus.value(f'sum({rejected}{{reason="order"}})') - before["order"] == 1
     assert prometheus.value(f"sum({metrics.PREFIX_REUSED})") - before["reused"] > 0  # best-of-3 shared its prompt
     assert prometheus.value(f"sum({metrics.STEP_TOKENS}_count)") > 0 and prometheus.value(f"sum({metrics.STEP_SECONDS}_sum)") > 0
-    # every step's wait for the device observed; on this CPU nearly none of the step's time
+    # every step's wait for the device observed; on this CPU little of the steps' time (a wait measuring the step: all)
     assert prometheus.value(f"sum({metrics.STEP_DEVICE_WAIT}_count)") == prometheus.value(f"sum({metrics.STEP_SECONDS}_count)")
-    assert prometheus.value(f"sum({metrics.STEP_DEVICE_WAIT}_sum)") < 0.05 * prometheus.value(f"sum({metrics.STEP_SECONDS}_sum)")
+    assert prometheus.value(f"sum({metrics.STEP_DEVICE_WAIT}_sum)") < 0.5 * prometheus.value(f"sum({metrics.STEP_SECONDS}_sum)")
 
 
 def test_promtool_accepts_the_project_metrics(server):
