@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from reward_server.invariance import TILE_ROWS, settled_product, tiled_matmul
+from reward_server.module_swap import replace_modules
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8).max  # 448
@@ -99,8 +100,5 @@ def quantize_trunk(trunk: nn.Module, device: torch.device, tile_rows: int = TILE
         layer.to(device)
         if index < bf16_layers:
             continue
-        for parent in list(layer.modules()):
-            for name, child in list(parent.named_children()):
-                if isinstance(child, nn.Linear):
-                    setattr(parent, name, Fp8Linear(child, tile_rows=tile_rows))
+        replace_modules(layer, lambda child: Fp8Linear(child, tile_rows=tile_rows) if isinstance(child, nn.Linear) else None)
     return trunk

@@ -35,6 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from reward_server.module_swap import replace_modules
+
 TILE_ROWS = 256
 Product = Callable[[torch.Tensor], torch.Tensor]
 
@@ -146,8 +148,4 @@ def _keeps_rows(product: Product, sample: torch.Tensor, tile: int) -> bool:
 
 def make_batch_invariant(model: nn.Module, tile_rows: int = TILE_ROWS) -> nn.Module:
     """Swap every nn.Linear of `model` for a TiledLinear sharing its parameters."""
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if type(child) is nn.Linear:
-                setattr(parent, name, TiledLinear(child, tile_rows))
-    return model
+    return replace_modules(model, lambda child: TiledLinear(child, tile_rows) if type(child) is nn.Linear else None)

@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from reward_server.module_swap import replace_modules
+
 WEIGHT_AFTER_CAST = {"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm"}  # weight * normalized.to(dtype)
 ONE_PLUS_WEIGHT_IN_FP32 = {"Gemma2RMSNorm"}  # (normalized * (1 + weight)) in fp32, then cast
 
@@ -39,11 +41,13 @@ class FusedRMSNorm(nn.Module):
 
 def fuse_rms_norms(trunk: nn.Module) -> nn.Module:
     """Swap every RMSNorm of `trunk` whose class is named above for a FusedRMSNorm of the same arithmetic."""
-    for parent in list(trunk.modules()):
-        for name, child in list(parent.named_children()):
-            kind = type(child).__name__
-            if kind in WEIGHT_AFTER_CAST:
-                setattr(parent, name, FusedRMSNorm(child.weight.detach(), child.variance_epsilon, in_fp32=False))
-            elif kind in ONE_PLUS_WEIGHT_IN_FP32:
-                setattr(parent, name, FusedRMSNorm(1.0 + child.weight.detach().float(), child.eps, in_fp32=True))
-    return trunk
+    return replace_modules(trunk, _fused)
+
+
+def _fused(module: nn.Module) -> FusedRMSNorm | None:
+    kind = type(module).__name__
+    if kind in WEIGHT_AFTER_CAST:
+        return FusedRMSNorm(module.weight.detach(), module.variance_epsilon, in_fp32=False)
+    if kind in ONE_PLUS_WEIGHT_IN_FP32:
+        return FusedRMSNorm(1.0 + module.weight.detach().float(), module.eps, in_fp32=True)
+    return None
