@@ -49,6 +49,8 @@ def test_the_setting_reaches_the_engine_and_is_refused_where_it_cannot_run(check
     assert Settings.resolve([], {}).cuda_graphs is False
     with pytest.raises(ValueError, match="cuda_graphs needs attention varlen: a CUDA GPU"):
         TorchRewardEngine(str(checkpoint), device="cpu", cuda_graphs=True)
+    with pytest.raises(ValueError, match="cuda_graphs needs attention varlen"):  # before any checkpoint is read
+        TorchRewardEngine(str(checkpoint / "no-such-folder"), device="cpu", cuda_graphs=True)
     with pytest.raises(ValueError, match="cuda_graphs needs tensor_parallel 1"):
         TorchRewardEngine(str(checkpoint), device="cpu", tensor_parallel=2, cuda_graphs=True)  # refused before any rank starts
 

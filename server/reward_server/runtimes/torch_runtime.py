@@ -271,6 +271,18 @@ class TorchRewardEngine:
             dtype = "bf16" if on_gpu else "fp32"
         if dtype not in DTYPES:
             raise ValueError(f"dtype {dtype!r}: expected auto or one of {sorted(DTYPES)}")
+        # Before the checkpoint is read: a configuration that cannot run is refused at once.
+        runs = varlen.available(self.device, DTYPES[dtype])
+        self.varlen = attention == "varlen" or (attention == "auto" and runs and not prefix_cache_tokens)
+        if self.varlen and not runs:
+            raise ValueError(
+                f"attention varlen needs FlashAttention on a CUDA GPU (sm80+) and dtype bf16, fp16 or fp8; here: {device} {dtype}"
+            )
+        if cuda_graphs and not self.varlen:
+            raise ValueError(
+                "cuda_graphs needs attention varlen: a CUDA GPU (sm80+) and dtype bf16, fp16 or fp8 (auto picks the loop "
+                "where the prefix cache is on)"
+            )
         shard = (rank, tensor_parallel) if tensor_parallel > 1 else None
         trunk, head = load_reward_model(checkpoint, DTYPES[dtype], PACKED_ATTENTION, shard)
         stack_siblings(trunk)  # q/k/v and gate/up: one product each (fused.py)
@@ -279,12 +291,6 @@ class TorchRewardEngine:
         if dtype == "fp8":  # layer by layer onto the device: the bf16 weights never all sit there
             quantize_trunk(trunk, self.device, tile_rows, fp8_bf16_layers)
         self.trunk = make_batch_invariant(trunk.to(self.device).eval(), tile_rows)
-        runs = varlen.available(self.device, DTYPES[dtype])
-        self.varlen = attention == "varlen" or (attention == "auto" and runs and not prefix_cache_tokens)
-        if self.varlen and not runs:
-            raise ValueError(
-                f"attention varlen needs FlashAttention on a CUDA GPU (sm80+) and dtype bf16, fp16 or fp8; here: {device} {dtype}"
-            )
         self.vocab_size = self.trunk.get_input_embeddings().num_embeddings
         head.weight = head.weight.to(self.device)
         head.bias = None if head.bias is None else head.bias.to(self.device)
@@ -311,11 +317,6 @@ class TorchRewardEngine:
         self.products = settle_products(self.trunk, max(self.max_step_tokens, max_tokens))
         self.graphs = None
         if cuda_graphs:
-            if not self.varlen:
-                raise ValueError(
-                    "cuda_graphs needs attention varlen: a CUDA GPU (sm80+) and dtype bf16, fp16 or fp8 (auto picks the loop "
-                    "where the prefix cache is on)"
-                )
             graphed = lambda ids, positions, batch: self._trunk(ids, positions, Packing([], None, 0, batch))  # noqa: E731
             rows = whole_tiles(max(self.max_step_tokens, max_tokens), tile_rows)
             output = torch.empty((rows, trunk.config.hidden_size), dtype=self.trunk.get_input_embeddings().weight.dtype, device=self.device)
