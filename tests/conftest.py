@@ -7,10 +7,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from tests.corpus import conversations
 from tests.live_server import REPO
 
 CHECKPOINT = Path(os.environ.get("REWARD_CHECKPOINT", REPO / ".build" / "demo-checkpoint"))
@@ -36,6 +38,12 @@ def steerlm(checkpoint) -> Path:
 @pytest.fixture(scope="session")
 def tokenizer(checkpoint):
     return AutoTokenizer.from_pretrained(checkpoint)
+
+
+@pytest.fixture(scope="session")
+def token_ids(tokenizer):
+    """The test corpus's conversations as the demo checkpoint's template renders them (token ids)."""
+    return [np.array(tokenizer.apply_chat_template(c, tokenize=True, return_dict=False)) for c in conversations()]
 
 
 @pytest.fixture(scope="session")

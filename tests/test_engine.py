@@ -30,11 +30,6 @@ def engine(checkpoint, device):
     return TorchRewardEngine(str(checkpoint), device=device, dtype="fp32", max_step_tokens=8192)
 
 
-@pytest.fixture(scope="module")
-def token_ids(tokenizer):
-    return [np.array(tokenizer.apply_chat_template(c, tokenize=True, return_dict=False)) for c in conversations()]
-
-
 def test_reference_equals_model_card_recipe(reference_model, tokenizer):
     """generate(max_new_tokens=1, output_scores=True).scores[0][0][0] is the logit we compare with."""
     messages = conversations()[3]

@@ -87,11 +87,6 @@ def test_fp8_rows_do_not_depend_on_their_neighbours(tile_rows):
 
 
 @pytest.fixture(scope="module")
-def token_ids(tokenizer):
-    return [np.array(tokenizer.apply_chat_template(c, tokenize=True, return_dict=False)) for c in conversations()]
-
-
-@pytest.fixture(scope="module")
 def fp8_engine(checkpoint):
     return TorchRewardEngine(str(checkpoint), device="cpu", dtype="fp8", max_step_tokens=8192)
 

@@ -26,14 +26,7 @@ from reward_server import varlen
 from reward_server.runtimes.torch_runtime import Packing, TorchRewardEngine
 from reward_server.settings import Settings
 from reward_server.step_graphs import padded_bounds, segment_bucket
-from tests.corpus import conversations
 from tests.test_architectures import CONFIGS, _engine, _save, _sequences
-
-
-@pytest.fixture(scope="module")
-def token_ids(tokenizer):
-    return [np.array(tokenizer.apply_chat_template(c, tokenize=True, return_dict=False)) for c in conversations()]
-
 
 WAITS_FOR_THE_DEVICE = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.is_nonzero.default, torch.ops.aten.item.default}
 
