@@ -204,13 +204,14 @@ class Systems:
     def engine_in_process(self, ids: list[np.ndarray], concurrency: int = 16, engine: TorchRewardEngine | None = None) -> list[float]:
         """The engine fed the way the server feeds it: up to `concurrency` sequences per call. Keeps each
         call's wait for the device after its last step's launch in `call_waits`."""
+        engine = engine or self.engine
         latencies, self.call_waits = [], []
         for i in range(0, len(ids), concurrency):
             start = time.perf_counter()
-            (engine or self.engine).score(ids[i : i + concurrency])
+            engine.score(ids[i : i + concurrency])
             sync(self.device)
             latencies += [time.perf_counter() - start] * len(ids[i : i + concurrency])
-            self.call_waits.append((engine or self.engine).device_wait)
+            self.call_waits.append(engine.device_wait)
         return latencies
 
 
@@ -236,13 +237,13 @@ def engine_steps(metrics_url: str) -> tuple[float, float, float, float]:
 
     with urllib.request.urlopen(metrics_url, timeout=10) as response:
         text = response.read().decode()
-    totals = {}
+    names = (f"{STEP_TOKENS}_count", f"{STEP_TOKENS}_sum", f"{STEP_SECONDS}_sum", f"{STEP_DEVICE_WAIT}_sum")
+    totals = dict.fromkeys(names, 0.0)
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
-            if sample.name in (f"{STEP_TOKENS}_count", f"{STEP_TOKENS}_sum", f"{STEP_SECONDS}_sum", f"{STEP_DEVICE_WAIT}_sum"):
-                totals[sample.name] = totals.get(sample.name, 0.0) + sample.value
-    names = (f"{STEP_TOKENS}_count", f"{STEP_TOKENS}_sum", f"{STEP_SECONDS}_sum", f"{STEP_DEVICE_WAIT}_sum")
-    return tuple(totals.get(name, 0.0) for name in names)
+            if sample.name in totals:
+                totals[sample.name] += sample.value
+    return tuple(totals.values())
 
 
 def through_server(url: str, conversations: list[Conversation], concurrency: int = 16) -> list[float]:

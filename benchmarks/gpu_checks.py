@@ -111,23 +111,28 @@ def one_call_against_tiles(checkpoint: str, ids: list[np.ndarray], engine: Torch
         if hasattr(module, "one_call_rows"):
             module.one_call_rows, module.batched = 0, True
     engines = {"as the probes chose": engine, "bmm tiles everywhere": tiles}
-    tokens = sum(len(s) for s in ids)
-    best = dict.fromkeys(engines, float("inf"))
     for each in engines.values():  # warm-up
         each.score(ids[:16])
-    for _ in range(2):
-        for label, each in engines.items():
-            sync()
-            start = time.perf_counter()
-            for i in range(0, len(ids), 16):
-                each.score(ids[i : i + 16])
-            sync()
-            best[label] = min(best[label], time.perf_counter() - start)
-    rates = {label: tokens / seconds for label, seconds in best.items()}
+    rates = interleaved_rates(engines, [ids[i : i + 16] for i in range(0, len(ids), 16)])
     print(f"engine fed 16 a call, long mix: {rates}", flush=True)
     del engines, tiles
     torch.cuda.empty_cache()
     return rates
+
+
+def interleaved_rates(engines: dict[str, TorchRewardEngine], calls: list[list[np.ndarray]]) -> dict[str, float]:
+    """tokens/s of each engine scoring `calls` (one score call each), the engines' runs interleaved, best of 2."""
+    best = dict.fromkeys(engines, float("inf"))
+    for _ in range(2):
+        for label, engine in engines.items():
+            sync()
+            start = time.perf_counter()
+            for call in calls:
+                engine.score(call)
+            sync()
+            best[label] = min(best[label], time.perf_counter() - start)
+    tokens = sum(len(s) for call in calls for s in call)
+    return {label: tokens / seconds for label, seconds in best.items()}
 
 
 def cache_is_exact(checkpoint: str, maker: WorkloadMaker, report: dict, attention: str = "auto") -> None:
@@ -171,17 +176,7 @@ def graphs_agree(checkpoint: str, ids: list[np.ndarray], short: list[np.ndarray]
     found["long_alone_equal"] = bool(all(np.array_equal(graphed.score([s])[0], batch[i]) for i, s in enumerate(ids[:16])))
     calls = [short[i : i + 16] for i in range(0, len(short), 16)]
     found["short_equal"] = bool(all(np.array_equal(graphed.score(c), plain.score(c)) for c in calls))  # also the warm-up
-    best = {"without": float("inf"), "with": float("inf")}
-    for _ in range(2):
-        for label, engine in (("without", plain), ("with", graphed)):
-            sync()
-            start = time.perf_counter()
-            for c in calls:
-                engine.score(c)
-            sync()
-            best[label] = min(best[label], time.perf_counter() - start)
-    tokens = sum(len(s) for s in short)
-    found["short_tokens_per_s"] = {label: tokens / seconds for label, seconds in best.items()}
+    found["short_tokens_per_s"] = interleaved_rates({"without": plain, "with": graphed}, calls)
     found["shapes_captured"], found["capture_failed"] = len(graphed.graphs.graphs), graphed.graphs.failed
     print(f"cuda graphs: {found}", flush=True)
     del plain, graphed
