@@ -49,6 +49,7 @@ from reward_server.runtimes.torch_runtime import DTYPES, TorchRewardEngine
 from tests.live_server import REPO
 
 Conversation = list[dict[str, str]]
+MIXES = {"long": (64, 100, 3000), "short": (256, 30, 300)}  # conversations, fewest and most tokens (WorkloadMaker.mix)
 
 
 # ----------------------------------------------------------------------------- workloads
@@ -284,7 +285,7 @@ def main() -> None:
 
     systems = Systems(args.checkpoint, args.dtype, args.device, args.cuda_graphs)
     maker = WorkloadMaker(systems.tokenizer, seed=2024)
-    workloads = {"long": maker.mix(64, 100, 3000), "short": maker.mix(256, 30, 300)}
+    workloads = {name: maker.mix(*shape) for name, shape in MIXES.items()}
     prompt, responses = maker.best_of(8, 2000, 100, 300)
     best_of = [[*prompt, {"role": "assistant", "content": r}] for r in responses]
     chosen = args.workloads.split(",")

@@ -22,7 +22,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from transformers import AutoModelForCausalLM
 
-from reward_server import varlen
+from reward_server import step_graphs, varlen
+from reward_server.invariance import whole_tiles
+from reward_server.memory import module_bytes, step_memory
 from reward_server.runtimes.torch_runtime import Packing, TorchRewardEngine
 from reward_server.settings import Settings
 from reward_server.step_graphs import padded_bounds, segment_bucket
@@ -134,6 +136,7 @@ def emulated_graphs(monkeypatch):
         monkeypatch.setattr(torch.cuda, name, fake)
     monkeypatch.setattr(varlen, "available", lambda device, dtype: True)
     monkeypatch.setattr(varlen, "attend", attend)
+    monkeypatch.setattr(step_graphs, "MAX_ROWS", 512)  # the emulation keeps every graph's tensors: 10 shapes, not 40
     return _EmulatedGraph
 
 
@@ -144,21 +147,24 @@ def test_a_segment_longer_than_its_shape_was_sized_for_runs_from_python(emulated
     graphed = TorchRewardEngine(str(checkpoint), device="cpu", max_tokens=64, cuda_graphs=True)  # segments up to 256 (a tile)
     long = np.concatenate([token_ids[0]] * 8)[:300]
     assert np.array_equal(graphed.score([long]), plain.score([long]))
-    assert (512, 8) not in graphed.graphs.graphs and not graphed.graphs.failed
+    assert (512, 8) in graphed.graphs.graphs and emulated_graphs.replays == 0  # the shape exists; the segment is too long for it
     assert np.array_equal(graphed.score([long[:200]]), plain.score([long[:200]]))  # 256 rows: replayed
     assert emulated_graphs.replays == 1
 
 
 def test_a_replayed_step_is_the_new_step_not_the_captured_one(emulated_graphs, checkpoint, token_ids):
-    plain = TorchRewardEngine(str(checkpoint), device="cpu")  # the same emulated varlen kernel, run from Python
-    graphed = TorchRewardEngine(str(checkpoint), device="cpu", cuda_graphs=True)
-    assert plain.varlen and graphed.graphs is not None and emulated_graphs.captures == 1  # the smallest shape at load
+    plain = TorchRewardEngine(str(checkpoint), device="cpu", max_step_tokens=1024)  # the same emulated varlen kernel, from Python
+    graphed = TorchRewardEngine(str(checkpoint), device="cpu", max_step_tokens=1024, cuda_graphs=True)
+    # every shape at load: steps of 256 and 512 rows (MAX_ROWS, as the fixture sets it), segment buckets 8 to 128
+    assert plain.varlen and sorted(graphed.graphs.graphs) == [(rows, 1 << n) for rows in (256, 512) for n in range(3, 8)]
+    assert emulated_graphs.captures == 10
     batches = [token_ids[:1], token_ids[1:2], token_ids[2:5], token_ids[5:8], token_ids[:16], token_ids[16:32], token_ids[:1]]
     for batch in batches:
         assert np.array_equal(graphed.score(batch), plain.score(batch))
-    shapes = {(rows, segments) for rows, segments in graphed.graphs.graphs}
-    assert emulated_graphs.captures == len(shapes) < len(batches) <= emulated_graphs.replays  # shapes met again were replayed
-    assert not graphed.graphs.failed
+    rows = [whole_tiles(sum(len(batch[i]) for i in step.indices), 256) for batch in batches for step in plain.plan(batch)]
+    assert min(rows) <= 512 < max(rows)  # steps of both kinds
+    # nothing captured while scoring; steps of up to MAX_ROWS rows replayed, larger ones run from Python
+    assert emulated_graphs.captures == 10 and emulated_graphs.replays == sum(r <= 512 for r in rows)
 
 
 @pytest.mark.parametrize("family", sorted(CONFIGS))
@@ -201,4 +207,17 @@ def test_graphs_give_the_bits_of_steps_run_from_python(checkpoint, token_ids):
     expected = plain.score(ids)
     assert np.array_equal(graphed.score(ids), expected)
     assert all(np.array_equal(graphed.score([s])[0], expected[i]) for i, s in enumerate(ids))
-    assert len(graphed.graphs.graphs) > 1 and not graphed.graphs.failed
+    assert len(graphed.graphs.graphs) > 1
+
+
+def test_the_memory_plan_holds_the_graphs_step_beside_the_others(emulated_graphs, checkpoint):
+    """The graphs' pool keeps the activations of one step of MAX_ROWS rows (512 here) for good: a budget that
+    fits 2,048-token steps beside them and not one byte less gives 2,048-token steps with graphs, fewer below."""
+    plain = TorchRewardEngine(str(checkpoint), device="cpu", max_tokens=256)
+    memory = step_memory(plain.trunk.config, 4, 1, 256)
+    budget = module_bytes(plain.trunk, plain.head.weight) + memory.bytes(2048) + memory.bytes(512)
+    planned = {
+        b: TorchRewardEngine(str(checkpoint), device="cpu", max_tokens=256, memory_budget=b, cuda_graphs=True) for b in (budget, budget - 1)
+    }
+    assert planned[budget].max_step_tokens == 2048 and planned[budget - 1].max_step_tokens == 1792
+    assert TorchRewardEngine(str(checkpoint), device="cpu", max_tokens=256, memory_budget=budget - 1).max_step_tokens == 2048

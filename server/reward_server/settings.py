@@ -114,8 +114,9 @@ class Settings:
     )
     cuda_graphs: bool = _setting(
         False,
-        "replay steps from CUDA graphs, one per step shape, captured when first met (needs attention varlen, tensor_parallel 1; "
-        "steps sharing a prompt run as before): fewer launches from Python; unmeasured (README, How the engine runs a batch)",
+        "replay steps of up to 4,096 rows from CUDA graphs, every such step shape captured at load (needs attention varlen, "
+        "tensor_parallel 1; larger steps and steps sharing a prompt run as before): fewer launches from Python "
+        "(README, How the engine runs a batch)",
         (ENGINE_MODEL,),
         "bool",
     )

@@ -1,26 +1,31 @@
 """`cuda_graphs: true`: a step's trunk forward replayed from a CUDA graph instead of launched from Python.
 
 A decoder layer launches some 20 kernels from Python (norms, rotary, products, attention, activations,
-residual adds); for a step of a thousand tokens on a fast GPU that host work takes about as long as the
-kernels themselves (README, Benchmark). A CUDA graph records a forward's kernels once and replays them with
-one launch. A graph is made for a step shape: its rows (whole tiles, the engine's filler included) and a
-bucket of its segments (a power of two from 8; the unused ones are empty, which FlashAttention's varlen
-kernel skips). Each shape is captured the first time a step has it, then replayed: the step's token ids,
-positions and segment bounds are copied into the graph's input buffers. All graphs share one memory pool
-and write their hidden states into one output buffer (one step runs at a time, and each step's hidden states
-are read before the next replay), so that the graphs together hold one step's memory, not one each.
+residual adds); for a small step on a fast GPU that host work takes about as long as the kernels themselves
+(README, Benchmark). A CUDA graph records a forward's kernels once and replays them with one launch. A graph
+is made for a step shape: its rows (whole tiles, the engine's filler included) and a bucket of its segments
+(a power of two from 8 to 128; the unused ones are empty, which FlashAttention's varlen kernel skips).
+Every shape of up to MAX_ROWS rows is captured at load, none while serving: a capture stalls its step (on the
+H200, long mixes whose shapes were captured as they came ran the server at 0.53x the engine in-process, 0.96x
+without graphs), and a larger step waits for its kernels, not for their launches (a 2,631-token step of the
+8B shape waited 79 of its 81 ms for the GPU). Larger steps, and steps of more segments, run from Python.
+A replay copies the step's token ids, positions and segment bounds into its graph's input buffers. All graphs
+share one memory pool and write their hidden states into one output buffer (one step runs at a time, and
+each step's hidden states are read before the next replay), so that the graphs together hold one step's
+memory of MAX_ROWS rows, not one each.
 
 What can be captured: steps whose every layer runs the varlen kernel (`attention: varlen` or `auto` on a GPU;
 no sliding windows or soft-capping), with nothing continued from earlier keys/values (a best-of-n group's
 shared prompt, the prefix cache: those steps run as before, from Python). The varlen kernel is given the
 graph's bounds and, as `max_q`/`max_k`, the longest segment any step of that shape can hold, which sizes its
-grid only (varlen.py). Scores are meant to be the bits of the same step run from Python:
-benchmarks/gpu_checks.py `--only graphs` checks it on a GPU; unmeasured until it runs there.
+grid only (varlen.py). Scores are the bits of the same step run from Python (the H200, 2026-11-27:
+benchmarks/gpu_checks.py `--only graphs`).
 """
 
 from __future__ import annotations
 
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -29,7 +34,8 @@ import torch
 
 from reward_server import varlen
 
-MIN_SEGMENTS = 8
+MIN_SEGMENTS, MAX_SEGMENTS = 8, 128
+MAX_ROWS = 4096  # the largest step captured (its activations are the graphs' memory: memory plan)
 
 
 def segment_bucket(segments: int) -> int:
@@ -53,24 +59,29 @@ class _Graph:
 
 
 class StepGraphs:
-    """The trunk's forward over packed steps, captured per step shape and replayed. `forward(input_ids,
+    """The trunk's forward over packed steps, captured per step shape at load and replayed. `forward(input_ids,
     position_ids, batch)` is the trunk's forward with the varlen bounds of `batch` (torch_runtime sets them
     around it); it returns the final hidden states [rows, hidden], which every graph copies into `output`
-    [most rows, hidden] (so steps have at most its rows). `longest`: the longest segment a step may have (the
-    varlen kernel's grid is sized for it). The smallest shape (`rows` rows) is captured at once: ValueError if
-    the model cannot be captured at all. Everything runs on `output`'s device (made current around each call:
-    a graph is captured on the current device, whatever device its kernels' tensors are on)."""
+    [most rows, hidden]. Shapes: rows from `tile` to `output`'s in whole tiles, each with every segment bucket.
+    `longest`: the longest segment a step may have (the varlen kernel's grid is sized for it). ValueError if
+    the model cannot be captured. Everything runs on `output`'s device (made current around each call: a
+    graph is captured on the current device, whatever device its kernels' tensors are on)."""
 
-    def __init__(self, forward: Callable[..., torch.Tensor], output: torch.Tensor, longest: int, rows: int) -> None:
+    def __init__(self, forward: Callable[..., torch.Tensor], output: torch.Tensor, longest: int, tile: int) -> None:
         self.forward, self.output, self.device, self.longest = forward, output, output.device, longest
         self.pool = torch.cuda.graph_pool_handle()
         self.stream = torch.cuda.Stream(self.device)  # the captures' (torch.cuda.graph's own is made on the current device)
         self.graphs: dict[tuple[int, int], _Graph] = {}
-        self.failed = False  # a capture failed: shapes not captured by then run from Python
+        started = time.perf_counter()
+        buckets = [1 << n for n in range(MIN_SEGMENTS.bit_length() - 1, MAX_SEGMENTS.bit_length())]
         try:
-            self.graphs[rows, MIN_SEGMENTS] = self._capture(rows, MIN_SEGMENTS)
+            for rows in range(tile, len(output) + 1, tile):
+                for segments in buckets:
+                    self.graphs[rows, segments] = self._capture(rows, segments)
         except RuntimeError as exc:
             raise ValueError(f"cuda_graphs: the model's forward cannot be captured in a CUDA graph: {exc}") from exc
+        seconds = time.perf_counter() - started
+        print(f"reward engine: cuda_graphs: {len(self.graphs)} step shapes captured in {seconds:.1f} s", file=sys.stderr, flush=True)
 
     def longest_segment(self, rows: int) -> int:
         """The longest segment a step of `rows` rows may hold: the varlen kernel's `max_q` and `max_k` there."""
@@ -79,24 +90,15 @@ class StepGraphs:
     def run(self, input_ids: torch.Tensor, position_ids: torch.Tensor, lengths: list[int]) -> torch.Tensor | None:
         """Final hidden states [rows, hidden] of a step (ids and positions [rows] on the host, `lengths` of its
         segments), replayed from its shape's graph; None where it has none (the caller runs the step from Python):
-        a capture failed before, the step has more rows than `output`, or a segment longer than `longest`."""
-        rows, segments = len(input_ids), segment_bucket(len(lengths))
-        if rows > len(self.output) or max(lengths) > self.longest_segment(rows):
+        more rows than `output` or segments than MAX_SEGMENTS, or a segment longer than `longest`."""
+        rows = len(input_ids)
+        made = self.graphs.get((rows, segment_bucket(len(lengths))))
+        if made is None or max(lengths) > self.longest_segment(rows):
             return None
         with torch.cuda.device(self.device):
-            made = self.graphs.get((rows, segments))
-            if made is None and not self.failed:
-                try:
-                    made = self.graphs[rows, segments] = self._capture(rows, segments)
-                except RuntimeError as exc:  # e.g. out of memory for this shape's activations
-                    self.failed = True
-                    why = f"a step of {rows} rows could not be captured ({exc})"
-                    print(f"reward engine: cuda_graphs: {why}; shapes not captured yet run from Python", file=sys.stderr, flush=True)
-            if made is None:
-                return None
             made.input_ids[0].copy_(input_ids)
             made.position_ids[0].copy_(position_ids)
-            made.bounds.copy_(torch.from_numpy(padded_bounds(lengths, segments)))
+            made.bounds.copy_(torch.from_numpy(padded_bounds(lengths, made.bounds.numel() - 1)))
             made.graph.replay()
         return self.output[:rows]
 

@@ -24,7 +24,7 @@ from torch.nn.attention.bias import causal_lower_right
 from transformers.masking_utils import AttentionMaskInterface
 from transformers.modeling_utils import AttentionInterface
 
-from reward_server import varlen
+from reward_server import step_graphs, varlen
 from reward_server.batching import Step, plan_steps, score_all, shared_prefixes
 from reward_server.fp8 import quantize_trunk
 from reward_server.fused import stack_siblings
@@ -35,7 +35,6 @@ from reward_server.memory import StepMemory, module_bytes, plan_step_tokens, ste
 from reward_server.norms import fuse_rms_norms
 from reward_server.parallel import RankGroup, rank_device
 from reward_server.prefix_cache import BLOCK_TOKENS, CacheCounters, PrefixCache, block_keys, kv_bytes_per_token
-from reward_server.step_graphs import StepGraphs
 
 PACKED_ATTENTION = "packed_reward"  # no "sdpa" in the name: transformers would then demand SDPA support
 # SDPA's kernels for the per-sequence path: not cuDNN's, which builds an execution plan for every shape and
@@ -301,8 +300,8 @@ class TorchRewardEngine:
         reserved = self.prefix_cache.max_bytes if self.prefix_cache is not None else 0
         # Small steps keep a CPU's activations in cache; a GPU wants large ones; both within memory.
         memory = step_memory(trunk.config, DTYPES[dtype].itemsize, tensor_parallel, max_tokens, fp8=dtype == "fp8")
-        if cuda_graphs:  # the graphs' memory pool holds a step's activations, and so does the allocator for the others
-            memory = StepMemory(2 * memory.per_token, 2 * memory.fixed)
+        if cuda_graphs:  # the graphs' memory pool holds a captured step's activations, beside the allocator's for the others
+            memory = StepMemory(memory.per_token, memory.fixed + memory.bytes(step_graphs.MAX_ROWS))
         self.max_step_tokens = plan_step_tokens(
             memory,
             weights=module_bytes(self.trunk, head.weight) + reserved,
@@ -318,9 +317,9 @@ class TorchRewardEngine:
         self.graphs = None
         if cuda_graphs:
             graphed = lambda ids, positions, batch: self._trunk(ids, positions, Packing([], None, 0, batch))  # noqa: E731
-            rows = whole_tiles(max(self.max_step_tokens, max_tokens), tile_rows)
+            rows = min(whole_tiles(max(self.max_step_tokens, max_tokens), tile_rows), max(step_graphs.MAX_ROWS // tile_rows, 1) * tile_rows)
             output = torch.empty((rows, trunk.config.hidden_size), dtype=self.trunk.get_input_embeddings().weight.dtype, device=self.device)
-            self.graphs = StepGraphs(graphed, output, max(max_tokens, tile_rows), tile_rows)
+            self.graphs = step_graphs.StepGraphs(graphed, output, max(max_tokens, tile_rows), tile_rows)
 
     @property
     def cache_counters(self) -> CacheCounters | None:
