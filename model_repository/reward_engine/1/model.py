@@ -11,7 +11,8 @@ Output REWARD          [B, 1]    FP32   the head's reward rule at the final read
 
 All rows of all requests in a dynamic batch are scored together (packed, no padding); each request
 is answered through its response sender as soon as its rows are scored (decoupled-style sending
-from a non-decoupled model: execute returns None).
+from a non-decoupled model: execute returns None). `execute` reads and checks the requests and hands
+them to the scoring thread (reward_server.scoring_loop), so that the next batch is read while a step runs.
 """
 
 import traceback
@@ -25,6 +26,7 @@ from reward_server.compat import check_numpy
 from reward_server.errors import RequestError
 from reward_server.instances import check_count, engine_instance
 from reward_server.runtimes import load_engine
+from reward_server.scoring_loop import ScoringLoop
 from reward_server.settings import Settings, model_parameters
 
 
@@ -36,25 +38,33 @@ class TritonPythonModel:
         check_count(self.settings.engine_instances, instance)
         self.engine = load_engine(self.settings, instance.index)
         self.metrics = EngineMetrics(args["model_name"], instance.name, self.engine.spec.names)
+        self.loop = ScoringLoop(self.engine, self._answer, self.metrics.step)
 
     def execute(self, requests):
-        batch = []
+        handles, batch = [], []
         for request in requests:
             try:
                 batch.append(scoring.request_rows(self.engine, self.settings.max_tokens, *_inputs(request)))
+                handles.append(request)
             except RequestError as exc:
                 self.metrics.rejected(exc.reason)
                 _send(request, pb_utils.InferenceResponse(error=pb_utils.TritonError(str(exc), pb_utils.TritonError.INVALID_ARG)))
-                batch.append(None)
-        for answer in scoring.answers(self.engine, batch, self.metrics.step):
-            if answer.error is not None:
-                pb_utils.Logger.log_error(f"{answer.error}: {''.join(traceback.format_exception(answer.error.__cause__))}")
-                response = pb_utils.InferenceResponse(error=pb_utils.TritonError(str(answer.error), pb_utils.TritonError.INTERNAL))
-            else:
-                self.metrics.scored(answer.outputs[protocol.ATTRIBUTES])
-                response = pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(k, v) for k, v in answer.outputs.items()])
-            _send(requests[answer.request], response)
+        if handles:
+            self.loop.submit(handles, batch)
         return None
+
+    def finalize(self):
+        self.loop.close()
+
+    def _answer(self, request, answer):
+        """The scoring thread's answer to one request."""
+        if answer.error is not None:
+            pb_utils.Logger.log_error(f"{answer.error}: {''.join(traceback.format_exception(answer.error.__cause__))}")
+            response = pb_utils.InferenceResponse(error=pb_utils.TritonError(str(answer.error), pb_utils.TritonError.INTERNAL))
+        else:
+            self.metrics.scored(answer.outputs[protocol.ATTRIBUTES])
+            response = pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(k, v) for k, v in answer.outputs.items()])
+        _send(request, response)
 
 
 def _inputs(request):
