@@ -46,8 +46,9 @@ class ScoringLoop:
 
     def submit(self, handles: Sequence[Any], batch: Sequence[Rows]) -> None:
         """Score `batch` (one Rows per request) and answer each request's handle; blocks while `pending`
-        batches wait."""
-        self._batches.put((list(handles), list(batch)))
+        batches wait. An empty batch is nothing to do."""
+        if handles:
+            self._batches.put((list(handles), list(batch)))
 
     def close(self) -> None:
         """Score what was submitted, then end the thread."""

@@ -120,6 +120,14 @@ class Settings:
         (ENGINE_MODEL,),
         "bool",
     )
+    scoring_thread: bool = _setting(
+        False,
+        "score on a thread of reward_engine's own: the next batch is read while a step runs, and batches that arrive during "
+        "a step join the next (Triton's own reward_engine pending count and durations then end at the hand-off): "
+        "docs/monitoring.md",
+        (ENGINE_MODEL,),
+        "bool",
+    )
     max_tokens: int = _setting(4096, "longest templated conversation (tokens) scored", ALL, "int", minimum=1)
     max_bytes: int = _setting(
         1 << 20, "largest conversation accepted, in bytes (checked before parsing)", (PREPROCESSING_MODEL, NEMO_MODEL), "int", minimum=1

@@ -11,8 +11,9 @@ Output REWARD          [B, 1]    FP32   the head's reward rule at the final read
 
 All rows of all requests in a dynamic batch are scored together (packed, no padding); each request
 is answered through its response sender as soon as its rows are scored (decoupled-style sending
-from a non-decoupled model: execute returns None). `execute` reads and checks the requests and hands
-them to the scoring thread (reward_server.scoring_loop), so that the next batch is read while a step runs.
+from a non-decoupled model: execute returns None). With `scoring_thread`, `execute` reads and checks the
+requests and hands them to a scoring thread (reward_server.scoring_loop), so that the next batch is read
+while a step runs.
 """
 
 import traceback
@@ -38,7 +39,7 @@ class TritonPythonModel:
         check_count(self.settings.engine_instances, instance)
         self.engine = load_engine(self.settings, instance.index)
         self.metrics = EngineMetrics(args["model_name"], instance.name, self.engine.spec.names)
-        self.loop = ScoringLoop(self.engine, self._answer, self.metrics.step)
+        self.loop = ScoringLoop(self.engine, self._answer, self.metrics.step) if self.settings.scoring_thread else None
 
     def execute(self, requests):
         handles, batch = [], []
@@ -49,15 +50,19 @@ class TritonPythonModel:
             except RequestError as exc:
                 self.metrics.rejected(exc.reason)
                 _send(request, pb_utils.InferenceResponse(error=pb_utils.TritonError(str(exc), pb_utils.TritonError.INVALID_ARG)))
-        if handles:
+        if self.loop is not None:
             self.loop.submit(handles, batch)
+        else:
+            for answer in scoring.answers(self.engine, batch, self.metrics.step):
+                self._answer(handles[answer.request], answer)
         return None
 
     def finalize(self):
-        self.loop.close()
+        if self.loop is not None:
+            self.loop.close()
 
     def _answer(self, request, answer):
-        """The scoring thread's answer to one request."""
+        """One request's answer (sent from the scoring thread, with one)."""
         if answer.error is not None:
             pb_utils.Logger.log_error(f"{answer.error}: {''.join(traceback.format_exception(answer.error.__cause__))}")
             response = pb_utils.InferenceResponse(error=pb_utils.TritonError(str(answer.error), pb_utils.TritonError.INTERNAL))
