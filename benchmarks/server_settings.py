@@ -2,7 +2,7 @@
 at a time (a) and the engine in-process fed 16 a call (c), as `make bench` runs them:
 
     python -m benchmarks.server_settings --checkpoint /tmp/rm-8b --dtype bf16 --mix short \\
-        --settings "" "REWARD_CUDA_GRAPHS=true" "REWARD_ENGINE_INSTANCES=2 REWARD_MEMORY_BUDGET=38000000000"
+        --settings "" "REWARD_CUDA_GRAPHS=true" "REWARD_CUDA_GRAPHS=true REWARD_SCORING_THREAD=true"
 
 Each setting (space-separated REWARD_* assignments; "" for the defaults) starts its own server, which is
 warmed up on the mix, then timed through reward_client over gRPC at concurrency 16 ((d) of benchmark.py);

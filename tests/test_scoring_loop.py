@@ -98,11 +98,11 @@ def test_an_answer_that_cannot_be_sent_costs_no_other_its_answer(engine, token_i
 
 def test_a_full_queue_holds_execute_back_until_a_step_ends(engine, token_ids):
     held, answers = HeldEngine(engine), queue.Queue()
-    loop = ScoringLoop(held, lambda handle, answer: answers.put((handle, answer)), pending=2)
+    loop = ScoringLoop(held, lambda handle, answer: answers.put((handle, answer)), most_waiting=2)
     loop.submit([0], rows(token_ids[0]))
     assert held.entered.wait(60)
     loop.submit([1], rows(token_ids[1]))
-    loop.submit([2], rows(token_ids[2]))  # two batches wait: the queue is full
+    loop.submit([2], rows(token_ids[2]))  # two requests wait: the most there may be
     third = threading.Thread(target=loop.submit, args=([3], rows(token_ids[3])))
     third.start()
     third.join(0.5)

@@ -79,6 +79,35 @@ def test_score_turns_equals_scoring_each_cut_conversation(client, reference_rewa
 def test_one_conversation_scored_100_times_under_load_gives_one_value(server):
     """Interleaved with other conversations at concurrency 32, so it lands in many different dynamic
     batches (and twice in some): one value, bit for bit."""
+    values = scored_100_times_under_load(server.grpc_url)
+    assert len(values) == 100 and len(set(values)) == 1, sorted(set(values))
+
+
+@pytest.fixture(scope="module")
+def threaded(tmp_path_factory, checkpoint):
+    """A server scoring on reward_engine's scoring thread (`scoring_thread`)."""
+    from tests.live_server import start_server, stop_server
+
+    env = {"REWARD_CHECKPOINT": str(checkpoint), "REWARD_SCORING_THREAD": "true"}
+    started = start_server(tmp_path_factory.mktemp("threaded") / "server.log", env=env)
+    yield started
+    stop_server(started)
+
+
+def test_the_scoring_thread_gives_the_reference_scores_and_one_value_under_load(threaded, corpus_and_reference):
+    """Batches that arrive during a step join the next one there: other step compositions, the same bits."""
+    convs, expected = corpus_and_reference
+    with RewardClient(threaded.grpc_url) as client:
+        got = np.array(client.score_batch(convs))
+    assert np.abs(got - expected).max() <= TOLERANCE
+    values = scored_100_times_under_load(threaded.grpc_url)
+    assert len(values) == 100 and len(set(values)) == 1, sorted(set(values))
+    with RewardClient(threaded.grpc_url) as client:
+        assert float(client.score(convs[5])) == values[0]  # alone, after the load: the same value
+
+
+def scored_100_times_under_load(url: str) -> list[float]:
+    """One conversation scored 100 times interleaved with others at concurrency 32."""
     import asyncio
 
     from reward_client import AsyncRewardClient
@@ -86,11 +115,10 @@ def test_one_conversation_scored_100_times_under_load_gives_one_value(server):
     target, others = conversations()[5], conversations()
 
     async def run() -> list[float]:
-        async with AsyncRewardClient(server.grpc_url, concurrency=32) as client:
+        async with AsyncRewardClient(url, concurrency=32) as client:
             calls = []
             for i in range(100):
                 calls += [client.score(target), client.score(others[i % len(others)]), client.score(others[(7 * i) % len(others)])]
             return [float(s) for s in (await asyncio.gather(*calls))[0::3]]
 
-    values = asyncio.run(run())
-    assert len(values) == 100 and len(set(values)) == 1, sorted(set(values))
+    return asyncio.run(run())

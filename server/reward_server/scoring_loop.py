@@ -8,13 +8,13 @@ graphs) the engine was busy 85 % of the time, each step itself as fast per token
 A python-backend model that answers through response senders may return from `execute` before it answers
 (seen with tritonserver 2.51: the next batch's `execute` ran while the last batch's answers were pending),
 so here the next batch is read while a step runs, and batches that arrive during a step are scored
-together in the next one. At most `pending` batches wait: beyond them `execute` blocks, and Triton's own
-queue holds the rest.
+together in the next one. At most `most_waiting` requests wait (reward_engine's max_batch_size): beyond
+them `execute` blocks, and Triton's own queue holds the rest (a bound counted in batches made steps small:
+`execute` returns at once, so Triton hands over the few requests that came since).
 """
 
 from __future__ import annotations
 
-import queue
 import sys
 import threading
 from collections.abc import Callable, Sequence
@@ -30,49 +30,50 @@ class ScoringLoop:
     """Scores submitted batches on its own thread. `send(handle, answer)` is called once per submitted
     request, from that thread, with its Answer (`answer.request` indexes the merged batch it was scored in;
     use the handle). A failure outside the engine's steps (which fail only their own requests) fails the
-    requests of that merged batch not yet answered, and the loop goes on with the next."""
+    requests of that merged batch not yet answered, and the loop goes on with the next. `submit` blocks
+    while `most_waiting` requests wait for a step (Triton's own queue then holds the rest)."""
 
     def __init__(
         self,
         engine: RewardEngine,
         send: Callable[[Any, Answer], None],
         on_step: Callable[[StepResult, list[int]], None] = lambda result, lengths: None,
-        pending: int = 2,
+        most_waiting: int = 64,
     ) -> None:
-        self.engine, self.send, self.on_step = engine, send, on_step
-        self._batches: queue.Queue = queue.Queue(maxsize=pending)
+        self.engine, self.send, self.on_step, self.most_waiting = engine, send, on_step, most_waiting
+        self._changed = threading.Condition()
+        self._waiting: list[tuple[list[Any], list[Rows]]] = []  # batches submitted, not yet taken by a step
+        self._waiting_requests = 0
+        self._closing = False
         self._thread = threading.Thread(target=self._run, name="reward-scoring", daemon=True)
         self._thread.start()
 
     def submit(self, handles: Sequence[Any], batch: Sequence[Rows]) -> None:
-        """Score `batch` (one Rows per request) and answer each request's handle; blocks while `pending`
-        batches wait. An empty batch is nothing to do."""
-        if handles:
-            self._batches.put((list(handles), list(batch)))
+        """Score `batch` (one Rows per request) and answer each request's handle."""
+        if not handles:
+            return
+        with self._changed:
+            self._changed.wait_for(lambda: self._waiting_requests < self.most_waiting)
+            self._waiting.append((list(handles), list(batch)))
+            self._waiting_requests += len(handles)
+            self._changed.notify_all()
 
     def close(self) -> None:
         """Score what was submitted, then end the thread."""
-        self._batches.put(None)
+        with self._changed:
+            self._closing = True
+            self._changed.notify_all()
         self._thread.join()
 
     def _run(self) -> None:
-        closing = False
-        while not closing:
-            first = self._batches.get()
-            if first is None:
-                return
-            handles, batch = first
-            while True:  # everything that queued during the last step goes into this one
-                try:
-                    more = self._batches.get_nowait()
-                except queue.Empty:
-                    break
-                if more is None:
-                    closing = True
-                    break
-                handles += more[0]
-                batch += more[1]
-            self._score(handles, batch)
+        while True:
+            with self._changed:  # everything submitted during the last step goes into this one
+                self._changed.wait_for(lambda: self._waiting or self._closing)
+                if not self._waiting:
+                    return
+                taken, self._waiting, self._waiting_requests = self._waiting, [], 0
+                self._changed.notify_all()
+            self._score([h for handles, _ in taken for h in handles], [rows for _, batch in taken for rows in batch])
 
     def _score(self, handles: list[Any], batch: list[Rows]) -> None:
         answered: set[int] = set()
