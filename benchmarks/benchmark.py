@@ -247,6 +247,19 @@ def engine_steps(metrics_url: str) -> tuple[float, float, float, float]:
     return tuple(totals.values())
 
 
+def steps_since(metrics_url: str, before: tuple[float, float, float, float]) -> dict[str, float]:
+    """The server's engine steps since `before` (engine_steps then): how many, and per step their tokens, milliseconds
+    and milliseconds waiting for the device."""
+    steps, tokens, seconds, waited = (now - first for now, first in zip(engine_steps(metrics_url), before, strict=True))
+    per_step = max(steps, 1)
+    return {
+        "steps": steps,
+        "tokens_per_step": tokens / per_step,
+        "ms_per_step": 1e3 * seconds / per_step,
+        "device_wait_ms_per_step": 1e3 * waited / per_step,
+    }
+
+
 def through_server(url: str, conversations: list[Conversation], concurrency: int = 16) -> list[float]:
     """Client-side latency per conversation with `concurrency` requests in flight (one asyncio client)."""
     from reward_client import AsyncRewardClient
@@ -354,13 +367,8 @@ def main() -> None:
                 record("d server HTTP c=16", name, ids, lambda convs=convs: through_server(server.http_url, convs))
                 # Were the server's steps as large as (c)'s calls of 16, and as busy on the device? Warm-ups included,
                 # over gRPC and HTTP. A wait near 0 where (c)'s is not: the server's host is what the steps wait for.
-                after = engine_steps(server.metrics_url)
-                steps, tokens, seconds, waited = (now - first for now, first in zip(after, before, strict=True))
                 server_steps[name] = {
-                    "steps": steps,
-                    "tokens_per_step": tokens / max(steps, 1),
-                    "ms_per_step": 1e3 * seconds / max(steps, 1),
-                    "device_wait_ms_per_step": 1e3 * waited / max(steps, 1),
+                    **steps_since(server.metrics_url, before),
                     "c_tokens_per_call": sum(len(s) for s in ids) / -(-len(ids) // 16),
                     "c_ms_per_call": call_ms,
                     "c_device_wait_ms_per_call": wait_ms,  # after its last step's launch

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.benchmark import DTYPES, MIXES, Systems, WorkloadMaker, engine_steps, through_server, timed
+from benchmarks.benchmark import DTYPES, MIXES, Systems, WorkloadMaker, engine_steps, steps_since, through_server, timed
 from tests.live_server import start_server, stop_server
 
 
@@ -72,15 +72,9 @@ def main() -> None:
             before = engine_steps(server.metrics_url)
             system = f"d server gRPC c=16 {setting or '(defaults)'}"
             rates[system] = tokens / timed(lambda url=server.grpc_url: through_server(url, conversations))[0]
-            steps, step_tokens, seconds, waited = (now - first for now, first in zip(engine_steps(server.metrics_url), before, strict=True))
+            report["systems"][system] = steps_since(server.metrics_url, before)
         finally:
             stop_server(server)
-        report["systems"][system] = {
-            "steps": steps,
-            "tokens_per_step": step_tokens / max(steps, 1),
-            "ms_per_step": 1e3 * seconds / max(steps, 1),
-            "device_wait_ms_per_step": 1e3 * waited / max(steps, 1),
-        }
         print(f"  {system:<60} {rates[system]:>9.0f} tokens/s  {report['systems'][system]}", flush=True)
 
     a, c = rates["a transformers 1-by-1"], rates["c engine in-process"]

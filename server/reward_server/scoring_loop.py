@@ -43,7 +43,6 @@ class ScoringLoop:
         self.engine, self.send, self.on_step, self.most_waiting = engine, send, on_step, most_waiting
         self._changed = threading.Condition()
         self._waiting: list[tuple[list[Any], list[Rows]]] = []  # batches submitted, not yet taken by a step
-        self._waiting_requests = 0
         self._closing = False
         self._thread = threading.Thread(target=self._run, name="reward-scoring", daemon=True)
         self._thread.start()
@@ -53,9 +52,8 @@ class ScoringLoop:
         if not handles:
             return
         with self._changed:
-            self._changed.wait_for(lambda: self._waiting_requests < self.most_waiting)
+            self._changed.wait_for(lambda: sum(len(waiting) for waiting, _ in self._waiting) < self.most_waiting)
             self._waiting.append((list(handles), list(batch)))
-            self._waiting_requests += len(handles)
             self._changed.notify_all()
 
     def close(self) -> None:
@@ -71,7 +69,7 @@ class ScoringLoop:
                 self._changed.wait_for(lambda: self._waiting or self._closing)
                 if not self._waiting:
                     return
-                taken, self._waiting, self._waiting_requests = self._waiting, [], 0
+                taken, self._waiting = self._waiting, []
                 self._changed.notify_all()
             self._score([h for handles, _ in taken for h in handles], [rows for _, batch in taken for rows in batch])
 

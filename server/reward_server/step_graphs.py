@@ -38,6 +38,11 @@ MIN_SEGMENTS, MAX_SEGMENTS = 8, 128
 MAX_ROWS = 4096  # the largest step captured (its activations are the graphs' memory: memory plan)
 
 
+def most_rows(tile: int) -> int:
+    """The most rows a captured step may have with `tile`-row tiles: whole tiles up to MAX_ROWS, at least one."""
+    return max(MAX_ROWS // tile, 1) * tile
+
+
 def segment_bucket(segments: int) -> int:
     """The graph's number of segments for a step of `segments`: the next power of two, at least MIN_SEGMENTS."""
     return max(MIN_SEGMENTS, 1 << (segments - 1).bit_length())

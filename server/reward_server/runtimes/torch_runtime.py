@@ -301,7 +301,7 @@ class TorchRewardEngine:
         # Small steps keep a CPU's activations in cache; a GPU wants large ones; both within memory.
         memory = step_memory(trunk.config, DTYPES[dtype].itemsize, tensor_parallel, max_tokens, fp8=dtype == "fp8")
         if cuda_graphs:  # the graphs' memory pool holds a captured step's activations, beside the allocator's for the others
-            memory = StepMemory(memory.per_token, memory.fixed + memory.bytes(step_graphs.MAX_ROWS))
+            memory = StepMemory(memory.per_token, memory.fixed + memory.bytes(step_graphs.most_rows(tile_rows)))
         self.max_step_tokens = plan_step_tokens(
             memory,
             weights=module_bytes(self.trunk, head.weight) + reserved,
@@ -317,7 +317,7 @@ class TorchRewardEngine:
         self.graphs = None
         if cuda_graphs:
             graphed = lambda ids, positions, batch: self._trunk(ids, positions, Packing([], None, 0, batch))  # noqa: E731
-            rows = min(whole_tiles(max(self.max_step_tokens, max_tokens), tile_rows), max(step_graphs.MAX_ROWS // tile_rows, 1) * tile_rows)
+            rows = min(whole_tiles(max(self.max_step_tokens, max_tokens), tile_rows), step_graphs.most_rows(tile_rows))
             output = torch.empty((rows, trunk.config.hidden_size), dtype=self.trunk.get_input_embeddings().weight.dtype, device=self.device)
             self.graphs = step_graphs.StepGraphs(graphed, output, max(max_tokens, tile_rows), tile_rows)
 
