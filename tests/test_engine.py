@@ -79,15 +79,17 @@ def test_a_step_reports_its_wait_for_the_device(engine, device, token_ids):
 
 
 def test_tile_rows_change_the_sums_not_the_scores_or_the_invariance(checkpoint, device, engine, token_ids):
-    """Smaller tiles (64 rows, `tile_rows`; 256 by default): every linear layer tiled at that size, scores
-    equal the default tiles' within 1e-5 (fp32; only the order of sums can differ), and batch invariance
-    holds bit for bit at that size too (alone vs packed with 15 others)."""
-    assert {m.tile_rows for m in engine.trunk.modules() if hasattr(m, "tile_rows")} == {256}
-    narrow = TorchRewardEngine(str(checkpoint), device=device, dtype="fp32", max_step_tokens=8192, tile_rows=64)
-    assert {m.tile_rows for m in narrow.trunk.modules() if hasattr(m, "tile_rows")} == {64}
-    together = narrow.score(token_ids[:16])[:, 0]
+    """`tile_rows` auto: on a CPU 64-row tiles for the layers whose one call the probes prove at 64 rows (every
+    layer of the demo checkpoint in fp32), on a GPU 256. 256-row tiles asked for: every linear layer tiled at
+    that size, scores equal the default's within 1e-5 (fp32; only the order of sums can differ), and batch
+    invariance holds bit for bit at that size too (alone vs packed with 15 others)."""
+    auto = {"cpu": 64, "cuda": 256}[device]
+    assert engine.tile_rows == auto and {m.tile_rows for m in engine.trunk.modules() if hasattr(m, "tile_rows")} == {auto}
+    wide = TorchRewardEngine(str(checkpoint), device=device, dtype="fp32", max_step_tokens=8192, tile_rows=256)
+    assert {m.tile_rows for m in wide.trunk.modules() if hasattr(m, "tile_rows")} == {256}
+    together = wide.score(token_ids[:16])[:, 0]
     assert np.abs(together - engine.score(token_ids[:16])[:, 0]).max() <= 1e-5
-    assert np.array_equal(together, [narrow.score([ids])[0, 0] for ids in token_ids[:16]])
+    assert np.array_equal(together, [wide.score([ids])[0, 0] for ids in token_ids[:16]])
 
 
 def test_a_step_copies_no_rows_into_padded_tiles(engine, token_ids):

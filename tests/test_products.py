@@ -55,6 +55,39 @@ def test_each_shape_takes_the_first_way_its_probe_proves():
             assert torch.equal(layer(inputs)[:1280], own)  # 1,300 rows: the last tile zero-padded
 
 
+def _split_unless_whole(weight: torch.Tensor, tile: int):
+    """A product whose sums run in another order at row counts above 64 that are not whole `tile`s."""
+    split = _split_sums(weight, 0)
+    return lambda rows: split(rows) if len(rows) > 64 and len(rows) % tile else rows @ weight.T
+
+
+def test_with_a_coarse_tile_only_the_one_call_is_tried_at_the_fine_one():
+    """`coarse_tile` (tile_rows auto on a CPU): a layer keeps its own 64-row tile only where one call is proven
+    at it; otherwise one call, the batched tiles and one call per tile are tried at 256 rows, which it keeps.
+    Whatever it settled on, its rows at any whole number of 64-row tiles are those of its tiles' own calls."""
+    torch.manual_seed(2)
+    model = make_batch_invariant(nn.Sequential(*(nn.Linear(96, 96, bias=False) for _ in range(4))), tile_rows=64)
+    fine, coarse, batched, per_tile = model
+    for layer in model:  # distinct weights, distinct probes: give each its own shape's key
+        layer.weight = nn.Parameter(layer.weight.detach()[: 96 - 8 * list(model).index(layer)])
+    fine.product = lambda rows: tile_calls(lambda t: t @ fine.weight.T, rows, 64)  # whatever the CPU's mm does: proven
+    coarse.product = _split_unless_whole(coarse.weight.detach(), 256)
+    batched.product = _split_sums(batched.weight.detach(), 512)
+    per_tile.product = per_tile.batched_tiles = _split_sums(per_tile.weight.detach(), 512)
+    choices = settle_products(model, 1000, coarse_tile=256)
+    expected = [(64, "one call"), (256, "one call"), (256, "batched tiles"), (256, "tile calls")]
+    assert [(key[3], way) for key, way in choices.items()] == expected
+    assert [layer.tile_rows for layer in model] == [64, 256, 256, 256]
+    assert [layer.one_call_rows for layer in model] == [1024, 1024, 0, 0]
+    with torch.inference_mode():
+        for layer in model:
+            inputs = torch.randn(1536, 96)
+            tile = layer.tile_rows
+            own = torch.cat([layer.product(inputs[i : i + tile]) for i in range(0, 1536, tile)])
+            for count in (64, 320, 1024, 1088):  # 1,088: beyond the probed rows
+                assert torch.equal(layer(inputs[:count]), own[:count]), (layer, count)
+
+
 def test_a_product_the_device_cannot_make_keeps_the_tiles():
     model = make_batch_invariant(nn.Sequential(nn.Linear(32, 32, bias=False)))
 

@@ -23,8 +23,9 @@ from torch.utils._pytree import tree_leaves
 from transformers import AutoModelForCausalLM
 
 from reward_server import step_graphs, varlen
-from reward_server.invariance import whole_tiles
+from reward_server.invariance import TILE_ROWS, whole_tiles
 from reward_server.memory import module_bytes, step_memory
+from reward_server.runtimes import torch_runtime
 from reward_server.runtimes.torch_runtime import Packing, TorchRewardEngine
 from reward_server.settings import Settings
 from reward_server.step_graphs import padded_bounds, segment_bucket
@@ -137,6 +138,7 @@ def emulated_graphs(monkeypatch):
     monkeypatch.setattr(varlen, "available", lambda device, dtype: True)
     monkeypatch.setattr(varlen, "attend", attend)
     monkeypatch.setattr(step_graphs, "MAX_ROWS", 512)  # the emulation keeps every graph's tensors: 10 shapes, not 40
+    monkeypatch.setattr(torch_runtime, "CPU_TILE_ROWS", TILE_ROWS)  # a GPU's tiles (tile_rows auto)
     return _EmulatedGraph
 
 

@@ -3,7 +3,7 @@
 Linear layers are the one place where it would: a matrix product's kernel (and so the order of its
 floating-point sums) depends on how many rows it gets, so the same row can come out a few ulps
 apart in a step of 37 rows and in one of 2,048. Here every linear layer and the reward head work on
-fixed tiles of TILE_ROWS rows (the engine fills its packed row up to whole tiles, other callers' rows are
+fixed tiles of `tile_rows` rows (the engine fills its packed row up to whole tiles, other callers' rows are
 zero-padded), and a layer's product is made in one of three ways, each giving every tile the bits of that
 tile's own call:
 - one call over all the rows, where a probe proved it (below);
@@ -11,12 +11,17 @@ tile's own call:
   the number of tiles (on a CPU, oneDNN's bf16 `bmm` gave a tile other bits in a batch of 5 tiles than alone);
 - one call per tile, the same call whatever the row count: invariant by construction, the fallback.
 Everything else in the trunk is per row (embeddings, norms, rotary, activations) or per sequence
-(attention). One tile size on every device: a 64-row tile reads each weight for 64 rows only, too few to
-keep a GPU's tensor cores busy (an H200's 70B-wide layer: 103 ms at 64 rows, 55 ms at 256,
-benchmarks/gpu_fp8_tp.py) or an AVX-512 CPU's FMA units (the bench checkpoint's products: 64-row tiles
-~78 % of one plain matmul, 256-row tiles ~94 %). The cost of larger tiles is the filler of a step's last
-tile (`tile_rows` setting). Identical sequences of one batch are scored once (batching.unique), so copies
-never form a shared-prefix group among themselves.
+(attention). A tile's rows are also the step's granularity: the engine fills its packed row up to whole
+tiles, and that filler is computed like real rows. Made in tiles, a product wants large ones: a 64-row
+tile reads each weight for 64 rows only, too few to keep a GPU's tensor cores busy (an H200's 70B-wide
+layer: 103 ms at 64 rows, 55 ms at 256, benchmarks/gpu_fp8_tp.py) or an AVX-512 CPU's FMA units (the
+bench checkpoint's products: 64-row tiles ~78 % of one plain matmul, 256-row tiles ~94 %). Made in one
+call, a product does not care, and small tiles only shrink the filler (a CPU's 2,048-token steps: 6.4 %
+of the long mix's rows at 256, 1.5 % at 64). So `tile_rows: auto` is, on a CPU, CPU_TILE_ROWS wherever a
+layer's one call is proven at that granularity and TILE_ROWS for the other layers (`settle_products`'
+`coarse_tile`; their steps' last tile is then zero-padded), and TILE_ROWS on a GPU (unmeasured there at 64:
+probes of 16,384-row steps at that granularity, and CUDA graphs' step shapes). Identical sequences of one
+batch are scored once (batching.unique), so copies never form a shared-prefix group among themselves.
 
 The probes: whether a library's product over M rows gives every tile the bits of that tile alone depends on
 the library, the device and the layer's shape (one H200, torch 2.11: FP8 `_scaled_mm` with row-wise scales
@@ -38,6 +43,7 @@ from torch import nn
 from reward_server.module_swap import replace_modules
 
 TILE_ROWS = 256
+CPU_TILE_ROWS = 64  # tile_rows auto on a CPU, for the layers whose one call is proven at it (module docstring)
 Product = Callable[[torch.Tensor], torch.Tensor]
 
 
@@ -112,31 +118,37 @@ def settled_product(layer: nn.Module, rows: torch.Tensor) -> torch.Tensor:
     return tile_calls(layer.product, rows, layer.tile_rows)
 
 
-def settle_products(model: nn.Module, max_rows: int) -> dict[tuple, str]:
+def settle_products(model: nn.Module, max_rows: int, coarse_tile: int | None = None) -> dict[tuple, str]:
     """Choose, per distinct shape of `model`'s tiled layers, how their products are made (the module
     docstring): one call if `one_call_keeps_rows` proves it up to `max_rows` rows (rounded up to whole
-    tiles), else the batched tiles if it proves them, else one call per tile. One probe per shape, on random
-    rows made like its inputs. Returns each shape's choice."""
-    choices: dict[tuple, str] = {}
+    tiles), else the batched tiles if it proves them, else one call per tile. With a `coarse_tile` larger than
+    a layer's tile, only its one call is tried at its own tile; the rest (one call again, then the batched
+    tiles, then one call per tile) at `coarse_tile`, which the layer then keeps. One probe per shape, on
+    random rows made like its inputs. Returns each shape's choice, keyed by the tile it settled on."""
+    settled: dict[tuple, tuple[str, int]] = {}
     generator = torch.Generator(device="cpu").manual_seed(0)
     for module in model.modules():
         if not hasattr(module, "one_call_rows"):
             continue
         weight, tile = module.weight, module.tile_rows
-        rows = whole_tiles(max_rows, tile)
-        key = (type(module).__name__, tuple(weight.shape), weight.dtype, tile, rows)
-        if key not in choices:
+        key = (type(module).__name__, tuple(weight.shape), weight.dtype, tile)
+        if key not in settled:
+            coarse = max(coarse_tile or tile, tile)
+            tries = [("one call", tile)] + ([("one call", coarse)] if coarse != tile else []) + [("batched tiles", coarse)]
             dtype = weight.dtype if weight.element_size() > 1 else torch.bfloat16  # FP8 layers take bf16 inputs
-            sample = torch.randn(rows, weight.shape[1], generator=generator).to(weight.device, dtype)
-            choices[key] = "tile calls"
-            for way, product in (("one call", module.product), ("batched tiles", module.batched_tiles)):
-                if _keeps_rows(product, sample, tile):
-                    choices[key] = way
+            sample = torch.randn(whole_tiles(max_rows, coarse), weight.shape[1], generator=generator).to(weight.device, dtype)
+            settled[key] = ("tile calls", coarse)
+            for way, rows in tries:
+                module.tile_rows = rows  # batched_tiles reads it
+                product = module.product if way == "one call" else module.batched_tiles
+                if _keeps_rows(product, sample[: whole_tiles(max_rows, rows)], rows):
+                    settled[key] = (way, rows)
                     break
             del sample
-        module.one_call_rows = rows if choices[key] == "one call" else 0
-        module.batched = choices[key] == "batched tiles"
-    return choices
+        way, module.tile_rows = settled[key]
+        module.one_call_rows = whole_tiles(max_rows, module.tile_rows) if way == "one call" else 0
+        module.batched = way == "batched tiles"
+    return {(*key[:3], rows, whole_tiles(max_rows, rows)): way for key, (way, rows) in settled.items()}
 
 
 def _keeps_rows(product: Product, sample: torch.Tensor, tile: int) -> bool:

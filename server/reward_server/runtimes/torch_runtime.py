@@ -30,7 +30,7 @@ from reward_server.fp8 import quantize_trunk
 from reward_server.fused import stack_siblings
 from reward_server.heads import load_reward_model
 from reward_server.host_memory import keep_freed_memory
-from reward_server.invariance import TILE_ROWS, make_batch_invariant, settle_products, whole_tiles
+from reward_server.invariance import CPU_TILE_ROWS, TILE_ROWS, make_batch_invariant, settle_products, whole_tiles
 from reward_server.memory import StepMemory, module_bytes, plan_step_tokens, step_memory
 from reward_server.norms import fuse_rms_norms
 from reward_server.parallel import RankGroup, rank_device
@@ -286,7 +286,8 @@ class TorchRewardEngine:
         trunk, head = load_reward_model(checkpoint, DTYPES[dtype], PACKED_ATTENTION, shard)
         stack_siblings(trunk)  # q/k/v and gate/up: one product each (fused.py)
         fuse_rms_norms(trunk)  # one kernel per norm where torch has one (norms.py)
-        self.tile_rows = tile_rows = tile_rows or TILE_ROWS
+        coarse_tile = tile_rows or TILE_ROWS  # auto: a CPU's products at CPU_TILE_ROWS where one call is proven (invariance.py)
+        self.tile_rows = tile_rows = tile_rows or (CPU_TILE_ROWS if self.device.type == "cpu" else TILE_ROWS)
         if dtype == "fp8":  # layer by layer onto the device: the bf16 weights never all sit there
             quantize_trunk(trunk, self.device, tile_rows, fp8_bf16_layers)
         self.trunk = make_batch_invariant(trunk.to(self.device).eval(), tile_rows)
@@ -313,7 +314,7 @@ class TorchRewardEngine:
             tile=tile_rows,
         )
         # How each layer shape's products are made: one call or one bmm where proven, else one call per tile
-        self.products = settle_products(self.trunk, max(self.max_step_tokens, max_tokens))
+        self.products = settle_products(self.trunk, max(self.max_step_tokens, max_tokens), coarse_tile)
         self.graphs = None
         if cuda_graphs:
             graphed = lambda ids, positions, batch: self._trunk(ids, positions, Packing([], None, 0, batch))  # noqa: E731
