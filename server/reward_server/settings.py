@@ -99,7 +99,8 @@ class Settings:
     )
     tile_rows: int | None = _setting(
         None,
-        "rows of each linear layer's fixed tiles (batch invariance): auto (256) or a number; 64 cuts a lone short request's CPU latency",
+        "rows of each linear layer's fixed tiles and the step's granularity (batch invariance): auto (GPU 256; CPU 64 where a "
+        "layer's one call is proven at 64, else 256) or a number",
         (ENGINE_MODEL,),
         "auto_int",
         minimum=1,
