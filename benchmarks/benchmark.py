@@ -7,6 +7,8 @@ Systems
       padding, trunk forward, head at each row's last real token)
   (c) this project's engine in-process (packed, token-budget steps, shared-prefix reuse)
   (d) the whole server through reward_client at concurrency 16, over gRPC and HTTP
+On the long and short mixes (c) x (a) is measured a second time with the two alternating chunk by chunk
+(alternating_ratio): the ratio a noisy machine's separate runs cannot give.
 Workloads (fixed seeds, real tokenizer)
   long: 64 conversations of 100-3,000 tokens; short: 256 of 30-300; best-of-8: one 2,000-token
   prompt with 8 responses of 100-300 tokens; rlhf: 4 such groups (`--rlhf-prompts`), every response its own request (as
@@ -216,6 +218,19 @@ class Systems:
         return latencies
 
 
+def alternating_ratio(first: Callable[[list], object], second: Callable[[list], object], ids: list, chunk: int = 16) -> float:
+    """How many times faster `second` runs than `first`, both fed the same chunks, one after the other,
+    which goes first alternating: a shared machine's swings then fall on both (separate runs of each
+    moved the long mix's (c) from 0.81x to 1.12x (a) on one CPU in one day)."""
+    spent = [0.0, 0.0]
+    for k, start in enumerate(range(0, len(ids), chunk)):
+        part = ids[start : start + chunk]
+        for which in (0, 1) if k % 2 == 0 else (1, 0):
+            seconds, _ = timed(lambda run=(first, second)[which], part=part: run(part))
+            spent[which] += seconds
+    return spent[0] / spent[1]
+
+
 def rlhf_groups(maker: WorkloadMaker, prompts: int, n: int = 8) -> list[Conversation]:
     """`prompts` groups of n responses of 100-300 tokens to one 2,000-token prompt, one conversation per
     response, group after group (the order RLHF trainers send them in)."""
@@ -310,6 +325,7 @@ def main() -> None:
     results: list[Result] = []
     request_costs: dict[str, dict[str, float]] = {}
     server_steps: dict[str, dict[str, float]] = {}
+    alternating: dict[str, float] = {}  # (c) x (a) by alternating_ratio, per mix
     server = None
     workdir = Path(tempfile.mkdtemp(prefix="reward-bench-"))
     if not args.no_server:  # the server side needs the client and tritonclient; a bare GPU box may lack them
@@ -361,6 +377,8 @@ def main() -> None:
             in_step = reused_tokens(ids, 16, False)
             calls = record("c engine in-process", name, ids, lambda ids=ids: systems.engine_in_process(ids), reused=in_step)
             call_ms, wait_ms = 1e3 * float(np.mean(calls[::16])), 1e3 * float(np.mean(systems.call_waits))  # (c)'s measured run
+            alternating[name] = alternating_ratio(systems.one_at_a_time, systems.engine_in_process, ids)
+            print(f"  (c) x (a), the two alternating chunk by chunk: {alternating[name]:.2f}", flush=True)
             if server is not None:
                 before = engine_steps(server.metrics_url)
                 record("d server gRPC c=16", name, ids, lambda convs=convs: through_server(server.grpc_url, convs))
@@ -427,6 +445,8 @@ def main() -> None:
     print_table(results)
     for system, costs in request_costs.items():
         print(f"rlhf one request after another, {system}: later requests cost {costs['mean']:.2f}x (worst {costs['worst']:.2f}x) the first")
+    for name, ratio in alternating.items():
+        print(f"{name}: (c) x (a) alternating chunk by chunk {ratio:.2f} (the table's, from separate runs: the rows above)")
     report = {
         "machine": {"platform": platform.platform(), "device": args.device, "threads": torch.get_num_threads(), "torch": torch.__version__},
         "matmul_peak_flops": peak,
@@ -434,6 +454,7 @@ def main() -> None:
         "results": [asdict(r) for r in results],
         "rlhf_request_cost": request_costs,
         "server_steps": server_steps,
+        "c_over_a_alternating": alternating,
     }
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"written to {args.out}")
