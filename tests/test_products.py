@@ -68,8 +68,8 @@ def test_with_a_coarse_tile_only_the_one_call_is_tried_at_the_fine_one():
     torch.manual_seed(2)
     model = make_batch_invariant(nn.Sequential(*(nn.Linear(96, 96, bias=False) for _ in range(4))), tile_rows=64)
     fine, coarse, batched, per_tile = model
-    for layer in model:  # distinct weights, distinct probes: give each its own shape's key
-        layer.weight = nn.Parameter(layer.weight.detach()[: 96 - 8 * list(model).index(layer)])
+    for index, layer in enumerate(model):  # distinct weights, distinct probes: give each its own shape's key
+        layer.weight = nn.Parameter(layer.weight.detach()[: 96 - 8 * index])
     fine.product = lambda rows: tile_calls(lambda t: t @ fine.weight.T, rows, 64)  # whatever the CPU's mm does: proven
     coarse.product = _split_unless_whole(coarse.weight.detach(), 256)
     batched.product = _split_sums(batched.weight.detach(), 512)
