@@ -13,8 +13,9 @@ Workloads (fixed seeds, real tokenizer)
   long: 64 conversations of 100-3,000 tokens; short: 256 of 30-300; best-of-8: one 2,000-token
   prompt with 8 responses of 100-300 tokens; rlhf: 4 such groups (`--rlhf-prompts`), every response its own request (as
   OpenRLHF and verl send them), with the prefix cache off and on (`--prefix-cache-tokens`): one after
-  another (the cost of each later request of a group against its first) and at concurrency 8; no (a):
-  its "x (a)" column is against the engine with the cache off.
+  another (the cost of each later request of a group against its first), at concurrency 8 (a group's 8
+  requests at once), and as 8 streams (8 groups in flight, each sending its responses one after another, as
+  when responses finish at different times); no (a): its "x (a)" column is against the engine with the cache off.
 MFU counts only the FLOPs a system computes: prompts reused within a step or from the prefix cache are
 left out (estimated from the workload: in-step groups per call of up to `concurrency` requests).
 
@@ -238,6 +239,15 @@ def rlhf_groups(maker: WorkloadMaker, prompts: int, n: int = 8) -> list[Conversa
     return [[*prompt, {"role": "assistant", "content": r}] for prompt, responses in groups for r in responses]
 
 
+def rlhf_in_flight(maker: WorkloadMaker, prompts: int, n: int = 8) -> list[Conversation]:
+    """rlhf_groups' `prompts` groups in flight side by side, one request of each in turn (response 0 of every
+    group, then response 1, ...): sent as `prompts` streams (through_server's `streams`), each group's
+    responses go one after another while the other groups' are in flight, as when a trainer's responses
+    finish at different times (asynchronous rollouts) instead of a whole group at once."""
+    convs = rlhf_groups(maker, prompts, n)
+    return [convs[g * n + r] for r in range(n) for g in range(prompts)]
+
+
 def group_costs(latencies: list[float], n: int = 8, echo: bool = False) -> dict[str, float]:
     """Each later request of a group of n sent one after another, against the group's first: mean and worst."""
     ratios = [later / latencies[g] for g in range(0, len(latencies), n) for later in latencies[g + 1 : g + n]]
@@ -275,21 +285,29 @@ def steps_since(metrics_url: str, before: tuple[float, float, float, float]) -> 
     }
 
 
-def through_server(url: str, conversations: list[Conversation], concurrency: int = 16) -> list[float]:
-    """Client-side latency per conversation with `concurrency` requests in flight (one asyncio client)."""
+def through_server(url: str, conversations: list[Conversation], concurrency: int = 16, streams: bool = False) -> list[float]:
+    """Client-side latency per conversation with `concurrency` requests in flight (one asyncio client).
+    `streams`: conversation i is sent by stream i % concurrency, each stream one request after another
+    (rlhf_in_flight's order: a stream is one group); else each goes out as soon as a slot is free."""
     from reward_client import AsyncRewardClient
 
     async def run() -> list[float]:
         slots = asyncio.Semaphore(concurrency)
+        latencies = [0.0] * len(conversations)
         async with AsyncRewardClient(url, concurrency=concurrency) as client:
 
-            async def one(conversation: Conversation) -> float:
+            async def one(i: int) -> None:
                 async with slots:  # latency from send to answer, not time spent waiting for a slot
                     start = time.perf_counter()
-                    await client.score(conversation)
-                    return time.perf_counter() - start
+                    await client.score(conversations[i])
+                    latencies[i] = time.perf_counter() - start
 
-            return list(await asyncio.gather(*(one(c) for c in conversations)))
+            async def stream(first: int) -> None:
+                for i in range(first, len(conversations), concurrency):
+                    await one(i)
+
+            await asyncio.gather(*(stream(k) for k in range(concurrency)) if streams else (one(i) for i in range(len(conversations))))
+        return latencies
 
     return asyncio.run(run())
 
@@ -406,7 +424,7 @@ def main() -> None:
             # Every measurement of a cache-on system on prompts it has not seen (warm-up included): the cache remembers.
             convs, warm = rlhf_groups(maker, args.rlhf_prompts), rlhf_groups(maker, 1)
             ids, warm_ids = systems.ids(convs), systems.ids(warm)
-            concurrent = rlhf_groups(maker, args.rlhf_prompts)
+            concurrent, in_flight = rlhf_groups(maker, args.rlhf_prompts), rlhf_in_flight(maker, 8)
             options = dict(device=args.device, dtype=args.dtype, prefix_cache_tokens=args.prefix_cache_tokens)
             cached = TorchRewardEngine(str(args.checkpoint), **options)
             for label, engine, cache in (("off", systems.engine, False), ("on", cached, True)):
@@ -419,9 +437,12 @@ def main() -> None:
                 cache_server = start_server(workdir / "server-cache.log", env=env)
                 try:
                     for label, url, cache in (("off", server.grpc_url, False), ("on", cache_server.grpc_url, True)):
-                        for c, timed_convs in ((1, convs), (8, concurrent)):
-                            run, warm_run = (lambda u=url, w=w, c=c: through_server(u, w, c) for w in (timed_convs, warm))
-                            system, timed_ids = f"d server gRPC c={c}, cache {label}", systems.ids(timed_convs)
+                        # a group's 8 requests at once (in-step reuse computes its prompt about once), then 8 groups
+                        # in flight, each a stream of one request after another (only the cache can reuse a prompt)
+                        arrangements = ((1, convs, False, "c=1"), (8, concurrent, False, "c=8"), (8, in_flight, True, "8 streams"))
+                        for c, timed_convs, streams, name in arrangements:
+                            run, warm_run = (lambda u=url, w=w, c=c, s=streams: through_server(u, w, c, s) for w in (timed_convs, warm))
+                            system, timed_ids = f"d gRPC {name}, cache {label}", systems.ids(timed_convs)
                             reused = reused_tokens(timed_ids, c, cache)
                             latencies = record(system, "rlhf", timed_ids, run, reused=reused, warmup=warm_run)
                             if c == 1:
@@ -435,13 +456,13 @@ def main() -> None:
 
     baseline = {}  # (a) where it ran; else the workload's first row (rlhf: the engine with the cache off)
     for r in results:
-        if r.workload not in baseline or r.system.startswith("a "):
-            baseline[r.workload] = r
-    for r in results:
         r.tokens_per_s = r.tokens / r.seconds
         r.conversations_per_s = r.conversations / r.seconds
-        r.ratio_to_a = baseline[r.workload].seconds / r.seconds
         r.mfu = r.flops / r.seconds / peak[args.dtype]
+        if r.workload not in baseline or r.system.startswith("a "):
+            baseline[r.workload] = r
+    for r in results:  # in tokens/s: rlhf's arrangements score different conversations
+        r.ratio_to_a = r.tokens_per_s / baseline[r.workload].tokens_per_s
     print_table(results)
     for system, costs in request_costs.items():
         print(f"rlhf one request after another, {system}: later requests cost {costs['mean']:.2f}x (worst {costs['worst']:.2f}x) the first")

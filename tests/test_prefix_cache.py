@@ -59,6 +59,24 @@ def test_least_recently_used_goes_first_tail_before_head():
     assert cache.counters.bytes_held == 3 * BLOCK_TOKENS * PER_TOKEN <= cache.max_bytes
 
 
+def test_blocks_a_plan_reserved_are_held_until_the_next_plan():
+    """reserve: the cached run within a limit, counting nothing; held, the inserts after it evict other blocks
+    (the newest, when only held ones are left: the bound holds); after release they go as any other."""
+    cache = PrefixCache(2 * BLOCK_TOKENS, PER_TOKEN)
+    old, new = np.arange(3 * BLOCK_TOKENS), np.arange(2 * BLOCK_TOKENS) + 5000
+    cache.insert(block_keys(old, 2), _block(1, 2), 0)
+    assert cache.reserve(old, 2 * BLOCK_TOKENS - 1) == BLOCK_TOKENS  # block 1 ends past the limit
+    assert cache.reserve(old, len(old)) == 2 * BLOCK_TOKENS
+    assert cache.counters == CacheCounters(bytes_held=2 * BLOCK_TOKENS * PER_TOKEN)
+    cache.insert(block_keys(new, 2), _block(2, 2), 0)  # the old chain is held: the new blocks are dropped
+    assert cache.counters.evictions == 2 and len(cache.blocks) == 2
+    assert cache.lookup(old, len(old))[1].shape[3] == 2 * BLOCK_TOKENS
+    cache.release()
+    cache.insert(block_keys(new, 2), _block(2, 2), 0)
+    assert cache.lookup(new, len(new))[1].shape[3] == 2 * BLOCK_TOKENS and cache.lookup(old, len(old))[1] is None
+    assert cache.counters.bytes_held == 2 * BLOCK_TOKENS * PER_TOKEN
+
+
 def test_the_bound_is_whole_blocks_of_every_layer():
     config = CONFIGS["llama"]()  # 2 layers, 2 kv heads of 16
     assert kv_bytes_per_token(config, torch.float32) == 2 * 2 * 2 * 16 * 4
@@ -263,6 +281,44 @@ def test_step_results_count_the_tokens_the_cache_saved(tmp_path):
     group_prefix = step.prefixes[0][0]
     assert step.cache.hits == 2 and step.reused == 2 * BLOCK_TOKENS + group_prefix
     assert step.cache.bytes_held == engine.prefix_cache.counters.bytes_held > 0
+
+
+def test_a_plan_costs_cached_blocks_at_their_share_of_a_step(tmp_path):
+    """Later responses to a cached prompt cost the plan the tokens they compute, plus their cached blocks'
+    keys/values at their share of a token's memory (1/8 here: 16 tokens for the prompt's 128): five of 157-210
+    tokens take two steps of 256 instead of five, and give the bits each gives alone."""
+    torch.manual_seed(23)
+    folder = _save(AutoModelForCausalLM.from_config(CONFIGS["llama"]()), tmp_path)
+    _, sequences = _group(23)
+    engine = _engine(folder, prefix_cache_tokens=1024, min_shared_prefix=0)
+    assert engine.cached_token_cost == 0.125
+    later = sequences[1:]
+    assert len(engine.plan(later)) == len(later)  # nothing cached yet: every token costs one
+    engine.score(sequences[:1])
+    assert [len(step.indices) for step in engine.plan(later)] == [4, 1]  # costs 45, 48, 63, 78 | 98
+    alone = np.concatenate([_engine(folder, prefix_cache_tokens=1024, min_shared_prefix=0).score([s]) for s in later])
+    assert np.array_equal(engine.score(later), alone)
+    assert engine.prefix_cache.counters.hits == 2 * len(later)
+
+
+def test_the_blocks_a_step_was_planned_on_outlive_the_steps_before_it(tmp_path):
+    """A cache of three blocks holding a prompt's two: a call whose first step inserts two new blocks and whose
+    second continues the prompt. The prompt's blocks are held for the plan, so the first step's insert evicts
+    one of its own new blocks, and the second step reads both, computing only what its plan counted."""
+    torch.manual_seed(24)
+    folder = _save(AutoModelForCausalLM.from_config(CONFIGS["llama"]()), tmp_path)
+    prompt, _ = _group(24)
+    rng = np.random.default_rng(24)
+    response = np.concatenate([prompt, rng.integers(0, VOCAB - 1, 110)])  # 260 tokens: 260 - 128 + 16 = 148
+    other = rng.integers(0, VOCAB - 1, 2 * BLOCK_TOKENS)  # 128: first, and alone (128 + 148 > 256)
+    engine = _engine(folder, prefix_cache_tokens=3 * BLOCK_TOKENS, min_shared_prefix=0)
+    engine.score([prompt])
+    steps = list(run_steps(engine, [response, other], engine.read_positions([response, other])))
+    assert [step.indices for step in steps] == [[1], [0]]
+    assert steps[1].cache.hits == 2 and steps[0].cache.evictions == 1  # one of its own two blocks
+    assert len(engine.prefix_cache.blocks) <= 3
+    alone = _engine(folder, prefix_cache_tokens=1024).score([response])
+    assert np.array_equal(steps[1].outputs[0], alone)
 
 
 def test_the_server_reuses_a_prompt_across_requests(tmp_path, checkpoint, tokenizer, reference_reward):

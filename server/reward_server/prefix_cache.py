@@ -13,6 +13,10 @@ the same order, so all ranks key, hit and evict identically.
 
 Eviction: least recently used first; a sequence's blocks are touched from its last block to its first,
 so the tail of a chain goes before its head (a block is useless once the blocks before it are gone).
+Blocks a plan counted on (`reserve`, the engine's plan: a step is costed by the tokens it computes) are
+held until the next plan (`release`): the steps before theirs may insert and evict, but not them, so a
+step never computes more than its plan (and its memory plan) allowed. When only held blocks are left to
+evict, the newest blocks are the ones dropped: the bound holds.
 
 Bit-identical by construction: with the cache on, the engine runs attention in query tiles of
 BLOCK_TOKENS aligned to each sequence's start, each tile one call over the keys up to its own end
@@ -30,6 +34,7 @@ from __future__ import annotations
 import hashlib
 from collections import OrderedDict
 from dataclasses import dataclass
+from itertools import islice
 
 import numpy as np
 import torch
@@ -80,7 +85,23 @@ class PrefixCache:
         self.capacity = max_tokens // BLOCK_TOKENS
         self.max_bytes = self.capacity * BLOCK_TOKENS * bytes_per_token  # the bound a memory plan reserves
         self.blocks: OrderedDict[bytes, torch.Tensor] = OrderedDict()
+        self.held: set[bytes] = set()  # reserved by the current plan: never evicted
         self.counters = CacheCounters()
+
+    def reserve(self, tokens: np.ndarray, limit: int) -> int:
+        """Tokens of the longest cached run of whole blocks from the first within tokens[:limit] (what a
+        `lookup` would find now), held until `release`. Counts nothing: the step's lookup does."""
+        found = 0
+        for key in block_keys(tokens, limit // BLOCK_TOKENS):
+            if key not in self.blocks:
+                break
+            self.held.add(key)
+            found += 1
+        return found * BLOCK_TOKENS
+
+    def release(self) -> None:
+        """Ends the holds of `reserve`: every block may be evicted again."""
+        self.held.clear()
 
     def lookup(self, tokens: np.ndarray, limit: int) -> tuple[list[bytes], torch.Tensor | None]:
         """Keys of the whole blocks within tokens[:limit], and the cached keys/values of the longest run
@@ -106,11 +127,11 @@ class PrefixCache:
                 self.blocks[key] = block
                 added += block.nbytes
         self._touch(keys[: first + blocks])
-        evicted = 0
-        while len(self.blocks) > self.capacity:
-            _, block = self.blocks.popitem(last=False)
-            added -= block.nbytes
-            evicted += 1
+        over = max(len(self.blocks) - self.capacity, 0)  # held blocks are at most all the blocks held before: enough others
+        victims = list(islice((key for key in self.blocks if key not in self.held), over))  # least recently used first
+        for key in victims:
+            added -= self.blocks.pop(key).nbytes
+        evicted = len(victims)
         c = self.counters
         self.counters = CacheCounters(c.hits, c.misses, c.evictions + evicted, c.bytes_held + added)
 

@@ -10,6 +10,7 @@ The reward head (`heads`) is applied only to the final hidden states where score
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Sequence
 from contextvars import ContextVar
@@ -31,7 +32,7 @@ from reward_server.fused import stack_siblings
 from reward_server.heads import load_reward_model
 from reward_server.host_memory import keep_freed_memory
 from reward_server.invariance import CPU_TILE_ROWS, TILE_ROWS, make_batch_invariant, settle_products, whole_tiles
-from reward_server.memory import StepMemory, module_bytes, plan_step_tokens, step_memory
+from reward_server.memory import SLACK, StepMemory, module_bytes, plan_step_tokens, step_memory
 from reward_server.norms import fuse_rms_norms
 from reward_server.parallel import RankGroup, rank_device
 from reward_server.prefix_cache import BLOCK_TOKENS, CacheCounters, PrefixCache, block_keys, kv_bytes_per_token
@@ -296,11 +297,14 @@ class TorchRewardEngine:
         head.bias = None if head.bias is None else head.bias.to(self.device)
         self.head = head
         self.spec, self.pad_token = head.spec, head.pad_token
+        kv_per_token = kv_bytes_per_token(trunk.config, DTYPES[dtype], tensor_parallel)
         if prefix_cache_tokens:  # its bound is reserved in the memory plan, like the weights
-            self.prefix_cache = PrefixCache(prefix_cache_tokens, kv_bytes_per_token(trunk.config, DTYPES[dtype], tensor_parallel))
+            self.prefix_cache = PrefixCache(prefix_cache_tokens, kv_per_token)
         reserved = self.prefix_cache.max_bytes if self.prefix_cache is not None else 0
         # Small steps keep a CPU's activations in cache; a GPU wants large ones; both within memory.
         memory = step_memory(trunk.config, DTYPES[dtype].itemsize, tensor_parallel, max_tokens, fp8=dtype == "fp8")
+        # A cached token is not computed, but a step holds its keys/values: its share of a computed token's memory (plan)
+        self.cached_token_cost = kv_per_token * SLACK / memory.per_token
         if cuda_graphs:  # the graphs' memory pool holds a captured step's activations, beside the allocator's for the others
             memory = StepMemory(memory.per_token, memory.fixed + memory.bytes(step_graphs.most_rows(tile_rows)))
         self.max_step_tokens = plan_step_tokens(
@@ -349,17 +353,22 @@ class TorchRewardEngine:
         """Steps of the token budget, shortest first. A group sharing a prefix stays in one step
         (the prefix is computed once per step, so splitting the group would compute it again)
         and costs its prefix once plus each member's own suffix. A shared prefix always ends
-        before a sequence's first read position, so every output is read in its own suffix."""
+        before a sequence's first read position, so every output is read in its own suffix.
+        With the prefix cache, leading blocks it holds cost only their keys/values' share of the
+        step's memory (`_cost`), and stay there until the next plan (PrefixCache.reserve)."""
+        if self.prefix_cache is not None:
+            self.prefix_cache.release()  # the last plan's steps have run
+        firsts = [len(s) - 1 for s in sequences] if positions is None else [int(p[0]) for p in positions]
         groups = []
         if self.min_shared_prefix:
-            leading = sequences if positions is None else [s[: p[0] + 1] for s, p in zip(sequences, positions, strict=True)]
+            leading = [s[: first + 1] for s, first in zip(sequences, firsts, strict=True)]
             groups = shared_prefixes(leading, self.min_shared_prefix)
             if self.attention_tile:
                 groups = [(n // self.attention_tile * self.attention_tile, m) for n, m in groups if n >= self.attention_tile]
         grouped = {i for _, members in groups for i in members}
         units = [members for _, members in groups] + [[i] for i in range(len(sequences)) if i not in grouped]
-        cost = [length + sum(len(sequences[i]) - length for i in members) for length, members in groups]
-        cost += [len(sequences[unit[0]]) for unit in units[len(groups) :]]
+        cost = [self._cost(sequences[m[0]][:n], n) + sum(len(sequences[i]) - n for i in m) for n, m in groups]
+        cost += [self._cost(sequences[unit[0]], firsts[unit[0]]) for unit in units[len(groups) :]]
         steps = []
         for step_units in plan_steps(cost, self.max_step_tokens):
             step = Step(indices=[], prefixes=[])
@@ -370,6 +379,14 @@ class TorchRewardEngine:
                 step.indices += units[unit]
             steps.append(step)
         return steps
+
+    def _cost(self, tokens: np.ndarray, limit: int) -> int:
+        """Step tokens of `tokens` whose cached leading blocks within tokens[:limit] (as score_step looks
+        them up) are read, not computed: their keys/values held in the step, a share of a token's memory."""
+        if self.prefix_cache is None:  # under tensor parallelism each rank holds its own: every token costs one
+            return len(tokens)
+        cached = self.prefix_cache.reserve(tokens, limit)
+        return len(tokens) - cached + math.ceil(cached * self.cached_token_cost)
 
     @torch.inference_mode()
     def score_step(
