@@ -91,13 +91,9 @@ class PrefixCache:
     def reserve(self, tokens: np.ndarray, limit: int) -> int:
         """Tokens of the longest cached run of whole blocks from the first within tokens[:limit] (what a
         `lookup` would find now), held until `release`. Counts nothing: the step's lookup does."""
-        found = 0
-        for key in block_keys(tokens, limit // BLOCK_TOKENS):
-            if key not in self.blocks:
-                break
-            self.held.add(key)
-            found += 1
-        return found * BLOCK_TOKENS
+        keys = self._cached_run(block_keys(tokens, limit // BLOCK_TOKENS))
+        self.held.update(keys)
+        return len(keys) * BLOCK_TOKENS
 
     def release(self) -> None:
         """Ends the holds of `reserve`: every block may be evicted again."""
@@ -107,9 +103,7 @@ class PrefixCache:
         """Keys of the whole blocks within tokens[:limit], and the cached keys/values of the longest run
         of them from the first ([layers, 2, kv_heads, run * BLOCK_TOKENS, head_dim]), None if none."""
         keys = block_keys(tokens, limit // BLOCK_TOKENS)
-        found = 0
-        while found < len(keys) and keys[found] in self.blocks:
-            found += 1
+        found = len(self._cached_run(keys))
         self._touch(keys[:found])
         c = self.counters
         self.counters = CacheCounters(c.hits + found, c.misses + len(keys) - found, c.evictions, c.bytes_held)
@@ -134,6 +128,13 @@ class PrefixCache:
         evicted = len(victims)
         c = self.counters
         self.counters = CacheCounters(c.hits, c.misses, c.evictions + evicted, c.bytes_held + added)
+
+    def _cached_run(self, keys: list[bytes]) -> list[bytes]:
+        """The longest run of `keys` from the first that is cached."""
+        found = 0
+        while found < len(keys) and keys[found] in self.blocks:
+            found += 1
+        return keys[:found]
 
     def _touch(self, keys: list[bytes]) -> None:
         for key in reversed(keys):
