@@ -283,42 +283,61 @@ def test_step_results_count_the_tokens_the_cache_saved(tmp_path):
     assert step.cache.bytes_held == engine.prefix_cache.counters.bytes_held > 0
 
 
-def test_a_plan_costs_cached_blocks_at_their_share_of_a_step(tmp_path):
+@pytest.mark.parametrize("tensor_parallel", [1, 2])
+def test_a_plan_costs_cached_blocks_at_their_share_of_a_step(tensor_parallel, tmp_path):
     """Later responses to a cached prompt cost the plan the tokens they compute, plus their cached blocks'
     keys/values at their share of a token's memory (1/8 here: 16 tokens for the prompt's 128): five of 157-210
-    tokens take two steps of 256 instead of five, and give the bits each gives alone."""
+    tokens take two steps of 256 instead of five, and give the bits each gives alone. Under tensor
+    parallelism (gloo) the engine that plans holds no cache and asks its ranks': the same plan."""
     torch.manual_seed(23)
     folder = _save(AutoModelForCausalLM.from_config(CONFIGS["llama"]()), tmp_path)
     _, sequences = _group(23)
-    engine = _engine(folder, prefix_cache_tokens=1024, min_shared_prefix=0)
-    assert engine.cached_token_cost == 0.125
     later = sequences[1:]
-    assert len(engine.plan(later)) == len(later)  # nothing cached yet: every token costs one
-    engine.score(sequences[:1])
-    assert [len(step.indices) for step in engine.plan(later)] == [4, 1]  # costs 45, 48, 63, 78 | 98
+    engine = _engine(folder, prefix_cache_tokens=1024, min_shared_prefix=0, tensor_parallel=tensor_parallel)
+    try:
+        assert engine.cached_token_cost == pytest.approx(0.125 if tensor_parallel == 1 else 1 / 14)  # a rank's share
+        assert len(engine.plan(later)) == len(later)  # nothing cached yet: every token costs one
+        engine.score(sequences[:1])
+        assert [len(step.indices) for step in engine.plan(later)] == [4, 1]  # costs 45, 48, 63, 78 | 98 (TP 2: 6 less each)
+        got = engine.score(later)
+        counters = engine.cache_counters
+    finally:
+        engine.close()
     alone = np.concatenate([_engine(folder, prefix_cache_tokens=1024, min_shared_prefix=0).score([s]) for s in later])
-    assert np.array_equal(engine.score(later), alone)
-    assert engine.prefix_cache.counters.hits == 2 * len(later)
+    assert counters.hits == 2 * len(later)
+    if tensor_parallel == 1:
+        assert np.array_equal(got, alone)
+    else:  # fp32: only the order of the row-parallel sums differs
+        assert np.abs(got - alone).max() <= TOLERANCE
 
 
-def test_the_blocks_a_step_was_planned_on_outlive_the_steps_before_it(tmp_path):
+@pytest.mark.parametrize("tensor_parallel", [1, 2])
+def test_the_blocks_a_step_was_planned_on_outlive_the_steps_before_it(tensor_parallel, tmp_path):
     """A cache of three blocks holding a prompt's two: a call whose first step inserts two new blocks and whose
     second continues the prompt. The prompt's blocks are held for the plan, so the first step's insert evicts
-    one of its own new blocks, and the second step reads both, computing only what its plan counted."""
+    one of its own new blocks, and the second step reads both, computing only what its plan counted. Under
+    tensor parallelism every rank holds the blocks the plan counted on in its own cache."""
     torch.manual_seed(24)
     folder = _save(AutoModelForCausalLM.from_config(CONFIGS["llama"]()), tmp_path)
     prompt, _ = _group(24)
     rng = np.random.default_rng(24)
     response = np.concatenate([prompt, rng.integers(0, VOCAB - 1, 110)])  # 260 tokens: 260 - 128 + 16 = 148
     other = rng.integers(0, VOCAB - 1, 2 * BLOCK_TOKENS)  # 128: first, and alone (128 + 148 > 256)
-    engine = _engine(folder, prefix_cache_tokens=3 * BLOCK_TOKENS, min_shared_prefix=0)
-    engine.score([prompt])
-    steps = list(run_steps(engine, [response, other], engine.read_positions([response, other])))
+    engine = _engine(folder, prefix_cache_tokens=3 * BLOCK_TOKENS, min_shared_prefix=0, tensor_parallel=tensor_parallel)
+    try:
+        engine.score([prompt])
+        steps = list(run_steps(engine, [response, other], engine.read_positions([response, other])))
+    finally:
+        engine.close()
     assert [step.indices for step in steps] == [[1], [0]]
     assert steps[1].cache.hits == 2 and steps[0].cache.evictions == 1  # one of its own two blocks
-    assert len(engine.prefix_cache.blocks) <= 3
+    block_bytes = BLOCK_TOKENS * kv_bytes_per_token(CONFIGS["llama"](), torch.float32, tensor_parallel)
+    assert steps[1].cache.bytes_held == 3 * block_bytes
     alone = _engine(folder, prefix_cache_tokens=1024).score([response])
-    assert np.array_equal(steps[1].outputs[0], alone)
+    if tensor_parallel == 1:
+        assert np.array_equal(steps[1].outputs[0], alone)
+    else:
+        assert np.abs(steps[1].outputs[0] - alone).max() <= TOLERANCE
 
 
 def test_the_server_reuses_a_prompt_across_requests(tmp_path, checkpoint, tokenizer, reference_reward):

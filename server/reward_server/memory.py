@@ -7,7 +7,7 @@ step at the widest point of one decoder layer (the layers run one after another,
 activations are live at a time), plus the keys/values of every layer for tokens that are a shared
 prefix (at most all of a step's tokens), times SLACK for temporaries the estimate does not name.
 A step's leading tokens read from the prefix cache are not computed, but their keys/values are held in
-the step: the engine's plan counts each as that share of a computed token (TorchRewardEngine._cost).
+the step: the engine's plan counts each as that share of a computed token (TorchRewardEngine.reserve).
 Attention that cannot use the fused kernel (sliding windows, soft-capping) also holds one
 sequence's [heads, tokens, tokens] scores in fp32; the longest sequence is `max_tokens`.
 

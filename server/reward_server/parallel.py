@@ -17,10 +17,11 @@ all_gather assembles the rows.
 
 Processes: the engine (the Triton stub, or a test) starts N worker processes, ranks 0..N-1, and
 holds no weights itself. Each step's inputs go to every rank through its own pipe; every rank runs
-the same packed forward; rank 0 answers with the head's outputs. A rank that dies ends the group:
-the others fail in their next collective, the engine raises EngineError and, in a server
-(`exit_on_failure`), exits so that the supervisor restarts tritonserver. Workers end with their
-engine (`close`, or the pipe closing when the engine process dies).
+the same packed forward; rank 0 answers with the head's outputs. The engine's plan asks the ranks
+which leading blocks their prefix caches hold (`reserve`: every rank holds them, rank 0 answers).
+A rank that dies ends the group: the others fail in their next collective, the engine raises
+EngineError and, in a server (`exit_on_failure`), exits so that the supervisor restarts tritonserver.
+Workers end with their engine (`close`, or the pipe closing when the engine process dies).
 """
 
 from __future__ import annotations
@@ -239,12 +240,13 @@ class RankGroup:
             with contextlib.suppress(EngineError):
                 self._fail("a tensor-parallel rank died")
 
-    def score_step(self, *arguments) -> Any:
+    def call(self, method: str, *arguments) -> Any:
+        """Every rank's engine runs its `method` on the same arguments; rank 0's answer."""
         if self.failure:
             raise EngineError(self.failure)
         for connection in self.connections:
             try:
-                connection.send(("score_step", arguments))
+                connection.send((method, arguments))
             except OSError:
                 self._fail("a tensor-parallel rank died")
         return self._receive(0)
@@ -289,6 +291,7 @@ def worker_main(rank: int, world: int, store: str, options: dict[str, Any], conn
         connection.send(("load_error", str(exc)))
         return
     info = dict(vocab_size=engine.vocab_size, spec=engine.spec, pad_token=engine.pad_token, max_step_tokens=engine.max_step_tokens)
+    info.update(cached_token_cost=engine.cached_token_cost)
     connection.send(("ready", info))
     while True:
         try:
@@ -298,10 +301,10 @@ def worker_main(rank: int, world: int, store: str, options: dict[str, Any], conn
         if kind == "stop":
             break
         try:
-            outputs = engine.score_step(*arguments)
+            answer = getattr(engine, kind)(*arguments)  # score_step, or a plan's reserve
         except Exception:  # the other ranks may wait in a collective: end the whole group
             connection.send(("error", traceback.format_exc()))
             os._exit(1)
         if rank == 0:  # every rank's cache keys, hits and evicts alike: rank 0's counters stand for all
-            connection.send(("ok", (outputs, engine.cache_counters, engine.device_wait)))
+            connection.send(("ok", (answer, engine.cache_counters, engine.device_wait) if kind == "score_step" else answer))
     dist.destroy_process_group()

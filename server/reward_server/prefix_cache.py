@@ -9,7 +9,7 @@ of its block: two sequences share a cached block only when all their tokens up t
 Values: per block, the keys/values of every layer, one tensor [layers, 2, kv_heads, BLOCK_TOKENS,
 head_dim] on the engine's device in the activation dtype (FP8 weights leave activations in bf16). With
 tensor parallelism each rank holds its own cache of its own kv heads: every rank sees the same tokens in
-the same order, so all ranks key, hit and evict identically.
+the same order (the plan's `reserve` included), so all ranks key, hold, hit and evict identically.
 
 Eviction: least recently used first; a sequence's blocks are touched from its last block to its first,
 so the tail of a chain goes before its head (a block is useless once the blocks before it are gone).

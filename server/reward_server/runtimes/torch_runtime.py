@@ -257,6 +257,7 @@ class TorchRewardEngine:
             info = self.ranks.info[0]
             self.vocab_size, self.spec, self.pad_token = info["vocab_size"], info["spec"], info["pad_token"]
             self.max_step_tokens = min(i["max_step_tokens"] for i in self.ranks.info)
+            self.cached_token_cost = info["cached_token_cost"]  # alike on every rank
             self._rank_counters = CacheCounters() if prefix_cache_tokens else None
             return
         if first_device or device in ("auto", "cuda"):
@@ -303,7 +304,7 @@ class TorchRewardEngine:
         reserved = self.prefix_cache.max_bytes if self.prefix_cache is not None else 0
         # Small steps keep a CPU's activations in cache; a GPU wants large ones; both within memory.
         memory = step_memory(trunk.config, DTYPES[dtype].itemsize, tensor_parallel, max_tokens, fp8=dtype == "fp8")
-        # A cached token is not computed, but a step holds its keys/values: its share of a computed token's memory (plan)
+        # A cached token is not computed, but a step holds its keys/values: its share of a computed token's memory (reserve)
         self.cached_token_cost = kv_per_token * SLACK / memory.per_token
         if cuda_graphs:  # the graphs' memory pool holds a captured step's activations, beside the allocator's for the others
             memory = StepMemory(memory.per_token, memory.fixed + memory.bytes(step_graphs.most_rows(tile_rows)))
@@ -355,9 +356,7 @@ class TorchRewardEngine:
         and costs its prefix once plus each member's own suffix. A shared prefix always ends
         before a sequence's first read position, so every output is read in its own suffix.
         With the prefix cache, leading blocks it holds cost only their keys/values' share of the
-        step's memory (`_cost`), and stay there until the next plan (PrefixCache.reserve)."""
-        if self.prefix_cache is not None:
-            self.prefix_cache.release()  # the last plan's steps have run
+        step's memory, and stay there until the next plan (`reserve`)."""
         firsts = [len(s) - 1 for s in sequences] if positions is None else [int(p[0]) for p in positions]
         groups = []
         if self.min_shared_prefix:
@@ -367,8 +366,11 @@ class TorchRewardEngine:
                 groups = [(n // self.attention_tile * self.attention_tile, m) for n, m in groups if n >= self.attention_tile]
         grouped = {i for _, members in groups for i in members}
         units = [members for _, members in groups] + [[i] for i in range(len(sequences)) if i not in grouped]
-        cost = [self._cost(sequences[m[0]][:n], n) + sum(len(sequences[i]) - n for i in m) for n, m in groups]
-        cost += [self._cost(sequences[unit[0]], firsts[unit[0]]) for unit in units[len(groups) :]]
+        # A unit's leading tokens, which the cache may hold (up to where score_step looks them up), and its own.
+        leads = [(sequences[m[0]][:n], n) for n, m in groups] + [(sequences[u[0]], firsts[u[0]]) for u in units[len(groups) :]]
+        own = [sum(len(sequences[i]) - n for i in m) for n, m in groups] + [0] * (len(units) - len(groups))
+        cached = self.reserve(leads)
+        cost = [len(t) - c + math.ceil(c * self.cached_token_cost) + o for (t, _), c, o in zip(leads, cached, own, strict=True)]
         steps = []
         for step_units in plan_steps(cost, self.max_step_tokens):
             step = Step(indices=[], prefixes=[])
@@ -380,13 +382,18 @@ class TorchRewardEngine:
             steps.append(step)
         return steps
 
-    def _cost(self, tokens: np.ndarray, limit: int) -> int:
-        """Step tokens of `tokens` whose cached leading blocks within tokens[:limit] (as score_step looks
-        them up) are read, not computed: their keys/values held in the step, a share of a token's memory."""
-        if self.prefix_cache is None:  # under tensor parallelism each rank holds its own: every token costs one
-            return len(tokens)
-        cached = self.prefix_cache.reserve(tokens, limit)
-        return len(tokens) - cached + math.ceil(cached * self.cached_token_cost)
+    def reserve(self, leads: Sequence[tuple[np.ndarray, int]]) -> list[int]:
+        """Tokens of each (tokens, limit)'s cached leading blocks within tokens[:limit], as score_step will
+        look them up, held in the cache until the next call (a plan's: PrefixCache.reserve); 0 without a
+        cache. A cached token is read, not computed, but its keys/values are held in the step: the plan
+        counts it as `cached_token_cost` of a computed token. Under tensor parallelism the ranks' caches
+        are alike (prefix_cache.py): every rank holds, rank 0 answers."""
+        if self.ranks is not None and self._rank_counters is not None:
+            return self.ranks.call("reserve", leads)
+        if self.prefix_cache is None:
+            return [0] * len(leads)
+        self.prefix_cache.release()  # the last plan's steps have run
+        return [self.prefix_cache.reserve(tokens, limit) for tokens, limit in leads]
 
     @torch.inference_mode()
     def score_step(
@@ -403,7 +410,7 @@ class TorchRewardEngine:
         With the prefix cache on, leading whole blocks
         found there are not computed, and the whole blocks computed are stored (prefix_cache.py)."""
         if self.ranks is not None:  # every rank runs this same step; rank 0 answers
-            outputs, self._rank_counters, self.device_wait = self.ranks.score_step(sequences, prefixes, positions)
+            outputs, self._rank_counters, self.device_wait = self.ranks.call("score_step", sequences, prefixes, positions)
             return outputs
         positions = self.read_positions(sequences) if positions is None else positions
         before: list[torch.Tensor | int | None] = [None] * len(sequences)
