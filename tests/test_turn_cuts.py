@@ -182,3 +182,40 @@ def test_a_request_of_many_rows_is_tokenized_in_one_call(chat, checkpoint, monke
     limited = Inputs(ChatTokenizer(str(checkpoint), max_tokens=4096, max_turns=8))
     with pytest.raises(RequestError, match="row 2: conversation: 10 turns is over the limit of 8"):
         limited.encode({protocol.CONVERSATION: column(json.dumps(c).encode() for c in [*conversations[:2], conversations[0] * 5])})
+
+
+def test_the_requests_of_a_batch_are_tokenized_in_one_call_and_fail_alone(chat, monkeypatch):
+    """Preprocessing's batch of requests (RLHF: one response a request): the texts of all of them in one
+    tokenizer call, each request's rows those it gets alone; a bad request gets its own error in its place,
+    and the requests beside it their rows (per-turn and cut rows are tokenized on their own, as alone)."""
+    import numpy as np
+
+    from reward_client import protocol
+    from reward_server.inputs import Inputs
+
+    inputs = Inputs(chat)
+    conversation = lambda n: [{"role": "user", "content": "hi " * n}, {"role": "assistant", "content": "ok " * n}]  # noqa: E731
+    column = lambda values: np.array([[v] for v in values], dtype=object)  # noqa: E731
+    requests = [
+        {protocol.CONVERSATION: column([json.dumps(conversation(3)).encode(), json.dumps(conversation(40)).encode()])},
+        {protocol.CONVERSATION: column([b"[{]"])},  # not JSON
+        {protocol.TEXT: column([b"plain text"])},
+        {protocol.CONVERSATION: column([json.dumps(conversation(5) * 2).encode()]), protocol.SCORE_TURNS: np.ones((1, 1), bool)},
+        {protocol.TOKENS: np.array([[5, 6, 7]], np.int32), protocol.TEXT: column([b"both"])},  # two sources
+        {protocol.CONVERSATION: column([json.dumps(conversation(7)).encode()])},
+    ]
+    alone = [inputs.encode_requests([r])[0] for r in requests]
+    calls = []
+    tokenizer_class = type(chat.tokenizer)
+    call = tokenizer_class.__call__
+    monkeypatch.setattr(tokenizer_class, "__call__", lambda self, *a, **k: calls.append(a) or call(self, *a, **k))
+    together = inputs.encode_requests(requests)
+    batched = [a for a in calls if isinstance(a[0], list)]
+    assert len(batched) == 1 and len(batched[0][0]) == 4  # 2 + 1 + 1 rows that are one text each
+    for got, expected in zip(together, alone, strict=True):
+        if isinstance(expected, Exception):
+            assert type(got) is type(expected) and str(got) == str(expected)
+        else:
+            assert [(ids.tolist(), reads.tolist()) for ids, reads in got] == [(ids.tolist(), reads.tolist()) for ids, reads in expected]
+    assert isinstance(together[1], RequestError) and isinstance(together[4], RequestError) and "exactly one of" in str(together[4])
+    assert len(together[3][0][1]) == 2  # the per-turn request: both assistant turns read

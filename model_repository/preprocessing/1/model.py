@@ -48,21 +48,26 @@ class TritonPythonModel:
         self.rejected = {reason: self.rejections.Metric(labels={**labels, "reason": reason}) for reason in REJECTION_REASONS}
 
     def execute(self, requests):
-        return [self._respond(request) for request in requests]
+        """The requests Triton batched, their texts tokenized in one call (Inputs.encode_requests); each
+        answered with its own rows or its own error."""
+        tensors = [{name: _numpy(pb_utils.get_input_tensor_by_name(request, name)) for name in INPUTS} for request in requests]
+        return [self._respond(encoded) for encoded in self.inputs.encode_requests(tensors)]
 
-    def _respond(self, request):
-        try:
-            tensors = {name: pb_utils.get_input_tensor_by_name(request, name) for name in INPUTS}
-            rows, reads = zip(*self.inputs.encode({k: None if t is None else t.as_numpy() for k, t in tensors.items()}), strict=True)
-        except RequestError as exc:
-            self.rejected[exc.reason].increment(1)
-            return pb_utils.InferenceResponse(error=pb_utils.TritonError(str(exc), pb_utils.TritonError.INVALID_ARG))
-        except Exception as exc:
-            pb_utils.Logger.log_error(f"preprocessing failed: {traceback.format_exc()}")
-            return pb_utils.InferenceResponse(error=pb_utils.TritonError(f"preprocessing failed: {type(exc).__name__}"))
+    def _respond(self, encoded):
+        if isinstance(encoded, RequestError):
+            self.rejected[encoded.reason].increment(1)
+            return pb_utils.InferenceResponse(error=pb_utils.TritonError(str(encoded), pb_utils.TritonError.INVALID_ARG))
+        if isinstance(encoded, Exception):
+            pb_utils.Logger.log_error(f"preprocessing failed: {''.join(traceback.format_exception(encoded))}")
+            return pb_utils.InferenceResponse(error=pb_utils.TritonError(f"preprocessing failed: {type(encoded).__name__}"))
+        rows, reads = zip(*encoded, strict=True)
         outputs = {
             protocol.INPUT_IDS: pad_rows(rows, self.pad_id),
             protocol.NUM_TOKENS: np.array([[len(row)] for row in rows], dtype=np.int32),
             protocol.SCORE_AT: pad_rows(reads, -1),
         }
         return pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(name, value) for name, value in outputs.items()])
+
+
+def _numpy(tensor):
+    return None if tensor is None else tensor.as_numpy()

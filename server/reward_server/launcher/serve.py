@@ -105,7 +105,7 @@ def server_environment(args: argparse.Namespace) -> dict[str, str]:
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     libdir = sysconfig.get_config_var("LIBDIR") or ""
     env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in [libdir, env.get("LD_LIBRARY_PATH", "")] if p)
-    # preprocessing tokenizes a request's rows in one call, spread over the cores (inputs.py); the stubs are
+    # preprocessing tokenizes a batch's requests in one call, spread over the cores (inputs.py); the stubs are
     # exec'd, not forked from a process that used the tokenizer, so the fork hazard it guards against is absent
     env.setdefault("TOKENIZERS_PARALLELISM", "true")
     for f in fields(Settings):
