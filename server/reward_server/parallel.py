@@ -241,7 +241,8 @@ class RankGroup:
                 self._fail("a tensor-parallel rank died")
 
     def call(self, method: str, *arguments) -> Any:
-        """Every rank's engine runs its `method` on the same arguments; rank 0's answer."""
+        """Every rank's engine runs its `method` on the same arguments; rank 0's answer, with its cache
+        counters and device wait after it (a step's)."""
         if self.failure:
             raise EngineError(self.failure)
         for connection in self.connections:
@@ -306,5 +307,5 @@ def worker_main(rank: int, world: int, store: str, options: dict[str, Any], conn
             connection.send(("error", traceback.format_exc()))
             os._exit(1)
         if rank == 0:  # every rank's cache keys, hits and evicts alike: rank 0's counters stand for all
-            connection.send(("ok", (answer, engine.cache_counters, engine.device_wait) if kind == "score_step" else answer))
+            connection.send(("ok", (answer, engine.cache_counters, engine.device_wait)))
     dist.destroy_process_group()

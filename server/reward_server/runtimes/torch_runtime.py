@@ -388,8 +388,9 @@ class TorchRewardEngine:
         cache. A cached token is read, not computed, but its keys/values are held in the step: the plan
         counts it as `cached_token_cost` of a computed token. Under tensor parallelism the ranks' caches
         are alike (prefix_cache.py): every rank holds, rank 0 answers."""
-        if self.ranks is not None and self._rank_counters is not None:
-            return self.ranks.call("reserve", leads)
+        if self.ranks is not None and self._rank_counters is not None:  # ranks with a cache
+            cached, _, _ = self.ranks.call("reserve", leads)
+            return cached
         if self.prefix_cache is None:
             return [0] * len(leads)
         self.prefix_cache.release()  # the last plan's steps have run
