@@ -36,7 +36,6 @@ import shutil
 import statistics
 import tempfile
 import time
-import urllib.request
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -45,14 +44,15 @@ import numpy as np
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from benchmarks import server_times
 from reward_server.batching import shared_prefixes
-from reward_server.metrics import STEP_DEVICE_WAIT, STEP_SECONDS, STEP_TOKENS
 from reward_server.prefix_cache import BLOCK_TOKENS, block_keys
 from reward_server.runtimes.torch_runtime import DTYPES, TorchRewardEngine
-from tests.live_server import REPO
+from tests.live_server import REPO, Server
 
 Conversation = list[dict[str, str]]
 MIXES = {"long": (64, 100, 3000), "short": (256, 30, 300)}  # conversations, fewest and most tokens (WorkloadMaker.mix)
+BEST_OF_REPEATS = 5  # best-of-8 is one call: the median of this many timed ones
 
 
 # ----------------------------------------------------------------------------- workloads
@@ -257,34 +257,6 @@ def group_costs(latencies: list[float], n: int = 8, echo: bool = False) -> dict[
     return costs
 
 
-def engine_steps(metrics_url: str) -> tuple[float, float, float, float]:
-    """The server's packed engine steps so far, from its metrics: (steps, tokens, seconds, seconds waiting for the device)."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    with urllib.request.urlopen(metrics_url, timeout=10) as response:
-        text = response.read().decode()
-    names = (f"{STEP_TOKENS}_count", f"{STEP_TOKENS}_sum", f"{STEP_SECONDS}_sum", f"{STEP_DEVICE_WAIT}_sum")
-    totals = dict.fromkeys(names, 0.0)
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name in totals:
-                totals[sample.name] += sample.value
-    return tuple(totals.values())
-
-
-def steps_since(metrics_url: str, before: tuple[float, float, float, float]) -> dict[str, float]:
-    """The server's engine steps since `before` (engine_steps then): how many, and per step their tokens, milliseconds
-    and milliseconds waiting for the device."""
-    steps, tokens, seconds, waited = (now - first for now, first in zip(engine_steps(metrics_url), before, strict=True))
-    per_step = max(steps, 1)
-    return {
-        "steps": steps,
-        "tokens_per_step": tokens / per_step,
-        "ms_per_step": 1e3 * seconds / per_step,
-        "device_wait_ms_per_step": 1e3 * waited / per_step,
-    }
-
-
 def through_server(url: str, conversations: list[Conversation], concurrency: int = 16, streams: bool = False) -> list[float]:
     """Client-side latency per conversation with `concurrency` requests in flight (one asyncio client).
     `streams`: conversation i is sent by stream i % concurrency, each stream one request after another
@@ -350,7 +322,7 @@ def main() -> None:
         from reward_client import RewardClient
         from tests.live_server import start_server, stop_server
 
-        settings = {"REWARD_CHECKPOINT": str(args.checkpoint), "REWARD_DTYPE": args.dtype, "REWARD_DEVICE": args.device}
+        settings = {"REWARD_CHECKPOINT": str(args.checkpoint), "REWARD_DTYPE": args.dtype, "REWARD_DEVICE": args.device, **server_times.ENV}
         settings["REWARD_CUDA_GRAPHS"] = str(args.cuda_graphs).lower()
         server = start_server(workdir / "server.log", env=settings)
     try:
@@ -363,12 +335,20 @@ def main() -> None:
             one_call: bool = False,
             reused: list[int] | None = None,
             warmup: Callable[[], object] | None = None,
+            observed: Server | None = None,
+            repeats: int = 1,
         ) -> list[float]:
             """`run` returns per-conversation latencies, unless `one_call` (then every latency is the call's);
             `reused`: leading tokens of each sequence the system does not compute (reused_tokens);
-            `warmup`: other work to warm up on (default: the same; a prefix cache would remember it)."""
+            `warmup`: other work to warm up on (default: the same; a prefix cache would remember it);
+            `observed`: the server `run` goes to, whose time in the timed runs is kept (server_times.since);
+            `repeats`: timed runs, the median one kept (one short call is one sample of a noisy machine)."""
             (warmup or run)()
-            seconds, latencies = timed(run)
+            before = server_times.snapshot(observed) if observed is not None else None
+            seconds, latencies = sorted((timed(run) for _ in range(repeats)), key=lambda t: t[0])[repeats // 2]
+            if observed is not None:
+                server_steps[f"{workload}: {system}"] = spent = server_times.since(observed, before, one_at_a_time=one_call)
+                print(f"    the server's time: {server_times.describe(spent)}", flush=True)
             latencies = [seconds] * len(ids) if one_call else latencies
             lengths = [len(s) for s in ids]
             results.append(
@@ -397,29 +377,27 @@ def main() -> None:
             call_ms, wait_ms = 1e3 * float(np.mean(calls[::16])), 1e3 * float(np.mean(systems.call_waits))  # (c)'s measured run
             alternating[name] = alternating_ratio(systems.one_at_a_time, systems.engine_in_process, ids)
             print(f"  (c) x (a), the two alternating chunk by chunk: {alternating[name]:.2f}", flush=True)
+            server_steps[f"{name}: c"] = {  # what (c)'s calls of 16 were, beside the server's steps
+                "tokens_per_call": sum(len(s) for s in ids) / -(-len(ids) // 16),
+                "ms_per_call": call_ms,
+                "device_wait_ms_per_call": wait_ms,  # after its last step's launch
+            }
             if server is not None:
-                before = engine_steps(server.metrics_url)
-                record("d server gRPC c=16", name, ids, lambda convs=convs: through_server(server.grpc_url, convs))
-                record("d server HTTP c=16", name, ids, lambda convs=convs: through_server(server.http_url, convs))
-                # Were the server's steps as large as (c)'s calls of 16, and as busy on the device? Warm-ups included,
-                # over gRPC and HTTP. A wait near 0 where (c)'s is not: the server's host is what the steps wait for.
-                server_steps[name] = {
-                    **steps_since(server.metrics_url, before),
-                    "c_tokens_per_call": sum(len(s) for s in ids) / -(-len(ids) // 16),
-                    "c_ms_per_call": call_ms,
-                    "c_device_wait_ms_per_call": wait_ms,  # after its last step's launch
-                }
-                print(f"  server steps ({name}): {server_steps[name]}", flush=True)
+                # Were the server's steps as large as (c)'s calls, and as busy on the device? A wait near 0 where (c)'s is not:
+                # the server's host is what the steps wait for; the engine's busy share below 1: the time between its steps.
+                for system, url in (("d server gRPC c=16", server.grpc_url), ("d server HTTP c=16", server.http_url)):
+                    record(system, name, ids, lambda url=url, convs=convs: through_server(url, convs), observed=server)
         if "best-of-8" in chosen:
             ids = systems.ids(best_of)
             record("a transformers 1-by-1", "best-of-8", ids, lambda: systems.one_at_a_time(ids))
             record("c engine, 8 separately", "best-of-8", ids, lambda: systems.engine_in_process(ids, concurrency=1))
             in_step = reused_tokens(ids, len(ids), False)
-            record("c engine, prefix reuse", "best-of-8", ids, lambda: systems.engine.score(ids), one_call=True, reused=in_step)
+            engine_call = lambda: systems.engine.score(ids)  # noqa: E731
+            record("c engine, prefix reuse", "best-of-8", ids, engine_call, one_call=True, reused=in_step, repeats=BEST_OF_REPEATS)
             if server is not None:
                 with RewardClient(server.grpc_url) as client:
                     run = lambda: client.score_responses(prompt, responses)  # noqa: E731
-                    record("d server score_responses", "best-of-8", ids, run, one_call=True, reused=in_step)
+                    record("d server score_responses", "best-of-8", ids, run, True, in_step, observed=server, repeats=BEST_OF_REPEATS)
         if "rlhf" in chosen:
             # Every measurement of a cache-on system on prompts it has not seen (warm-up included): the cache remembers.
             convs, warm = rlhf_groups(maker, args.rlhf_prompts), rlhf_groups(maker, 1)
@@ -436,15 +414,16 @@ def main() -> None:
                 env = {**settings, "REWARD_PREFIX_CACHE_TOKENS": str(args.prefix_cache_tokens), "REWARD_CUDA_GRAPHS": "false"}
                 cache_server = start_server(workdir / "server-cache.log", env=env)
                 try:
-                    for label, url, cache in (("off", server.grpc_url, False), ("on", cache_server.grpc_url, True)):
+                    for label, observed, cache in (("off", server, False), ("on", cache_server, True)):
                         # a group's 8 requests at once (in-step reuse computes its prompt about once), then 8 groups
                         # in flight, each a stream of one request after another (only the cache can reuse a prompt)
                         arrangements = ((1, convs, False, "c=1"), (8, concurrent, False, "c=8"), (8, in_flight, True, "8 streams"))
                         for c, timed_convs, streams, name in arrangements:
+                            url = observed.grpc_url
                             run, warm_run = (lambda u=url, w=w, c=c, s=streams: through_server(u, w, c, s) for w in (timed_convs, warm))
                             system, timed_ids = f"d gRPC {name}, cache {label}", systems.ids(timed_convs)
                             reused = reused_tokens(timed_ids, c, cache)
-                            latencies = record(system, "rlhf", timed_ids, run, reused=reused, warmup=warm_run)
+                            latencies = record(system, "rlhf", timed_ids, run, reused=reused, warmup=warm_run, observed=observed)
                             if c == 1:
                                 request_costs[system] = group_costs(latencies, echo=True)
                 finally:

@@ -6,7 +6,7 @@ at a time (a) and the engine in-process fed 16 a call (c), as `make bench` runs 
 
 Each setting (space-separated REWARD_* assignments; "" for the defaults) starts its own server, which is
 warmed up on the mix, then timed through reward_client over gRPC at concurrency 16 ((d) of benchmark.py);
-its engine steps in the timed run are read from its metrics. (a) and (c) run first and leave the device
+where its time went in the timed run is read from its metrics and statistics (server_times.py). (a) and (c) run first and leave the device
 before the servers start. Prints a line per system and writes JSON.
 """
 
@@ -21,7 +21,8 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.benchmark import DTYPES, MIXES, Systems, WorkloadMaker, engine_steps, steps_since, through_server, timed
+from benchmarks import server_times
+from benchmarks.benchmark import DTYPES, MIXES, Systems, WorkloadMaker, through_server, timed
 from tests.live_server import start_server, stop_server
 
 
@@ -63,19 +64,19 @@ def main() -> None:
         torch.cuda.empty_cache()
 
     report = {"mix": args.mix, "tokens": tokens, "dtype": args.dtype, "systems": {}}
-    base = {"REWARD_CHECKPOINT": str(checkpoint), "REWARD_DTYPE": args.dtype, "REWARD_DEVICE": args.device}
+    base = {"REWARD_CHECKPOINT": str(checkpoint), "REWARD_DTYPE": args.dtype, "REWARD_DEVICE": args.device, **server_times.ENV}
     for setting in args.settings:
         env = {**base, **dict(assignment.split("=", 1) for assignment in setting.split())}
         server = start_server(Path(tempfile.mkdtemp(prefix="reward-settings-")) / "server.log", env=env)
         try:
             through_server(server.grpc_url, conversations)  # the warm-up
-            before = engine_steps(server.metrics_url)
+            before = server_times.snapshot(server)
             system = f"d server gRPC c=16 {setting or '(defaults)'}"
             rates[system] = tokens / timed(lambda url=server.grpc_url: through_server(url, conversations))[0]
-            report["systems"][system] = steps_since(server.metrics_url, before)
+            report["systems"][system] = server_times.since(server, before)
         finally:
             stop_server(server)
-        print(f"  {system:<60} {rates[system]:>9.0f} tokens/s  {report['systems'][system]}", flush=True)
+        print(f"  {system:<60} {rates[system]:>9.0f} tokens/s  {server_times.describe(report['systems'][system])}", flush=True)
 
     a, c = rates["a transformers 1-by-1"], rates["c engine in-process"]
     for system, rate in rates.items():
