@@ -209,3 +209,77 @@ def test_the_engine_checks_requests_sent_to_it_directly(server, reference_reward
     assert scored[0] == pytest.approx(reference_reward(good), abs=1e-4)
     assert client.is_model_ready("reward_engine")
     client.close()
+
+
+def engine_inputs(rows: list[np.ndarray]) -> list:
+    """reward_engine's INPUT_IDS and NUM_TOKENS for `rows` of token ids (zero-padded to the longest)."""
+    ids = np.zeros((len(rows), max(len(r) for r in rows)), dtype=np.int32)
+    for i, row in enumerate(rows):
+        ids[i, : len(row)] = row
+    tensors = [grpcclient.InferInput(protocol.INPUT_IDS, list(ids.shape), "INT32")]
+    tensors.append(grpcclient.InferInput(protocol.NUM_TOKENS, [len(rows), 1], "INT32"))
+    tensors[0].set_data_from_numpy(ids)
+    tensors[1].set_data_from_numpy(np.array([[len(r)] for r in rows], dtype=np.int32))
+    return tensors
+
+
+def engine_counts(metrics_url: str) -> tuple[float, float]:
+    """reward_engine's requests waiting in Triton's queue now, and its packed steps so far."""
+    with urllib.request.urlopen(metrics_url, timeout=10) as response:
+        text = response.read().decode()
+    pending = re.search(r'nv_inference_pending_request_count\{model="reward_engine",version="1"\} (\S+)', text)
+    steps = re.search(rf"{metrics.STEP_TOKENS}_count\{{[^}}]*\}} (\S+)", text)
+    return float(pending[1]), float(steps[1]) if steps else 0.0
+
+
+def behind_a_long_request(server, client, hold: list[np.ndarray], rows: dict[str, np.ndarray]) -> tuple[bool, dict, float]:
+    """Send `hold` (one request), then each of `rows` as a request of its own while it runs: whether they all
+    waited in Triton's queue while it ran (then they are one batch), each one's REWARD or error, and the
+    engine's steps meanwhile."""
+    import queue
+    import time
+
+    done: queue.Queue = queue.Queue()
+
+    def send(name: str, request_rows: list[np.ndarray]) -> None:
+        client.async_infer("reward_engine", engine_inputs(request_rows), callback=lambda result, error: done.put((name, result, error)))
+
+    _, steps_before = engine_counts(server.metrics_url)
+    send("hold", hold)
+    time.sleep(0.5)  # it reaches the engine, which takes it at once
+    for name, row in rows.items():
+        send(name, [row])
+    deadline = time.monotonic() + 60
+    while engine_counts(server.metrics_url)[0] < len(rows) and done.empty() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    formed = engine_counts(server.metrics_url)[0] == len(rows) and done.empty()  # all queued, the long one still running
+    got = {}
+    for _ in range(len(rows) + 1):
+        name, result, error = done.get(timeout=120)
+        got[name] = error if error is not None else result.as_numpy(protocol.REWARD)[0, 0]
+    return formed, got, engine_counts(server.metrics_url)[1] - steps_before
+
+
+def test_a_batch_answered_over_two_steps_gives_every_request_its_own_answer(server):
+    """Requests queued behind a long one are one batch: one refused (sent at once), three short ones and a
+    1,400-token one answered by its first step of 2,048 tokens (sent at once), a 1,500-token one by its last
+    (returned with execute, beside the others' None). Each gets its own answer: the bits it gets alone, or its
+    error."""
+    rng = np.random.default_rng(11)
+    hold = [rng.integers(0, 128_000, 4000) for _ in range(16)]  # 16 steps of one row each: seconds on this CPU
+    batch = {"short0": 30, "short1": 31, "short2": 32, "first": 1400, "last": 1500}
+    rows = {"refused": np.array([5, 6, 10**7])} | {name: rng.integers(0, 128_000, n) for name, n in batch.items()}  # refused first
+    client = grpcclient.InferenceServerClient(server.grpc_url)
+    try:
+        for _ in range(3):  # until the batch formed behind the long request (the first time, unless the machine stalls)
+            formed, got, steps = behind_a_long_request(server, client, hold, rows)
+            if formed:
+                break
+        assert formed, "the batch never formed behind the long request"
+        assert steps == 16 + 2  # the long request's rows, then the batch in two steps
+        assert isinstance(got["refused"], InferenceServerException) and "token ids must lie in" in got["refused"].message()
+        for name in batch:
+            alone = client.infer("reward_engine", engine_inputs([rows[name]])).as_numpy(protocol.REWARD)[0, 0]
+            assert got[name] == alone, name  # bit for bit
+    finally:
+        client.close()

@@ -99,6 +99,7 @@ class StepResult:
     seconds: float
     cache: Any = None  # prefix_cache.CacheCounters of this step (bytes_held: after it), None when no cache
     device_wait: float | None = None  # of `seconds`, the wait for the device's results (RewardEngine.device_wait)
+    last: bool = True  # the last step of its run_steps: nothing is scored after it
 
     @property
     def reused(self) -> int:
@@ -111,7 +112,9 @@ def run_steps(engine: Any, sequences: Sequence[np.ndarray], positions: Sequence[
     """Score `sequences` with an engine (`plan`, `score_step`), step by step; identical sequences run once.
     A failing step is reported in its StepResult and the later steps still run."""
     representatives, members = unique(sequences, positions)
-    for step in engine.plan([sequences[r] for r in representatives], [positions[r] for r in representatives]):
+    steps = engine.plan([sequences[r] for r in representatives], [positions[r] for r in representatives])
+    for number, step in enumerate(steps, 1):
+        last = number == len(steps)
         chosen = [representatives[u] for u in step.indices]
         indices = [i for u in step.indices for i in members[u]]
         computed = [len(sequences[i]) for i in chosen]
@@ -120,12 +123,13 @@ def run_steps(engine: Any, sequences: Sequence[np.ndarray], positions: Sequence[
         try:
             scored = engine.score_step([sequences[i] for i in chosen], step.prefixes, [positions[i] for i in chosen])
         except Exception as exc:  # reported; the caller fails only this step's requests
-            yield StepResult(indices, None, exc, computed, step.prefixes, time.perf_counter() - started, _since(engine, counted))
+            seconds = time.perf_counter() - started
+            yield StepResult(indices, None, exc, computed, step.prefixes, seconds, _since(engine, counted), last=last)
             continue
         bounds = np.cumsum([0, *(len(positions[i]) for i in chosen)])
         outputs = [scored[bounds[k] : bounds[k + 1]] for k, u in enumerate(step.indices) for _ in members[u]]
         seconds = time.perf_counter() - started
-        yield StepResult(indices, outputs, None, computed, step.prefixes, seconds, _since(engine, counted), engine.device_wait)
+        yield StepResult(indices, outputs, None, computed, step.prefixes, seconds, _since(engine, counted), engine.device_wait, last)
 
 
 def _since(engine: Any, counted: Any) -> Any:

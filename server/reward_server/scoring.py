@@ -59,6 +59,7 @@ class Answer:
     request: int  # index into the batch's requests
     outputs: dict[str, np.ndarray] | None
     error: EngineError | None
+    last_step: bool = True  # from the batch's last step: no answer comes after it
 
 
 def answers(
@@ -89,9 +90,9 @@ def answers(
             if result.error is not None:
                 error = EngineError(f"reward engine failed: {type(result.error).__name__}")
                 error.__cause__ = result.error  # for the log; the client gets the short message
-                yield Answer(r, None, error)
+                yield Answer(r, None, error, result.last)
             elif rows_left[r] == 0:
-                yield Answer(r, response_tensors(engine, [outputs[i] for i, o in enumerate(owner) if o == r]), None)
+                yield Answer(r, response_tensors(engine, [outputs[i] for i, o in enumerate(owner) if o == r]), None, result.last)
             else:
                 continue  # rows of this request still wait in later steps
             answered.add(r)

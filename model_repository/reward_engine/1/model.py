@@ -9,11 +9,12 @@ Output REWARD          [B, 1]    FP32   the head's reward rule at the final read
        TURN_REWARDS    [B, T]    FP32   the reward at every read position (NaN padded)
        TURN_ATTRIBUTES [B, T, N] FP32   all head outputs at every read position (NaN padded)
 
-All rows of all requests in a dynamic batch are scored together (packed, no padding); each request
-is answered through its response sender as soon as its rows are scored (decoupled-style sending
-from a non-decoupled model: execute returns None). With `scoring_thread`, `execute` reads and checks the
-requests and hands them to a scoring thread (reward_server.scoring_loop), so that the next batch is read
-while a step runs.
+All rows of all requests in a dynamic batch are scored together (packed, no padding). A request answered
+by one of the batch's earlier steps is answered at once through its response sender; those of the last
+step, in the list execute returns (one message to Triton for all; None where a request was answered
+already). With `scoring_thread`, `execute` reads and checks the requests and hands them to a scoring
+thread (reward_server.scoring_loop), so that the next batch is read while a step runs; it answers each
+request through its response sender.
 """
 
 import traceback
@@ -42,34 +43,43 @@ class TritonPythonModel:
         self.loop = ScoringLoop(self.engine, self._answer, self.metrics.step) if self.settings.scoring_thread else None
 
     def execute(self, requests):
-        handles, batch = [], []
-        for request in requests:
+        handles, batch, places = [], [], []
+        for place, request in enumerate(requests):
             try:
                 batch.append(scoring.request_rows(self.engine, self.settings.max_tokens, *_inputs(request)))
                 handles.append(request)
+                places.append(place)
             except RequestError as exc:
                 self.metrics.rejected(exc.reason)
                 _send(request, pb_utils.InferenceResponse(error=pb_utils.TritonError(str(exc), pb_utils.TritonError.INVALID_ARG)))
         if self.loop is not None:
             self.loop.submit(handles, batch)
-        else:
-            for answer in scoring.answers(self.engine, batch, self.metrics.step):
+            return None
+        # Answers of the batch's last step go back in execute's list: one message to Triton for all of them
+        # instead of a round trip each (a response sender's send waits for Triton to take it). Requests
+        # answered by earlier steps go at once (short ones need not wait for long ones); None: answered already.
+        returned = [None] * len(requests)
+        for answer in scoring.answers(self.engine, batch, self.metrics.step):
+            if answer.last_step:
+                returned[places[answer.request]] = self._response(answer)
+            else:
                 self._answer(handles[answer.request], answer)
-        return None
+        return returned
 
     def finalize(self):
         if self.loop is not None:
             self.loop.close()
 
     def _answer(self, request, answer):
-        """One request's answer (sent from the scoring thread, with one)."""
+        """One request's answer sent at once (from the scoring thread, with one)."""
+        _send(request, self._response(answer))
+
+    def _response(self, answer):
         if answer.error is not None:
             pb_utils.Logger.log_error(f"{answer.error}: {''.join(traceback.format_exception(answer.error.__cause__))}")
-            response = pb_utils.InferenceResponse(error=pb_utils.TritonError(str(answer.error), pb_utils.TritonError.INTERNAL))
-        else:
-            self.metrics.scored(answer.outputs[protocol.ATTRIBUTES])
-            response = pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(k, v) for k, v in answer.outputs.items()])
-        _send(request, response)
+            return pb_utils.InferenceResponse(error=pb_utils.TritonError(str(answer.error), pb_utils.TritonError.INTERNAL))
+        self.metrics.scored(answer.outputs[protocol.ATTRIBUTES])
+        return pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(k, v) for k, v in answer.outputs.items()])
 
 
 def _inputs(request):

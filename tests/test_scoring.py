@@ -1,0 +1,67 @@
+"""The engine model's request logic (scoring.answers), with a real engine on the demo checkpoint: each request
+is answered by the step that scores its last row, with the bits it gets scored alone, and only the answers of
+the batch's last step say so (the engine model returns those in execute's list, one message to Triton, and
+sends the earlier ones at once)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from reward_client import protocol
+from reward_server.runtimes.torch_runtime import TorchRewardEngine
+from reward_server.scoring import Rows, answers
+
+
+class FailingStep:
+    """The engine, whose step number `fails` (1-based) raises."""
+
+    def __init__(self, engine: TorchRewardEngine, fails: int) -> None:
+        self.engine, self.fails, self.steps = engine, fails, 0
+
+    def __getattr__(self, name):
+        return getattr(self.engine, name)
+
+    def score_step(self, *args, **kwargs):
+        self.steps += 1
+        if self.steps == self.fails:
+            raise RuntimeError("this step fails")
+        return self.engine.score_step(*args, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def engine(checkpoint):
+    return TorchRewardEngine(str(checkpoint), device="cpu", max_step_tokens=256)
+
+
+@pytest.fixture(scope="module")
+def batch():
+    """Rows of 40, 200 + 50, 240 and 230 tokens, and a refused request (None): steps of 256 tokens, shortest
+    first, are [40, 50], [200], [230], [240]."""
+    rng = np.random.default_rng(7)
+    row = lambda n: rng.integers(0, 128_000, n)  # noqa: E731
+    rows = [[row(40)], [row(200), row(50)], [row(240)], None, [row(230)]]
+    return [None if r is None else Rows(r, [np.array([len(s) - 1]) for s in r]) for r in rows]
+
+
+def run(engine, batch) -> list[tuple[int, object]]:
+    """(steps run so far, answer) for each answer, in the order they come."""
+    steps = []
+    return [(len(steps), answer) for answer in answers(engine, batch, lambda result, lengths: steps.append(lengths))]
+
+
+def test_a_request_is_answered_by_the_step_of_its_last_row_and_only_the_last_steps_answers_say_last(engine, batch):
+    got = run(engine, batch)
+    assert [(step, a.request, a.last_step) for step, a in got] == [(1, 0, False), (2, 1, False), (3, 4, False), (4, 2, True)]
+    for _, answer in got:
+        rows = batch[answer.request].ids
+        alone = np.stack([engine.score([row])[0] for row in rows])  # bit-for-bit batch invariance
+        np.testing.assert_array_equal(answer.outputs[protocol.ATTRIBUTES], alone)
+
+
+@pytest.mark.parametrize(("fails", "failed", "last"), [(2, 1, False), (4, 2, True)])  # failed: the request of that step's row
+def test_a_failed_step_fails_its_requests_alone_and_says_whether_it_was_the_last(engine, batch, fails, failed, last):
+    got = {a.request: a for _, a in run(FailingStep(engine, fails), batch)}
+    assert sorted(got) == [0, 1, 2, 4]  # every request answered once; the refused one is not the engine's
+    assert got[failed].error is not None and "RuntimeError" in str(got[failed].error) and got[failed].last_step is last
+    assert all(a.error is None and a.outputs is not None for r, a in got.items() if r != failed)
