@@ -43,16 +43,19 @@ class EngineMetrics:
 
     def step(self, result, scored: list[int]) -> None:
         """One engine step (batching.StepResult): the lengths of every sequence it answered (`scored`,
-        duplicates included) and of the distinct ones it ran, of which groups shared a prefix."""
+        duplicates included) and of the distinct ones it ran, of which groups shared a prefix. Each update is a
+        round trip to Triton while the device idles between steps: counters that did not move are left alone."""
         self.tokens.increment(sum(scored))
-        self.reused.increment(result.reused)
+        if result.reused:
+            self.reused.increment(result.reused)
         self.step_tokens.observe(sum(result.computed) - result.reused)
         self.step_seconds.observe(result.seconds)
         if result.device_wait is not None:
             self.device_wait.observe(result.device_wait)
         if result.cache is not None:
             for name, count in (("hits", result.cache.hits), ("misses", result.cache.misses), ("evictions", result.cache.evictions)):
-                self.cache[name].increment(count)
+                if count:
+                    self.cache[name].increment(count)
             self.cache["cache_bytes"].set(result.cache.bytes_held)
 
     def scored(self, outputs: np.ndarray) -> None:
