@@ -1,7 +1,7 @@
-"""The engine model's request logic (scoring.answers), with a real engine on the demo checkpoint: each request
-is answered by the step that scores its last row, with the bits it gets scored alone, and only the answers of
-the batch's last step say so (the engine model returns those in execute's list, one message to Triton, and
-sends the earlier ones at once)."""
+"""The engine model's request logic (scoring.answers, every_answer), with a real engine on the demo checkpoint:
+each request is answered by the step that scores its last row, with the bits it gets scored alone, and only the
+answers of the batch's last step say so (the engine model returns those in execute's list, one message to
+Triton, and sends the earlier ones at once); whatever fails, each request gets exactly one answer."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 
 from reward_client import protocol
 from reward_server.runtimes.torch_runtime import TorchRewardEngine
-from reward_server.scoring import Rows, answers
+from reward_server.scoring import Rows, answers, every_answer
 
 
 class FailingStep:
@@ -27,6 +27,28 @@ class FailingStep:
         if self.steps == self.fails:
             raise RuntimeError("this step fails")
         return self.engine.score_step(*args, **kwargs)
+
+
+class FailingOutsideSteps:
+    """The engine, which fails outside its steps: in `plan`, or reading its cache counters before step `fails`."""
+
+    def __init__(self, engine: TorchRewardEngine, fails: int) -> None:
+        self.engine, self.fails, self.reads = engine, fails, 0
+
+    def __getattr__(self, name):
+        return getattr(self.engine, name)
+
+    def plan(self, *args, **kwargs):
+        if self.fails == 0:
+            raise ValueError("planning fails")
+        return self.engine.plan(*args, **kwargs)
+
+    @property
+    def cache_counters(self):
+        self.reads += 1  # run_steps reads them before each step
+        if self.reads == self.fails:
+            raise ValueError("counting fails")
+        return self.engine.cache_counters
 
 
 @pytest.fixture(scope="module")
@@ -65,3 +87,15 @@ def test_a_failed_step_fails_its_requests_alone_and_says_whether_it_was_the_last
     assert sorted(got) == [0, 1, 2, 4]  # every request answered once; the refused one is not the engine's
     assert got[failed].error is not None and "RuntimeError" in str(got[failed].error) and got[failed].last_step is last
     assert all(a.error is None and a.outputs is not None for r, a in got.items() if r != failed)
+
+
+@pytest.mark.parametrize(("fails", "scored"), [(0, []), (2, [0])])  # in the plan; before the second step (after the first's)
+def test_a_failure_outside_the_steps_answers_every_request_not_answered_yet(engine, batch, fails, scored):
+    got = list(every_answer(FailingOutsideSteps(engine, fails), batch))
+    assert sorted(a.request for a in got) == [0, 1, 2, 4]  # each once; the refused request (None) is not the engine's
+    for answer in got:
+        if answer.request in scored:
+            assert answer.error is None and answer.outputs is not None
+        else:
+            assert answer.outputs is None and str(answer.error) == "reward engine failed: ValueError"
+            assert isinstance(answer.error.__cause__, ValueError) and answer.last_step

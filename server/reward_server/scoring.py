@@ -98,6 +98,24 @@ def answers(
             answered.add(r)
 
 
+def every_answer(
+    engine: RewardEngine, requests: Sequence[Rows | None], on_step: Callable[[StepResult, list[int]], None] = lambda result, lengths: None
+) -> Iterator[Answer]:
+    """`answers`, and should anything outside the steps fail (they fail only their own requests), an EngineError
+    for every request not answered yet: each request gets exactly one answer, whatever fails."""
+    answered: set[int] = set()
+    try:
+        for answer in answers(engine, requests, on_step):
+            answered.add(answer.request)
+            yield answer
+    except Exception as exc:
+        error = EngineError(f"reward engine failed: {type(exc).__name__}")
+        error.__cause__ = exc  # for the log; the client gets the short message
+        for r, rows in enumerate(requests):
+            if rows is not None and r not in answered:
+                yield Answer(r, None, error)
+
+
 def response_tensors(engine: RewardEngine, outputs: Sequence[np.ndarray]) -> dict[str, np.ndarray]:
     """One request's output tensors from each row's head outputs [T_row, N]."""
     turns = pad_rows(outputs, np.nan)  # [B, T, N]

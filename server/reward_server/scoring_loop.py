@@ -21,9 +21,8 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from reward_server.batching import StepResult
-from reward_server.errors import EngineError
 from reward_server.runtimes import RewardEngine
-from reward_server.scoring import Answer, Rows, answers
+from reward_server.scoring import Answer, Rows, every_answer
 
 
 class ScoringLoop:
@@ -74,17 +73,8 @@ class ScoringLoop:
             self._score([h for handles, _ in taken for h in handles], [rows for _, batch in taken for rows in batch])
 
     def _score(self, handles: list[Any], batch: list[Rows]) -> None:
-        answered: set[int] = set()
-        try:
-            for answer in answers(self.engine, batch, self.on_step):
-                answered.add(answer.request)
-                self._send(handles[answer.request], answer)
-        except Exception as exc:  # the thread must outlive any batch: nothing submitted is left unanswered
-            error = EngineError(f"reward engine failed: {type(exc).__name__}")
-            error.__cause__ = exc
-            for r in range(len(handles)):
-                if r not in answered:
-                    self._send(handles[r], Answer(r, None, error))
+        for answer in every_answer(self.engine, batch, self.on_step):  # the thread outlives any batch's failure
+            self._send(handles[answer.request], answer)
 
     def _send(self, handle: Any, answer: Answer) -> None:
         try:
