@@ -13,42 +13,32 @@ from reward_server.runtimes.torch_runtime import TorchRewardEngine
 from reward_server.scoring import Rows, answers, every_answer
 
 
-class FailingStep:
-    """The engine, whose step number `fails` (1-based) raises."""
+class Failing:
+    """The engine, failing before its step number `step` (1-based; 0: in `plan`), outside the step (reading its
+    cache counters, as run_steps does before each step: ValueError) or inside it (`inside`: RuntimeError)."""
 
-    def __init__(self, engine: TorchRewardEngine, fails: int) -> None:
-        self.engine, self.fails, self.steps = engine, fails, 0
-
-    def __getattr__(self, name):
-        return getattr(self.engine, name)
-
-    def score_step(self, *args, **kwargs):
-        self.steps += 1
-        if self.steps == self.fails:
-            raise RuntimeError("this step fails")
-        return self.engine.score_step(*args, **kwargs)
-
-
-class FailingOutsideSteps:
-    """The engine, which fails outside its steps: in `plan`, or reading its cache counters before step `fails`."""
-
-    def __init__(self, engine: TorchRewardEngine, fails: int) -> None:
-        self.engine, self.fails, self.reads = engine, fails, 0
+    def __init__(self, engine: TorchRewardEngine, step: int, inside: bool = False) -> None:
+        self.engine, self.step, self.inside, self.steps = engine, step, inside, 0
 
     def __getattr__(self, name):
         return getattr(self.engine, name)
 
     def plan(self, *args, **kwargs):
-        if self.fails == 0:
+        if self.step == 0:
             raise ValueError("planning fails")
         return self.engine.plan(*args, **kwargs)
 
     @property
     def cache_counters(self):
-        self.reads += 1  # run_steps reads them before each step
-        if self.reads == self.fails:
+        self.steps += 1
+        if self.steps == self.step and not self.inside:
             raise ValueError("counting fails")
         return self.engine.cache_counters
+
+    def score_step(self, *args, **kwargs):
+        if self.steps == self.step and self.inside:
+            raise RuntimeError("this step fails")
+        return self.engine.score_step(*args, **kwargs)
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +73,7 @@ def test_a_request_is_answered_by_the_step_of_its_last_row_and_only_the_last_ste
 
 @pytest.mark.parametrize(("fails", "failed", "last"), [(2, 1, False), (4, 2, True)])  # failed: the request of that step's row
 def test_a_failed_step_fails_its_requests_alone_and_says_whether_it_was_the_last(engine, batch, fails, failed, last):
-    got = {a.request: a for _, a in run(FailingStep(engine, fails), batch)}
+    got = {a.request: a for _, a in run(Failing(engine, fails, inside=True), batch)}
     assert sorted(got) == [0, 1, 2, 4]  # every request answered once; the refused one is not the engine's
     assert got[failed].error is not None and "RuntimeError" in str(got[failed].error) and got[failed].last_step is last
     assert all(a.error is None and a.outputs is not None for r, a in got.items() if r != failed)
@@ -91,7 +81,7 @@ def test_a_failed_step_fails_its_requests_alone_and_says_whether_it_was_the_last
 
 @pytest.mark.parametrize(("fails", "scored"), [(0, []), (2, [0])])  # in the plan; before the second step (after the first's)
 def test_a_failure_outside_the_steps_answers_every_request_not_answered_yet(engine, batch, fails, scored):
-    got = list(every_answer(FailingOutsideSteps(engine, fails), batch))
+    got = list(every_answer(Failing(engine, fails), batch))
     assert sorted(a.request for a in got) == [0, 1, 2, 4]  # each once; the refused request (None) is not the engine's
     for answer in got:
         if answer.request in scored:
