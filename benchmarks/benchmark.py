@@ -418,8 +418,8 @@ def main() -> None:
                         # a group's 8 requests at once (in-step reuse computes its prompt about once), then 8 groups
                         # in flight, each a stream of one request after another (only the cache can reuse a prompt)
                         arrangements = ((1, convs, False, "c=1"), (8, concurrent, False, "c=8"), (8, in_flight, True, "8 streams"))
+                        url = observed.grpc_url
                         for c, timed_convs, streams, name in arrangements:
-                            url = observed.grpc_url
                             run, warm_run = (lambda u=url, w=w, c=c, s=streams: through_server(u, w, c, s) for w in (timed_convs, warm))
                             system, timed_ids = f"d gRPC {name}, cache {label}", systems.ids(timed_convs)
                             reused = reused_tokens(timed_ids, c, cache)

@@ -1,4 +1,4 @@
-"""The engine model's request logic (scoring.answers, every_answer), with a real engine on the demo checkpoint:
+"""The engine model's request logic (scoring.answers), with a real engine on the demo checkpoint:
 each request is answered by the step that scores its last row, with the bits it gets scored alone, and only the
 answers of the batch's last step say so (the engine model returns those in execute's list, one message to
 Triton, and sends the earlier ones at once); whatever fails, each request gets exactly one answer."""
@@ -10,7 +10,7 @@ import pytest
 
 from reward_client import protocol
 from reward_server.runtimes.torch_runtime import TorchRewardEngine
-from reward_server.scoring import Rows, answers, every_answer
+from reward_server.scoring import Rows, answers
 
 
 class Failing:
@@ -81,7 +81,7 @@ def test_a_failed_step_fails_its_requests_alone_and_says_whether_it_was_the_last
 
 @pytest.mark.parametrize(("fails", "scored"), [(0, []), (2, [0])])  # in the plan; before the second step (after the first's)
 def test_a_failure_outside_the_steps_answers_every_request_not_answered_yet(engine, batch, fails, scored):
-    got = list(every_answer(Failing(engine, fails), batch))
+    got = list(answers(Failing(engine, fails), batch))
     assert sorted(a.request for a in got) == [0, 1, 2, 4]  # each once; the refused request (None) is not the engine's
     for answer in got:
         if answer.request in scored:

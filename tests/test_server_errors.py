@@ -15,6 +15,7 @@ from tritonclient.utils import InferenceServerException
 
 from reward_client import InvalidConversationError, RewardClient, protocol
 from reward_server import metrics
+from reward_server.tensors import pad_rows
 
 GOOD = [{"role": "user", "content": "What is 1+1?"}, {"role": "assistant", "content": "1+1=2"}]
 
@@ -213,9 +214,7 @@ def test_the_engine_checks_requests_sent_to_it_directly(server, reference_reward
 
 def engine_inputs(rows: list[np.ndarray]) -> list:
     """reward_engine's INPUT_IDS and NUM_TOKENS for `rows` of token ids (zero-padded to the longest)."""
-    ids = np.zeros((len(rows), max(len(r) for r in rows)), dtype=np.int32)
-    for i, row in enumerate(rows):
-        ids[i, : len(row)] = row
+    ids = pad_rows(rows, 0).astype(np.int32)
     tensors = [grpcclient.InferInput(protocol.INPUT_IDS, list(ids.shape), "INT32")]
     tensors.append(grpcclient.InferInput(protocol.NUM_TOKENS, [len(rows), 1], "INT32"))
     tensors[0].set_data_from_numpy(ids)

@@ -67,45 +67,35 @@ def answers(
 ) -> Iterator[Answer]:
     """Score every row of every request (None: a request already refused) in the engine's steps and
     yield each request's Answer as soon as its last row is scored: short requests do not wait for long
-    ones. A failing step fails only the requests with rows in it. `on_step(result, lengths)` sees each
-    step and the lengths of the rows it answered."""
-    sequences, reads, owner = [], [], []
-    for r, rows in enumerate(requests):
-        if rows is not None:
-            sequences += rows.ids
-            reads += rows.reads
-            owner += [r] * len(rows.ids)
-    reads = engine.read_positions(sequences, reads)
-    outputs: list[np.ndarray | None] = [None] * len(sequences)  # row i's head outputs [reads, N]
-    rows_left = np.bincount(owner, minlength=len(requests))
-    answered: set[int] = set()
-    for result in run_steps(engine, sequences, reads):
-        if result.error is None:
-            on_step(result, [len(sequences[i]) for i in result.indices])
-            for i, output in zip(result.indices, result.outputs, strict=True):
-                outputs[i] = output
-        for i in result.indices:
-            rows_left[owner[i]] -= 1
-        for r in sorted({owner[i] for i in result.indices} - answered):
-            if result.error is not None:
-                yield Answer(r, None, engine_error(result.error), result.last)
-            elif rows_left[r] == 0:
-                yield Answer(r, response_tensors(engine, [outputs[i] for i, o in enumerate(owner) if o == r]), None, result.last)
-            else:
-                continue  # rows of this request still wait in later steps
-            answered.add(r)
-
-
-def every_answer(
-    engine: RewardEngine, requests: Sequence[Rows | None], on_step: Callable[[StepResult, list[int]], None] = lambda result, lengths: None
-) -> Iterator[Answer]:
-    """`answers`, and should anything outside the steps fail (they fail only their own requests), an EngineError
-    for every request not answered yet: each request gets exactly one answer, whatever fails."""
+    ones. A failing step fails only the requests with rows in it; should anything outside the steps fail
+    (planning, say), every request not answered yet gets an EngineError: each request gets exactly one
+    answer, whatever fails. `on_step(result, lengths)` sees each step and the lengths of the rows it answered."""
     answered: set[int] = set()
     try:
-        for answer in answers(engine, requests, on_step):
-            answered.add(answer.request)
-            yield answer
+        sequences, reads, owner = [], [], []
+        for r, rows in enumerate(requests):
+            if rows is not None:
+                sequences += rows.ids
+                reads += rows.reads
+                owner += [r] * len(rows.ids)
+        reads = engine.read_positions(sequences, reads)
+        outputs: list[np.ndarray | None] = [None] * len(sequences)  # row i's head outputs [reads, N]
+        rows_left = np.bincount(owner, minlength=len(requests))
+        for result in run_steps(engine, sequences, reads):
+            if result.error is None:
+                on_step(result, [len(sequences[i]) for i in result.indices])
+                for i, output in zip(result.indices, result.outputs, strict=True):
+                    outputs[i] = output
+            for i in result.indices:
+                rows_left[owner[i]] -= 1
+            for r in sorted({owner[i] for i in result.indices} - answered):
+                if result.error is not None:
+                    yield Answer(r, None, engine_error(result.error), result.last)
+                elif rows_left[r] == 0:
+                    yield Answer(r, response_tensors(engine, [outputs[i] for i, o in enumerate(owner) if o == r]), None, result.last)
+                else:
+                    continue  # rows of this request still wait in later steps
+                answered.add(r)
     except Exception as exc:
         error = engine_error(exc)
         for r, rows in enumerate(requests):

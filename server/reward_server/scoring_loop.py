@@ -22,7 +22,7 @@ from typing import Any
 
 from reward_server.batching import StepResult
 from reward_server.runtimes import RewardEngine
-from reward_server.scoring import Answer, Rows, every_answer
+from reward_server.scoring import Answer, Rows, answers
 
 
 class ScoringLoop:
@@ -73,7 +73,7 @@ class ScoringLoop:
             self._score([h for handles, _ in taken for h in handles], [rows for _, batch in taken for rows in batch])
 
     def _score(self, handles: list[Any], batch: list[Rows]) -> None:
-        for answer in every_answer(self.engine, batch, self.on_step):  # the thread outlives any batch's failure
+        for answer in answers(self.engine, batch, self.on_step):  # the thread outlives any batch's failure
             self._send(handles[answer.request], answer)
 
     def _send(self, handle: Any, answer: Answer) -> None:

@@ -59,7 +59,7 @@ class TritonPythonModel:
         # instead of a round trip each (a response sender's send waits for Triton to take it). Requests
         # answered by earlier steps go at once (short ones need not wait for long ones); None: answered already.
         returned = [None] * len(requests)
-        for answer in scoring.every_answer(self.engine, batch, self.metrics.step):
+        for answer in scoring.answers(self.engine, batch, self.metrics.step):
             if answer.last_step:
                 returned[places[answer.request]] = self._response(answer)
             else:
