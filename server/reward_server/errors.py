@@ -29,3 +29,10 @@ class EngineError(RuntimeError):
     def __init__(self, message: str, invalid: bool = False) -> None:
         super().__init__(message)
         self.invalid = invalid
+
+    @classmethod
+    def caused_by(cls, cause: Exception) -> EngineError:
+        """What a request whose scoring failed is told (the short message), with the cause for the log."""
+        error = cls(f"reward engine failed: {type(cause).__name__}")
+        error.__cause__ = cause
+        return error

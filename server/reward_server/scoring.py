@@ -90,24 +90,17 @@ def answers(
                 rows_left[owner[i]] -= 1
             for r in sorted({owner[i] for i in result.indices} - answered):
                 if result.error is not None:
-                    yield Answer(r, None, engine_error(result.error), result.last)
+                    yield Answer(r, None, EngineError.caused_by(result.error), result.last)
                 elif rows_left[r] == 0:
                     yield Answer(r, response_tensors(engine, [outputs[i] for i, o in enumerate(owner) if o == r]), None, result.last)
                 else:
                     continue  # rows of this request still wait in later steps
                 answered.add(r)
     except Exception as exc:
-        error = engine_error(exc)
+        error = EngineError.caused_by(exc)
         for r, rows in enumerate(requests):
             if rows is not None and r not in answered:
                 yield Answer(r, None, error)
-
-
-def engine_error(cause: Exception) -> EngineError:
-    """What a request whose scoring failed is told (the short message), with the cause for the log."""
-    error = EngineError(f"reward engine failed: {type(cause).__name__}")
-    error.__cause__ = cause
-    return error
 
 
 def response_tensors(engine: RewardEngine, outputs: Sequence[np.ndarray]) -> dict[str, np.ndarray]:

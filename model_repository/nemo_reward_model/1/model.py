@@ -96,7 +96,7 @@ class TritonPythonModel:
                 scores[start : start + len(chunk)] = list(pb_utils.get_output_tensor_by_name(response, output).as_numpy())
             except Exception as exc:
                 pb_utils.Logger.log_error(f"reward engine call failed: {traceback.format_exc()}")
-                failure = exc if isinstance(exc, EngineError) else EngineError(f"reward engine failed: {type(exc).__name__}")
+                failure = exc if isinstance(exc, EngineError) else EngineError.caused_by(exc)
                 errors[start : start + len(chunk)] = [failure] * len(chunk)
         return scores, errors
 
