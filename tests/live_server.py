@@ -9,8 +9,12 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+
+from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.samples import Sample
 
 from reward_client import TLS, RewardClient
 from reward_server.launcher.serve import free_loopback_ports
@@ -54,6 +58,18 @@ class Server:
     @property
     def metrics_url(self) -> str:
         return f"http://localhost:{self.metrics_port}/metrics"
+
+    def metrics(self) -> list[Sample]:
+        """Every sample on the metrics port now, parsed by prometheus_client (which names the samples of
+        Triton's nv_* counters, exported without a suffix, with `_total`, as it names every counter's)."""
+        text = urllib.request.urlopen(self.metrics_url, timeout=10).read().decode()
+        return [sample for family in text_string_to_metric_families(text) for sample in family.samples]
+
+
+def metric(samples: list[Sample], name: str, **labels: str) -> float | None:
+    """The sum of `name`'s samples whose labels include `labels`; None when no such sample is exported."""
+    values = [sample.value for sample in samples if sample.name == name and labels.items() <= sample.labels.items()]
+    return sum(values) if values else None
 
 
 class BackgroundLoop:

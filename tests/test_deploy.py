@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import re
 import shlex
-import urllib.request
 from dataclasses import fields
 from pathlib import PurePosixPath
 
@@ -77,8 +76,7 @@ def test_autoscaling_metric_is_exported_by_the_server(server):
     hpa = kind("HorizontalPodAutoscaler")
     metric = hpa["spec"]["metrics"][0]["pods"]["metric"]
     ((label, value),) = metric["selector"]["matchLabels"].items()
-    exposition = urllib.request.urlopen(server.metrics_url, timeout=10).read().decode()
-    assert any(line.startswith(metric["name"] + "{") and f'{label}="{value}"' in line for line in exposition.splitlines())
+    assert any(sample.name == metric["name"] and sample.labels.get(label) == value for sample in server.metrics())
 
 
 def dockerfile(name: str) -> list[tuple[str, str]]:

@@ -13,6 +13,7 @@ import pytest
 
 from reward_client import InvalidConversationError, RewardClient
 from reward_server import metrics
+from tests.live_server import metric
 from tests.prometheus_server import promtool_check, start_prometheus, stop_prometheus
 
 GOOD = [{"role": "user", "content": "Count me."}, {"role": "assistant", "content": "Counted."}]
@@ -24,9 +25,9 @@ def exposition(server) -> str:
 
 
 def success_count(server, model: str) -> float:
-    match = re.search(rf'^nv_inference_request_success{{model="{model}",version="1"}} (\S+)$', exposition(server), re.MULTILINE)
-    assert match, f"nv_inference_request_success for {model} not exported"
-    return float(match.group(1))
+    count = metric(server.metrics(), "nv_inference_request_success_total", model=model)
+    assert count is not None, f"nv_inference_request_success for {model} not exported"
+    return count
 
 
 def test_request_success_counts_requests(server):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-import urllib.request
 from types import SimpleNamespace
 
 import numpy as np
@@ -17,6 +16,7 @@ from reward_server.batching import run_steps
 from reward_server.prefix_cache import BLOCK_TOKENS, CacheCounters, PrefixCache, block_keys, kv_bytes_per_token
 from reward_server.runtimes import torch_runtime
 from reward_server.runtimes.torch_runtime import TorchRewardEngine
+from tests.live_server import metric
 from tests.test_architectures import CONFIGS, TOLERANCE, VOCAB, _eager, _engine, _save
 
 PER_TOKEN = 8  # bytes per token of the small caches below: one block of 64 tokens is [1, 2, 1, 64, 1] fp32 values
@@ -369,7 +369,6 @@ def test_the_server_reuses_a_prompt_across_requests(tmp_path, checkpoint, tokeni
 
 
 def _counter(server, name: str) -> float:
-    text = urllib.request.urlopen(server.metrics_url, timeout=10).read().decode()
-    match = re.search(rf"^{name}\{{[^}}]*\}} (\S+)$", text, re.MULTILINE)
-    assert match, f"{name} not exported"
-    return float(match.group(1))
+    value = metric(server.metrics(), name)
+    assert value is not None, f"{name} not exported"
+    return value

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import re
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -16,6 +14,7 @@ from tritonclient.utils import InferenceServerException
 from reward_client import InvalidConversationError, RewardClient, protocol
 from reward_server import metrics
 from reward_server.tensors import pad_rows
+from tests.live_server import metric
 
 GOOD = [{"role": "user", "content": "What is 1+1?"}, {"role": "assistant", "content": "1+1=2"}]
 
@@ -82,10 +81,9 @@ REASONS = {
 def rejected(server) -> dict[str, float]:
     """reward_requests_rejected_total by reason, summed over models."""
     counts: dict[str, float] = {}
-    for line in urllib.request.urlopen(server.metrics_url, timeout=10).read().decode().splitlines():
-        if line.startswith(metrics.REJECTED + "{"):
-            reason = re.search(r'reason="([^"]+)"', line).group(1)
-            counts[reason] = counts.get(reason, 0) + float(line.rsplit(" ", 1)[1])
+    for sample in server.metrics():
+        if sample.name == metrics.REJECTED:
+            counts[sample.labels["reason"]] = counts.get(sample.labels["reason"], 0) + sample.value
     return counts
 
 
@@ -222,13 +220,11 @@ def engine_inputs(rows: list[np.ndarray]) -> list:
     return tensors
 
 
-def engine_counts(metrics_url: str) -> tuple[float, float]:
+def engine_counts(server) -> tuple[float, float]:
     """reward_engine's requests waiting in Triton's queue now, and its packed steps so far."""
-    with urllib.request.urlopen(metrics_url, timeout=10) as response:
-        text = response.read().decode()
-    pending = re.search(r'nv_inference_pending_request_count\{model="reward_engine",version="1"\} (\S+)', text)
-    steps = re.search(rf"{metrics.STEP_TOKENS}_count\{{[^}}]*\}} (\S+)", text)
-    return float(pending[1]), float(steps[1]) if steps else 0.0
+    samples = server.metrics()
+    pending = metric(samples, "nv_inference_pending_request_count", model="reward_engine")
+    return pending, metric(samples, f"{metrics.STEP_TOKENS}_count") or 0.0
 
 
 def behind_a_long_request(server, client, hold: list[np.ndarray], rows: dict[str, np.ndarray]) -> tuple[bool, dict, float]:
@@ -243,20 +239,20 @@ def behind_a_long_request(server, client, hold: list[np.ndarray], rows: dict[str
     def send(name: str, request_rows: list[np.ndarray]) -> None:
         client.async_infer("reward_engine", engine_inputs(request_rows), callback=lambda result, error: done.put((name, result, error)))
 
-    _, steps_before = engine_counts(server.metrics_url)
+    _, steps_before = engine_counts(server)
     send("hold", hold)
     time.sleep(0.5)  # it reaches the engine, which takes it at once
     for name, row in rows.items():
         send(name, [row])
     deadline = time.monotonic() + 60
-    while engine_counts(server.metrics_url)[0] < len(rows) and done.empty() and time.monotonic() < deadline:
+    while engine_counts(server)[0] < len(rows) and done.empty() and time.monotonic() < deadline:
         time.sleep(0.01)
-    formed = engine_counts(server.metrics_url)[0] == len(rows) and done.empty()  # all queued, the long one still running
+    formed = engine_counts(server)[0] == len(rows) and done.empty()  # all queued, the long one still running
     got = {}
     for _ in range(len(rows) + 1):
         name, result, error = done.get(timeout=120)
         got[name] = error if error is not None else result.as_numpy(protocol.REWARD)[0, 0]
-    return formed, got, engine_counts(server.metrics_url)[1] - steps_before
+    return formed, got, engine_counts(server)[1] - steps_before
 
 
 def test_a_batch_answered_over_two_steps_gives_every_request_its_own_answer(server):

@@ -5,10 +5,8 @@ rank killed under load."""
 from __future__ import annotations
 
 import os
-import re
 import signal
 import time
-import urllib.request
 
 import numpy as np
 import pytest
@@ -154,9 +152,7 @@ def test_tensor_parallel_server_rides_out_a_killed_rank(tmp_path, checkpoint, re
 
 def _steps_by_instance(server) -> dict[str, float]:
     """reward_engine's steps so far, per instance label, from :8002."""
-    text = urllib.request.urlopen(server.metrics_url, timeout=10).read().decode()
-    found = re.findall(rf'^{metrics.STEP_TOKENS}_count\{{[^}}]*instance="([^"]+)"[^}}]*\}} (\S+)$', text, re.MULTILINE)
-    return {instance: float(count) for instance, count in found}
+    return {s.labels["instance"]: s.value for s in server.metrics() if s.name == f"{metrics.STEP_TOKENS}_count" and "instance" in s.labels}
 
 
 def test_two_engine_instances_of_tensor_parallel_2_both_serve(tmp_path, checkpoint, reference_reward):
