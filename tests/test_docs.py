@@ -6,10 +6,13 @@ import re
 
 from reward_client import Retry, Timeout
 from reward_client.cli import parser
+from reward_server import metrics
+from reward_server.errors import REJECTION_REASONS
 from reward_server.settings import describe
 from tests.live_server import REPO
 
 README = (REPO / "README.md").read_text()
+DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 
 
 def table_rows(heading: str) -> list[list[str]]:
@@ -66,10 +69,32 @@ def test_the_cli_uses_the_sdk_defaults():
 
 def test_docs_name_no_moved_script():
     """The launcher and the benchmark moved (issue 11): no doc still sends a reader to the old paths."""
-    docs = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
-    for doc in docs:
+    for doc in DOCS:
         for old in ("build/serve.py", "tests/benchmark.py", "tests/soak.py", "build/supervisor.py", "build/tls_proxy.py"):
             assert not re.search(rf"(?<![\w/]){re.escape(old)}", doc.read_text()), (
                 doc.name,
                 old,
             )
+
+
+def test_every_make_variable_in_the_docs_is_read_by_the_makefile():
+    """`make serve ADMIN_KEY=...` would start a server that silently ignores the key: every VAR= a doc puts
+    after a make target is one the Makefile uses."""
+    makefile = (REPO / "Makefile").read_text()
+    found = {
+        (doc.name, variable)
+        for doc in DOCS
+        for command in re.findall(r"make [a-z]+((?: [A-Z_]+=\S*)+)", doc.read_text())
+        for variable in re.findall(r" ([A-Z_]+)=", command)
+    }
+    assert found, "no documented make variable found: the pattern no longer matches the docs"
+    unread = {(doc, variable) for doc, variable in found if f"$({variable})" not in makefile and f"$${{{variable}" not in makefile}
+    assert not unread, unread
+
+
+def test_the_documented_rejection_reasons_are_the_code():
+    """docs/monitoring.md lists every value of reward_requests_rejected_total's `reason`, and no other."""
+    row = next(line for line in (REPO / "docs" / "monitoring.md").read_text().splitlines() if line.startswith(f"| `{metrics.REJECTED}`"))
+    values = re.sub(r"\([^()]*\)", "", row.split("`reason` ∈", 1)[1])  # each value's explanation dropped
+    listed = re.findall(r"`(\w+)`", values)
+    assert sorted(listed) == sorted(REJECTION_REASONS)
