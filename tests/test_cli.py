@@ -215,3 +215,45 @@ def test_written_records_match_their_input_by_key():
     for record in (nemo, messages, {"messages": messages, "id": 3}):
         assert record_key(labelled(record, ["quality:1"])) == record_key(record)
     assert record_key(nemo) != record_key({**nemo, "system": "other"})
+
+
+class _ConstantScores:
+    """An AsyncRewardClient's score_group, without a server: the same scores for every conversation."""
+
+    async def score_group(self, conversations):
+        return [Score(1.0, {"quality": 3.2}) for _ in conversations]
+
+
+def test_records_that_differ_only_in_which_turns_are_labelled_are_two_records(tmp_path):
+    """A turn with a null label is not scored: resume must not take such a record for its labelled twin
+    (the earlier key dropped every label, so the twin's line was written twice and this one never)."""
+    import asyncio
+
+    from reward_client.annotate import annotate, labelled
+
+    def record(label):
+        return {"mask": "User", "conversations": [{"from": "User", "value": "hi"}, {"from": "Assistant", "value": "yo", "label": label}]}
+
+    unlabelled, labelled_twin = record(None), record("quality:0")
+    (tmp_path / "in.jsonl").write_text(f"{json.dumps(unlabelled)}\n{json.dumps(labelled_twin)}\n")
+    out = tmp_path / "out.jsonl"
+    out.write_text(json.dumps(labelled(labelled_twin, ["quality:3"])) + "\n")  # a first run wrote the twin, then died
+    summary = asyncio.run(annotate(_ConstantScores(), tmp_path / "in.jsonl", out, tmp_path / "errors.jsonl"))
+    assert (summary.written, summary.skipped, summary.failed) == (1, 1, 0)
+    assert sorted(line["conversations"][1]["label"] or "" for line in map(json.loads, out.read_text().splitlines())) == ["", "quality:3"]
+
+
+def test_lines_that_are_no_record_go_to_the_errors_file_and_the_run_goes_on(tmp_path):
+    """A line nested past Python's recursion limit, or not UTF-8, stops neither the run nor the next
+    (both used to end the run, every time it was resumed): its neighbours are written, it is in the errors file."""
+    import asyncio
+
+    from reward_client.annotate import annotate
+
+    good = [json.dumps([{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": "a"}]).encode() for i in range(3)]
+    (tmp_path / "in.jsonl").write_bytes(b"\n".join([good[0], b"[" * 5000 + b"]" * 5000, good[1], b'["\xff"]', good[2]]) + b"\n")
+    out, errors = tmp_path / "out.jsonl", tmp_path / "errors.jsonl"
+    for run in range(2):  # and a resume reads that output back
+        summary = asyncio.run(annotate(_ConstantScores(), tmp_path / "in.jsonl", out, errors))
+        assert (summary.written, summary.skipped, summary.failed) == ((3, 0, 2) if run == 0 else (0, 3, 2))
+        assert sorted(json.loads(line)["line"] for line in errors.read_text().splitlines()) == [2, 4]

@@ -12,10 +12,11 @@ Labels: `steerlm` writes "name:value,..." with each head output clamped to 0-4 a
 attribute_annotate.py's format); `float` writes the same with the raw values.
 
 Output: each annotated record is written whole, as one line, in a single write and flushed. Records
-are matched to the input by content (labels ignored) and by occurrence, so a re-run skips exactly
-the records already written (duplicated input records each count), and a line torn by a crash is
-cut off first. Records that still fail after the client's retries go to the errors file with their
-line number and message; they are not in the output, so the next run tries them again.
+are matched to the input by content (the labels annotation writes ignored) and by occurrence, so a
+re-run skips exactly the records already written (duplicated input records each count), and a line torn
+by a crash is cut off first. Records that still fail after the client's retries, and lines that are no
+record (not UTF-8, not JSON, nested too deep), go to the errors file with their line number and message;
+they are not in the output, so the next run tries them again.
 """
 
 from __future__ import annotations
@@ -48,18 +49,20 @@ LABELS: dict[str, Callable[[Score], str]] = {"steerlm": steerlm_label, "float": 
 
 
 def record_key(record: Any) -> str:
-    """Identity of a record that annotation does not change: its content without labels."""
-
-    def strip(value: Any) -> Any:
-        if isinstance(value, dict):
-            return {k: strip(v) for k, v in value.items() if k != "label"}
-        if isinstance(value, list):
-            return [strip(v) for v in value]
-        return value
-
+    """Identity of a record that annotation does not change: its content without the labels annotate
+    writes. A NeMo-Aligner turn it labels keeps only the mark that it has a label (a turn with a null
+    label is not scored: two records that differ there are two records); any other "label" is content."""
     if isinstance(record, list):  # a bare message list is written out as {"messages": [...], "label": ...}
         record = {"messages": record}
-    return hashlib.sha256(json.dumps(strip(record), sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+    if isinstance(record, dict) and "conversations" in record:
+        labelled_turns = set(_labelled_turns(record))
+        record = {
+            **record,
+            "conversations": [{**t, "label": True} if k in labelled_turns else t for k, t in enumerate(record["conversations"])],
+        }
+    elif isinstance(record, dict):
+        record = {k: v for k, v in record.items() if k != "label"}
+    return hashlib.sha256(json.dumps(record, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
 
 
 def scored_turns(record: Any) -> list[list[conv.Message]]:
@@ -116,7 +119,7 @@ def completed_keys(output: Path) -> Counter[str]:
     if keep != len(data):
         with output.open("r+b") as handle:
             handle.truncate(keep)
-    return Counter(record_key(json.loads(line)) for line in lines)
+    return Counter(_key_or_none(line) for line in lines)
 
 
 @dataclass
@@ -143,7 +146,7 @@ async def annotate(
     errors_file.unlink(missing_ok=True)
     with output_file.open("a", encoding="utf-8") as out, errors_file.open("a", encoding="utf-8") as errors:
 
-        async def one(line_number: int, text: str) -> None:
+        async def one(line_number: int, text: bytes) -> None:
             try:
                 record = json.loads(text)
                 cuts = scored_turns(record)
@@ -158,29 +161,37 @@ async def annotate(
                 summary.failed += 1
             progress(1)
 
-        tasks = []
-        with input_file.open(encoding="utf-8") as lines:
-            for line_number, text in enumerate(lines, start=1):
-                if not text.strip():
-                    continue
-                key = _key_or_none(text)
-                if key is not None and done[key] > 0:
-                    done[key] -= 1
-                    summary.skipped += 1
-                    progress(1)
-                    continue
-                tasks.append(asyncio.create_task(one(line_number, text)))
-                if len(tasks) >= 4 * concurrency:  # bounded memory on large inputs
-                    await asyncio.gather(*tasks, return_exceptions=True)
-                    tasks = []
-        await asyncio.gather(*tasks, return_exceptions=True)
+        tasks: list[asyncio.Task] = []
+        try:
+            with input_file.open("rb") as lines:  # a line that is not UTF-8 fails alone, in `one`
+                for line_number, text in enumerate(lines, start=1):
+                    if not text.strip():
+                        continue
+                    key = _key_or_none(text)
+                    if key is not None and done[key] > 0:
+                        done[key] -= 1
+                        summary.skipped += 1
+                        progress(1)
+                        continue
+                    tasks.append(asyncio.create_task(one(line_number, text)))
+                    if len(tasks) >= 4 * concurrency:  # bounded memory on large inputs
+                        await asyncio.gather(*tasks, return_exceptions=True)
+                        tasks = []
+        except BaseException:  # reading the input failed, or the run was interrupted: end what runs
+            for task in tasks:
+                task.cancel()
+            raise
+        finally:  # no task outlives the files it writes
+            await asyncio.gather(*tasks, return_exceptions=True)
     if not summary.failed:
         errors_file.unlink(missing_ok=True)
     return summary
 
 
-def _key_or_none(text: str) -> str | None:
+def _key_or_none(text: str | bytes) -> str | None:
+    """The line's record_key; None for a line that is no record (not JSON, nested past Python's recursion
+    limit, "conversations" that are no list of turns): `one` then puts it in the errors file."""
     try:
         return record_key(json.loads(text))
-    except json.JSONDecodeError:
+    except (ValueError, TypeError, AttributeError, RecursionError):
         return None
