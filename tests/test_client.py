@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 
 from reward_client import PermissionDeniedError, Retry, RewardClient, ServerUnavailableError, Timeout
@@ -101,9 +103,9 @@ def test_server_errors_map_to_retryable_or_not(message, status, expected):
     assert type(convert_error(InferenceServerException(message, status=status))).__name__ == expected
 
 
-@pytest.fixture(scope="module")
-def restricted_server(tmp_path_factory):
-    """A bare tritonserver (no models) whose inference API needs an `api-key` header."""
+@contextlib.contextmanager
+def bare_tritonserver(folder, *flags: str):
+    """A tritonserver with no models on free loopback ports (`flags` added), until the block ends."""
     import os
     import subprocess
     import sysconfig
@@ -111,14 +113,11 @@ def restricted_server(tmp_path_factory):
 
     from reward_server.launcher.backend import tritonserver_binary
 
-    folder = tmp_path_factory.mktemp("restricted")
     (folder / "models").mkdir()
     http, grpc, metrics = free_port(), free_port(), free_port()
-    restriction = "inference,health,metadata:api-key=secret"
     command = [str(tritonserver_binary()), f"--model-repository={folder / 'models'}", "--model-control-mode=explicit"]
     command += [f"--http-port={http}", f"--grpc-port={grpc}", f"--metrics-port={metrics}"]
-    command += ["--http-address=127.0.0.1", "--grpc-address=127.0.0.1"]
-    command += [f"--http-restricted-api={restriction}", f"--grpc-restricted-protocol={restriction}"]
+    command += ["--http-address=127.0.0.1", "--grpc-address=127.0.0.1", *flags]
     env = {**os.environ, "LD_LIBRARY_PATH": sysconfig.get_config_var("LIBDIR") or ""}
     with open(folder / "log", "wb") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
@@ -127,10 +126,19 @@ def restricted_server(tmp_path_factory):
         while not all(started in (folder / "log").read_bytes() for started in (b"Started GRPCInferenceService", b"Started HTTPService")):
             assert process.poll() is None and time.monotonic() < deadline, (folder / "log").read_text()[-2000:]
             time.sleep(0.1)
-        yield {"grpc": f"127.0.0.1:{grpc}", "http": f"http://127.0.0.1:{http}"}
+        yield {"grpc": f"127.0.0.1:{grpc}", "http": f"http://127.0.0.1:{http}", "process": process}
     finally:
-        process.terminate()
+        process.kill()  # also when stopped (SIGSTOP): SIGKILL ends a stopped process
         process.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def restricted_server(tmp_path_factory):
+    """A bare tritonserver (no models) whose inference API needs an `api-key` header."""
+    restriction = "inference,health,metadata:api-key=secret"
+    flags = (f"--http-restricted-api={restriction}", f"--grpc-restricted-protocol={restriction}")
+    with bare_tritonserver(tmp_path_factory.mktemp("restricted"), *flags) as server:
+        yield server
 
 
 @pytest.mark.parametrize("transport", ["grpc", "http"])
@@ -153,3 +161,87 @@ def test_retry_waits_with_equal_jitter_within_known_bounds():
     assert Retry(attempts=1).min_wait() == 0.0
     with pytest.raises(ValueError):
         Retry(attempts=0)
+
+
+def test_is_ready_is_false_within_the_timeout_when_a_server_never_answers(tmp_path):
+    """A server that stops answering on an open connection (a real tritonserver, SIGSTOPped after the
+    client's first call) makes is_ready False after the request timeout; it used to wait forever, and so
+    kept a healthy second URL from being asked."""
+    import signal
+    import threading
+
+    with bare_tritonserver(tmp_path) as server, RewardClient(server["grpc"], timeout=Timeout(connect=1, request=1)) as client:
+        assert client.is_ready() is False  # the server answers: up, the model not loaded
+        server["process"].send_signal(signal.SIGSTOP)
+        answered = []
+        asking = threading.Thread(target=lambda: answered.append(client.is_ready()), daemon=True)
+        asking.start()
+        asking.join(60)  # a bound on a hang, not a speed check: the timeout is 1 s
+        assert answered == [False]
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{"concurrency": 0}, {"timeout": "connect"}, {"timeout": "request"}],
+)
+def test_settings_that_could_never_score_are_refused_at_construction(options):
+    """concurrency 0 used to be accepted (every request then waited forever), as a zero timeout; a refused
+    RewardClient leaves no event-loop thread behind."""
+    import threading
+
+    if "timeout" in options:
+        with pytest.raises(ValueError, match=f"Timeout.{options['timeout']}"):
+            Timeout(**{options["timeout"]: 0})
+        return
+    threads = threading.active_count()
+    with pytest.raises(ValueError, match="concurrency: 0"):
+        RewardClient("localhost:8001", **options)
+    with pytest.raises(ValueError, match="scheme"):
+        RewardClient("ftp://localhost:1")
+    assert threading.active_count() == threads
+
+
+@pytest.mark.parametrize("flag", [["--retries", "0"], ["--timeout", "0"], ["--concurrency", "0"]])
+def test_the_cli_refuses_numbers_that_could_never_score_as_usage_errors(flag, capsys, monkeypatch):
+    """Exit 2 with the reason, as for a bad URL (--retries 0 used to end in a traceback and exit 1)."""
+    import io
+
+    from reward_client.cli import main
+
+    monkeypatch.setattr("sys.stdin", io.StringIO(""))
+    try:
+        status = main([*flag, "score", "-"])
+    except SystemExit as exit_:
+        status = exit_.code
+    assert status == 2
+    assert "Traceback" not in capsys.readouterr().err
+
+
+def test_tensors_take_numpy_defaults_and_refuse_what_has_no_wire_type_before_sending():
+    """int64 (numpy's default) and bytes arrays are sent as INT32 and BYTES; a float array, an id beyond
+    INT32 and text that UTF-8 cannot encode are InvalidConversationError, before anything is sent (they
+    were a KeyError reported as a ServerError, and a raw UnicodeEncodeError)."""
+    import numpy as np
+
+    from reward_client import InvalidConversationError
+    from reward_client.client import _wire_array
+    from reward_client.inputs import text_inputs
+
+    ids = _wire_array("TOKENS", np.array([[1, 2, 3]]))
+    assert ids.dtype == np.int32 and ids.tolist() == [[1, 2, 3]]
+    assert _wire_array("TEXT", np.array([[b"hi"]])).dtype == np.object_
+    for name, value in (("TOKENS", np.array([[2**31]])), ("TOKENS", np.array([[1.5]]))):
+        with pytest.raises(InvalidConversationError, match=name):
+            _wire_array(name, value)
+    with pytest.raises(InvalidConversationError, match="lone surrogate") as caught:
+        text_inputs("bad \ud800")
+    assert caught.value.reason == "encoding"
+
+
+def test_a_refusal_by_the_server_says_so_in_its_reason():
+    from tritonclient.utils import InferenceServerException
+
+    from reward_client.client import convert_error
+
+    error = convert_error(InferenceServerException("conversation: 5000 tokens is over the limit", status="StatusCode.INVALID_ARGUMENT"))
+    assert error.reason == "server"

@@ -130,9 +130,13 @@ def main(argv: list[str] | None = None) -> int:
         headers = dict(h.split(":", 1) for h in args.header)
     except ValueError:
         parser().error("--header takes NAME:VALUE")
+    try:
+        timeout, retry = Timeout(connect=args.connect_timeout, request=args.timeout), Retry(attempts=args.retries)
+    except ValueError as exc:
+        parser().error(str(exc))
     options = dict(
-        timeout=Timeout(connect=args.connect_timeout, request=args.timeout),
-        retry=Retry(attempts=args.retries),
+        timeout=timeout,
+        retry=retry,
         headers={k.strip(): v.strip() for k, v in headers.items()},
         tls=TLS(args.ca_file, args.cert_file, args.key_file),
         concurrency=args.concurrency,

@@ -80,7 +80,7 @@ def convert_error(exc: BaseException) -> RewardClientError:
         if status in _UNAVAILABLE or status == "StatusCode.CANCELLED" or _RETRYABLE.match(message):
             return ServerUnavailableError(message)
         if status in _INVALID:
-            return InvalidConversationError(message)
+            return InvalidConversationError(message, "server")
         if status in _TIMEOUT:
             return RequestTimeoutError(message)
         return ServerError(message, status)
@@ -167,7 +167,10 @@ class _Transport:
         async with self.connection() as connection:
             client, headers = connection.client, _wire_headers(self.endpoint.protocol, headers)
             try:
-                return bool(await client.is_server_ready(headers=headers) and await client.is_model_ready(model, headers=headers))
+                ready = client.is_server_ready(headers=headers)
+                if not await asyncio.wait_for(ready, self.timeout.request):
+                    return False
+                return bool(await asyncio.wait_for(client.is_model_ready(model, headers=headers), self.timeout.request))
             except Exception:
                 await self.reset(connection)
                 raise
@@ -204,6 +207,8 @@ class AsyncRewardClient:
         urls = [url] if isinstance(url, str) else list(url)
         if not urls:
             raise ValueError("url: give at least one server URL")
+        if concurrency < 1:
+            raise ValueError(f"concurrency: {concurrency} is below 1 (no request could be sent)")
         self.endpoints = [Endpoint.parse(u) for u in urls]
         self.model, self.timeout, self.retry, self.headers = model, timeout, retry, dict(headers or {})
         self._transports = [_Transport(e, timeout, tls) for e in self.endpoints]
@@ -236,7 +241,7 @@ class AsyncRewardClient:
     async def score_tensors(self, tensors: Mapping[str, np.ndarray]) -> tuple[list[Score], list[int]]:
         """One request of named ensemble inputs (reward_client.protocol; [rows, ...] each): each row's
         Score and how many tokens it scored."""
-        result = await self._request(tensors)
+        result = await self._request({name: _wire_array(name, value) for name, value in tensors.items()})
         return _scores(result), result.as_numpy(protocol.NUM_TOKENS).reshape(-1).tolist()
 
     async def score_batch(self, conversations: Iterable[Any]) -> list[Score]:
@@ -328,10 +333,10 @@ class RewardClient:
     calls from several threads share one event-loop thread and the `concurrency` limit."""
 
     def __init__(self, url: str | Sequence[str], **options: Any) -> None:
+        self._client = AsyncRewardClient(url, **options)  # first: bad arguments leave no thread behind
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="reward-client", daemon=True)
         self._thread.start()
-        self._client = AsyncRewardClient(url, **options)
         self.endpoints, self.model = self._client.endpoints, self._client.model
 
     def score(self, conversation: Any) -> Score:
@@ -410,6 +415,22 @@ def _wire_headers(protocol_name: str, headers: dict[str, str]) -> dict[str, str]
 
 
 _WIRE_TYPES = {np.dtype(np.object_): "BYTES", np.dtype(bool): "BOOL", np.dtype(np.int32): "INT32"}
+
+
+def _wire_array(name: str, value: Any) -> np.ndarray:
+    """`value` as the wire types take it: any integers as INT32 (numpy's default is int64), bytes as
+    BYTES; InvalidConversationError for what the protocol has no type for (checked before sending)."""
+    value = np.asarray(value)
+    if value.dtype.kind in "iu":
+        info = np.iinfo(np.int32)
+        if value.size and (value.min() < info.min or value.max() > info.max):
+            raise InvalidConversationError(f"{name}: values outside INT32's range")
+        return value.astype(np.int32)
+    if value.dtype.kind == "S":
+        return value.astype(np.object_)
+    if value.dtype not in _WIRE_TYPES:
+        raise InvalidConversationError(f"{name}: dtype {value.dtype} has no wire type (send int32, bool, or bytes as object)")
+    return value
 
 
 def _tensor(module: Any, name: str, value: np.ndarray) -> Any:

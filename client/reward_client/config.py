@@ -31,6 +31,11 @@ class Timeout:
     connect: float = DEFAULT_CONNECT_TIMEOUT_S
     request: float = DEFAULT_REQUEST_TIMEOUT_S
 
+    def __post_init__(self) -> None:
+        for name in ("connect", "request"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"Timeout.{name}: {getattr(self, name)} is not a positive number of seconds")
+
 
 @dataclass(frozen=True)
 class Retry:

@@ -112,10 +112,10 @@ def _object(item: Any, where: str, allowed: set[str], required: str) -> Mapping[
 
 
 def _string(item: Mapping[str, Any], key: str, where: str) -> str:
-    return _text(item.get(key), f"{where}.{key}")
+    return valid_text(item.get(key), f"{where}.{key}")
 
 
-def _text(value: Any, where: str) -> str:
+def valid_text(value: Any, where: str) -> str:
     """`value` if it is a string that UTF-8 can encode (JSON's \\ud800 escapes decode to lone surrogates, which it cannot)."""
     if not isinstance(value, str):
         raise InvalidConversationError(f"{where}: expected a string, got {type(value).__name__}")
@@ -144,7 +144,7 @@ def _from_nemo(record: Mapping[str, Any]) -> list[Message]:
     if mask != "User":
         raise InvalidConversationError(f"mask: only 'User' is supported (the assistant turns are scored), got {mask!r}")
     messages: list[Message] = []
-    system = _text(record.get("system", ""), "system")
+    system = valid_text(record.get("system", ""), "system")
     if system:
         messages.append(Message(role="system", content=system))
     for i, turn in enumerate(turns):

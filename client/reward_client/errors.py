@@ -18,8 +18,10 @@ class RewardClientError(Exception):
 class InvalidConversationError(RewardClientError, ValueError):
     """The conversation cannot be scored as given; the message says what is wrong and where.
 
-    `reason` names the kind of problem: "encoding" (not UTF-8 JSON), "malformed" (its shape),
-    "order" (the order of its turns); the server adds its own limits ("too_long", ...)."""
+    `reason` names the kind of problem found before sending: "encoding" (not UTF-8 JSON), "malformed"
+    (its shape), "order" (the order of its turns); "server" when the server refused it (its limits on
+    tokens, bytes and turns, its chat template): the message says which (the server counts the refusal
+    under its own reason, docs/monitoring.md)."""
 
     def __init__(self, message: str, reason: str = "malformed") -> None:
         super().__init__(message)

@@ -21,7 +21,8 @@ def conversation_inputs(conversation: Any, keep_last_tokens: int = 0) -> Tensors
 
 
 def text_inputs(text: str, add_special_tokens: bool = True, keep_last_tokens: int = 0) -> Tensors:
-    tensors = {protocol.TEXT: np.array([[text.encode()]], dtype=np.object_), protocol.ADD_SPECIAL_TOKENS: np.array([[add_special_tokens]])}
+    encoded = conv.valid_text(text, "text").encode()  # InvalidConversationError for what UTF-8 cannot encode, as in a conversation
+    tensors = {protocol.TEXT: np.array([[encoded]], dtype=np.object_), protocol.ADD_SPECIAL_TOKENS: np.array([[add_special_tokens]])}
     return _keep_last(tensors, keep_last_tokens)
 
 
