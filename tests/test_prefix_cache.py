@@ -283,6 +283,21 @@ def test_step_results_count_the_tokens_the_cache_saved(tmp_path):
     assert step.cache.bytes_held == engine.prefix_cache.counters.bytes_held > 0
 
 
+def test_an_uncached_shared_prompt_counts_each_block_missed_once(tmp_path):
+    """A group's prompt is looked up when its step is made; what is not found there is not looked up
+    again when the step computes it (its blocks were counted as missed twice: 3 for a 2-block prompt)."""
+    torch.manual_seed(17)
+    folder = _save(AutoModelForCausalLM.from_config(CONFIGS["llama"]()), tmp_path)
+    engine = _engine(folder, prefix_cache_tokens=1024)
+    rng = np.random.default_rng(17)
+    prompt = rng.integers(0, VOCAB - 1, 2 * BLOCK_TOKENS + 2)
+    sequences = [np.concatenate([prompt, rng.integers(0, VOCAB - 1, n)]) for n in (5, 6, 7)]
+    (step,) = list(run_steps(engine, sequences, engine.read_positions(sequences)))
+    assert step.prefixes and (step.cache.hits, step.cache.misses) == (0, 2)
+    (again,) = list(run_steps(engine, sequences, engine.read_positions(sequences)))
+    assert (again.cache.hits, again.cache.misses) == (2, 0)  # a step's counters are its own
+
+
 @pytest.mark.parametrize("tensor_parallel", [1, 2])
 def test_a_plan_costs_cached_blocks_at_their_share_of_a_step(tensor_parallel, tmp_path):
     """Later responses to a cached prompt cost the plan the tokens they compute, plus their cached blocks'

@@ -89,3 +89,58 @@ def test_a_failure_outside_the_steps_answers_every_request_not_answered_yet(engi
         else:
             assert answer.outputs is None and str(answer.error) == "reward engine failed: ValueError"
             assert isinstance(answer.error.__cause__, ValueError) and answer.last_step
+
+
+@pytest.mark.parametrize(
+    ("score_at", "refused"),
+    [
+        ([[4, 9, -1, -1]], False),
+        ([[9]], False),
+        ([[-7, 4, 9]], True),  # a negative that is no padding: the columns would no longer be the client's
+        ([[2, -1, 9]], True),
+        ([[-1, -1, 9]], True),
+        ([[4, 9, -2]], True),
+    ],
+)
+def test_score_at_takes_minus_one_as_trailing_padding_only(engine, score_at, refused):
+    from reward_server.errors import RequestError
+    from reward_server.scoring import request_rows
+
+    ids, lengths = np.arange(1, 11, dtype=np.int32)[None], np.array([[10]], dtype=np.int32)
+    if refused:
+        with pytest.raises(RequestError, match="then -1 padding"):
+            request_rows(engine, 4096, ids, lengths, np.array(score_at, dtype=np.int32))
+    else:
+        expected = [p for p in score_at[0] if p >= 0]
+        assert request_rows(engine, 4096, ids, lengths, np.array(score_at, dtype=np.int32)).reads[0].tolist() == expected
+
+
+def test_a_request_of_no_rows_is_refused_not_left_unanswered(engine, checkpoint):
+    """It owned no row, so no step answered it: the scoring thread never sent it anything."""
+    from reward_server.errors import RequestError
+    from reward_server.inputs import Inputs
+    from reward_server.scoring import request_rows
+    from reward_server.templating import ChatTokenizer
+
+    with pytest.raises(RequestError, match="rows >= 1") as caught:
+        request_rows(engine, 4096, np.zeros((0, 5), dtype=np.int32), np.zeros((0, 1), dtype=np.int32), None)
+    assert caught.value.reason == "tensors"
+    inputs = Inputs(ChatTokenizer(str(checkpoint), max_tokens=4096))
+    for source in (protocol.CONVERSATION, protocol.TEXT):
+        (refused,) = inputs.encode_requests([{source: np.zeros((0, 1), dtype=np.object_)}])  # was a ValueError: INTERNAL
+        assert isinstance(refused, RequestError) and refused.reason == "tensors"
+
+
+def test_a_text_that_writes_its_bos_keeps_it_first_when_cut(checkpoint):
+    """TEXT with its BOS written out and TEXT without it are one text, cut from the left or not (the cut
+    used to drop a written-out BOS: another row, another score)."""
+    from reward_server.inputs import Inputs
+    from reward_server.templating import ChatTokenizer
+
+    inputs = Inputs(ChatTokenizer(str(checkpoint), max_tokens=4096))
+    body = "<|start_header_id|>user<|end_header_id|>\n\nhello there, how are you<|eot_id|>"
+    bos = inputs.chat.tokenizer.bos_token
+    for keep in (0, 8):
+        cut = {protocol.KEEP_LAST_TOKENS: np.array([[keep]])}
+        rows = [inputs.encode({protocol.TEXT: np.array([[text.encode()]], dtype=np.object_), **cut})[0][0] for text in (body, bos + body)]
+        assert rows[0].tolist() == rows[1].tolist() and rows[0][0] == inputs.prefix[0] and (keep == 0 or len(rows[0]) == keep)

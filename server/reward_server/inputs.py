@@ -6,7 +6,7 @@ Exactly one of CONVERSATION, TEXT and TOKENS per request:
   a text that already begins with it (a template that writes `<|begin_of_text|>`) is not given a second;
 - TOKENS are token ids, right-padded with -1 (rows of one request differ in length);
 - KEEP_LAST_TOKENS N > 0 cuts from the left to at most N tokens: TEXT and TOKENS lose their earliest
-  tokens (a BOS that is added stays first), a conversation loses whole earliest exchanges (a system
+  tokens (the BOS of a TEXT, added or written out, stays first), a conversation loses whole earliest exchanges (a system
   turn stays), never its scored turn. Without it, over `max_tokens` is refused as for conversations.
 """
 
@@ -77,6 +77,8 @@ class Inputs:
         if len(given) != 1:
             raise RequestError(f"send exactly one of {', '.join(SOURCES)}; got {', '.join(given) or 'none'}", "tensors")
         rows = tensors[given[0]]
+        if not len(rows):
+            raise RequestError(f"{given[0]}: a request needs at least one row", "tensors")
         rows = rows.reshape(len(rows), -1)
         flags = {name: _column(tensors.get(name), len(rows), default) for name, default in _FLAGS.items()}
         if given[0] != protocol.CONVERSATION and tensors.get(protocol.SCORE_TURNS) is not None and flags[protocol.SCORE_TURNS].any():
@@ -98,9 +100,10 @@ class Inputs:
                 elif source == protocol.CONVERSATION:
                     encoded.append(self.conversation(row[0], bool(flags[protocol.SCORE_TURNS][b]), keep_last))
                 elif source == protocol.TEXT:
-                    add_special_tokens = bool(flags[protocol.ADD_SPECIAL_TOKENS][b])
-                    prefix = self.prefix if add_special_tokens and tokenized[b][: len(self.prefix)] != self.prefix else []
-                    encoded.append(_last(self._fit(prefix, tokenized[b], keep_last, "text")))
+                    ids, prefix = tokenized[b], self.prefix if flags[protocol.ADD_SPECIAL_TOKENS][b] else []
+                    if prefix and ids[: len(prefix)] == prefix:  # written out in the text: kept first, once, as an added one
+                        ids = ids[len(prefix) :]
+                    encoded.append(_last(self._fit(prefix, ids, keep_last, "text")))
                 else:
                     encoded.append(_last(self.tokens(row, keep_last)))
             except RequestError as exc:

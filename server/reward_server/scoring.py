@@ -30,8 +30,8 @@ def request_rows(engine: RewardEngine, max_tokens: int, ids: np.ndarray, lengths
     rows = []
     longest = min(ids.shape[1], max_tokens) if ids.ndim == 2 else 0
     lengths = lengths.reshape(-1)
-    if ids.ndim != 2 or len(lengths) != ids.shape[0]:
-        raise RequestError(f"{protocol.INPUT_IDS} must be [rows, tokens] with one {protocol.NUM_TOKENS} per row", "tensors")
+    if ids.ndim != 2 or len(lengths) != ids.shape[0] or not len(lengths):
+        raise RequestError(f"{protocol.INPUT_IDS} must be [rows, tokens] with one {protocol.NUM_TOKENS} per row, rows >= 1", "tensors")
     for b, length in enumerate(lengths):
         if not 1 <= length <= longest:
             raise RequestError(f"row {b}: {protocol.NUM_TOKENS} {length} is not between 1 and {longest}", "tensors")
@@ -45,8 +45,11 @@ def request_rows(engine: RewardEngine, max_tokens: int, ids: np.ndarray, lengths
         raise RequestError(f"{protocol.SCORE_AT} must be [rows, positions]", "tensors")
     reads = [positions[positions >= 0] for positions in score_at]
     for b, (row, positions) in enumerate(zip(rows, reads, strict=True)):
-        if not len(positions) or positions[-1] >= len(row) or np.any(np.diff(positions) <= 0):
-            raise RequestError(f"row {b}: {protocol.SCORE_AT} must list ascending positions below its {len(row)} tokens", "tensors")
+        padded = np.any(score_at[b, len(positions) :] != -1)  # anything but trailing -1 among the negatives
+        if padded or not len(positions) or positions[-1] >= len(row) or np.any(np.diff(positions) <= 0):
+            raise RequestError(
+                f"row {b}: {protocol.SCORE_AT} must list ascending positions below its {len(row)} tokens, then -1 padding", "tensors"
+            )
         if (len(positions) > 1 or positions[-1] != len(row) - 1) and not engine.supports_turns:
             raise RequestError("per-turn scores need the torch runtime (this engine reads only the last token)", "per_turn")
     return Rows(rows, reads)

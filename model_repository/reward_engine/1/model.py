@@ -92,4 +92,9 @@ def _inputs(request):
 
 
 def _send(request, response):
-    request.get_response_sender().send(response, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+    """One answer through the request's response sender. A send Triton refuses (python_backend raises when
+    the server could not take the response) is logged: it must not cost the batch's other requests theirs."""
+    try:
+        request.get_response_sender().send(response, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+    except Exception as exc:
+        pb_utils.Logger.log_error(f"reward engine: an answer could not be sent: {exc!r}")

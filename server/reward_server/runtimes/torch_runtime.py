@@ -430,10 +430,10 @@ class TorchRewardEngine:
         reads = [np.array([len(p) - 1]) for p in prompts] + list(positions)
         tokens = sum(map(len, prompts)) + sum(map(len, sequences)) - sum(length * len(members) for length, members in prefixes)
         if prompts and tokens > self.max_step_tokens:  # a group over the budget (alone in its step): its prompt first
-            _, kept = self._pass(prompts, reads[: len(prompts)], prompt_before, whole=True)
+            _, kept = self._pass(prompts, reads[: len(prompts)], prompt_before, whole=True, looked_up=len(prompts))
             before = [kept[b] if isinstance(b, int) else b for b in before]
             reads, prompts, prompt_before = reads[len(prompts) :], [], []
-        hidden, _ = self._pass([*prompts, *sequences], reads, [*prompt_before, *before])
+        hidden, _ = self._pass([*prompts, *sequences], reads, [*prompt_before, *before], looked_up=len(prompts))
         outputs = self.head(hidden[len(prompts) :])  # the prompts' reads dropped
         launched = time.perf_counter()  # on a GPU the work is queued: the copy below waits for it to finish
         scores = outputs.cpu().numpy()
@@ -441,16 +441,25 @@ class TorchRewardEngine:
         return scores
 
     def _pass(
-        self, sequences: list[np.ndarray], reads: Sequence[np.ndarray], before: list[torch.Tensor | int | None], whole: bool = False
+        self,
+        sequences: list[np.ndarray],
+        reads: Sequence[np.ndarray],
+        before: list[torch.Tensor | int | None],
+        whole: bool = False,
+        looked_up: int = 0,
     ) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
         """Final hidden states at `reads` of the packed `sequences`, each continuing the keys/values
         `before[i]` of its leading tokens (or the whole of an earlier sequence i of this pass, when an int);
         where None, the prefix cache's longest run of leading blocks that ends by the first read, if any.
         The whole blocks this pass computes go into the cache. `whole`: also return each sequence's
-        keys/values from its first token."""
+        keys/values from its first token. The first `looked_up` sequences were looked up in the cache already
+        (score_step's shared prompts): a None there is not looked up again (nor counted twice)."""
         cache = self.prefix_cache
         if cache is not None:
-            before = [cache.lookup(s, int(r[0]))[1] if kv is None else kv for s, r, kv in zip(sequences, reads, before, strict=True)]
+            before = [
+                cache.lookup(s, int(r[0]))[1] if kv is None and i >= looked_up else kv
+                for i, (s, r, kv) in enumerate(zip(sequences, reads, before, strict=True))
+            ]
         starts = [0 if kv is None else len(sequences[kv]) if isinstance(kv, int) else kv.shape[3] for kv in before]
         stored = [start // BLOCK_TOKENS * BLOCK_TOKENS for start in starts]  # blocks below: in the cache already
         ends = [len(s) // BLOCK_TOKENS * BLOCK_TOKENS for s in sequences]
