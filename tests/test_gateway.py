@@ -194,6 +194,11 @@ def test_vllm_truncation_is_left_only_and_keeps_the_scored_turn(gw, grpc, tokeni
         ({}, "exactly one kind (got none)"),
         ({"messages": [{"role": "user", "content": "hi"}]}, "messages: conversation: the last turn must be the assistant's"),
         ({"input": ["fine", "x" * 70000]}, "input[1]: text: "),
+        # numpy's int32 cast used to wrap these: another input scored, 200
+        ({"input": [1, 2, 2**32 + 5]}, "input[0]: tokens: token ids must be integers in [0, 2147483647]"),
+        ({"input": [[1, 2, -1]]}, "input[0]: tokens: token ids must be integers"),  # -1 would have been read as padding
+        ({"input": "x", "truncate_prompt_tokens": 2**32 + 5}, "input[0]: keep_last_tokens: 4294967301 is not between 0 and"),
+        ({"input": ["x"] * 4097}, "input: 4097 items is over the limit of 4096 per request"),
     ],
 )
 def test_vllm_refusals_name_the_item_and_the_problem(gw, body, problem):
@@ -201,6 +206,27 @@ def test_vllm_refusals_name_the_item_and_the_problem(gw, body, problem):
     assert answer.status_code == 400
     error = answer.json()["error"]
     assert problem in error["message"] and error["code"] == 400 and error["type"] == "BadRequestError"
+
+
+def test_a_body_no_json_parser_takes_is_a_400_not_a_500(gw):
+    for body in (b"[" * 100_000 + b"]" * 100_000, b'{"input": ' + b"1" * 5000 + b"}"):  # too deep; an int of 5,000 digits
+        answer = requests.post(gw.url + "/classify", data=body, timeout=60)
+        assert answer.status_code == 400 and "body: not valid JSON" in answer.json()["error"]["message"]
+
+
+def test_openai_fields_that_say_nothing_of_the_text_are_dropped(gw):
+    """`name` (also beside content parts) and the null fields of an SDK's assistant reply (refusal, tool_calls):
+    the same score as without them (they were refused as unknown keys)."""
+    plain = gw.post("/v1/chat/completions", {"model": "m", "messages": MESSAGES}).json()["choices"][0]["message"]["content"]
+    user, assistant = MESSAGES
+    messages = [
+        {**user, "content": [{"type": "text", "text": user["content"]}], "name": "bob"},
+        {**assistant, "refusal": None, "tool_calls": None, "function_call": None, "audio": None},
+    ]
+    answer = gw.post("/v1/chat/completions", {"model": "m", "messages": messages})
+    assert answer.status_code == 200 and answer.json()["choices"][0]["message"]["content"] == plain
+    used = gw.post("/v1/chat/completions", {"model": "m", "messages": [user, {**assistant, "tool_calls": [{"id": "x"}]}]})
+    assert used.status_code == 400 and "tool_calls" in used.json()["error"]["message"]
 
 
 def test_sglang_classify_answers_bare_embeddings(gw, grpc, tokenizer):
@@ -330,3 +356,11 @@ def test_get_reward_normalizes_as_openrlhfs_normalize_reward(server, grpc, token
         assert answer["rewards"] == [(float(grpc.score(MESSAGES)) - 0.5) / 2.0]
     finally:
         running.close()
+
+
+def test_a_key_header_that_is_not_utf8_is_a_wrong_key():
+    """aiohttp hands such bytes over as surrogates; hashing them failed with a 500 instead of a 401."""
+    from reward_server.gateway.auth import ApiKeys
+
+    keys = ApiKeys(["k"])
+    assert keys.accept("Bearer k") and not keys.accept("Bearer \udcff\udcfe")

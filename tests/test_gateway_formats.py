@@ -109,3 +109,36 @@ def test_a_marker_quoted_in_a_message_does_not_change_the_format():
 def test_text_in_no_known_format_is_named(text, problem):
     with pytest.raises(UnknownFormat, match=problem):
         parse(text)
+
+
+def test_a_policy_that_pads_with_its_eos_or_writes_past_the_end_is_read(tokenizer):
+    """OpenRLHF pads a batch's queries with the policy's pad token, which is its EOS when it has none
+    (Llama 3.1 Instruct's <|eot_id|>, Qwen's <|im_end|>, Mistral's </s>): any number of them after the last
+    turn; SteerLM's labels, or a newline, after its <extra_id_2>."""
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False, add_generation_prompt=True)
+    expected = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]
+    assert parse(prompt + "Hello!<|eot_id|><|eot_id|><|eot_id|>") == ("llama3", expected)
+    assert parse(prompt + "Hello!<|eom_id|>") == ("llama3", expected)  # Llama 3.1's end of a tool-calling turn
+    assert parse("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nHello!<|im_end|><|im_end|><|im_end|>")[1] == expected
+    assert parse("<s>[INST] Hi [/INST] Hello!</s></s></s>") == ("mistral", expected)
+    steerlm = "<extra_id_0>System\n\n<extra_id_1>User\nHi\n<extra_id_1>Assistant\nHello!\n<extra_id_2>"
+    for tail in ("\n", "quality:4,toxicity:0\n"):
+        assert parse(steerlm + tail) == parse(steerlm)
+
+
+def test_an_ipython_turn_is_read_as_one_and_refused_by_name(tokenizer):
+    """A tool result (Llama 3.1's ipython role) is not swallowed into the assistant turn before it: the
+    conversation's roles then refuse it by name (it was two assistant turns: a misleading order error)."""
+    from reward_client import conversation
+    from reward_client.errors import InvalidConversationError
+
+    text = (
+        "<|start_header_id|>user<|end_header_id|>\n\nWeather?<|eot_id|>"
+        "<|start_header_id|>assistant<|end_header_id|>\n\n<|python_tag|>get_weather()<|eom_id|>"
+        "<|start_header_id|>ipython<|end_header_id|>\n\nsunny<|eot_id|>"
+        "<|start_header_id|>assistant<|end_header_id|>\n\nIt is sunny.<|eot_id|>"
+    )
+    name, messages = parse(text)
+    assert name == "llama3" and [m["role"] for m in messages] == ["user", "assistant", "ipython", "assistant"]
+    with pytest.raises(InvalidConversationError, match="ipython"):
+        conversation.normalize(messages)

@@ -11,8 +11,10 @@ import numpy as np
 
 from reward_client import conversation as conv
 from reward_client import protocol
+from reward_client.errors import InvalidConversationError
 
 Tensors = dict[str, np.ndarray]
+INT32_MAX = int(np.iinfo(np.int32).max)
 
 
 def conversation_inputs(conversation: Any, keep_last_tokens: int = 0) -> Tensors:
@@ -27,10 +29,15 @@ def text_inputs(text: str, add_special_tokens: bool = True, keep_last_tokens: in
 
 
 def token_inputs(ids: Sequence[int], keep_last_tokens: int = 0) -> Tensors:
-    return _keep_last({protocol.TOKENS: np.array([list(ids)], dtype=np.int32).reshape(1, -1)}, keep_last_tokens)
+    ids = list(ids)
+    if not all(isinstance(i, (int, np.integer)) and not isinstance(i, bool) and 0 <= i <= INT32_MAX for i in ids):
+        raise InvalidConversationError(f"tokens: token ids must be integers in [0, {INT32_MAX}]")  # numpy's cast would wrap them
+    return _keep_last({protocol.TOKENS: np.array([ids], dtype=np.int32).reshape(1, -1)}, keep_last_tokens)
 
 
 def _keep_last(tensors: Tensors, keep_last_tokens: int) -> Tensors:
+    if not 0 <= keep_last_tokens <= INT32_MAX:
+        raise InvalidConversationError(f"keep_last_tokens: {keep_last_tokens} is not between 0 and {INT32_MAX}")
     if keep_last_tokens:
         tensors[protocol.KEEP_LAST_TOKENS] = np.array([[keep_last_tokens]], dtype=np.int32)
     return tensors

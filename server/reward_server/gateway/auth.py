@@ -43,7 +43,7 @@ class ApiKeys:
         scheme, _, token = (authorization or "").partition(" ")
         if scheme.lower() != "bearer":
             return False
-        digest = hashlib.sha256(token.strip().encode()).digest()
+        digest = hashlib.sha256(token.strip().encode("utf-8", "surrogateescape")).digest()  # aiohttp decodes bytes that are no UTF-8 so
         return any([hmac.compare_digest(digest, d) for d in self.digests])  # all compared: no early exit
 
 

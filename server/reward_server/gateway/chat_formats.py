@@ -6,7 +6,8 @@ the text is used (a marker quoted inside a message comes after the template's fi
 must be whole turns of that format from start to end (a final assistant turn cut off before its end
 token is accepted: generation may stop at max tokens); anything else is an UnknownFormat error.
 
-- llama3:  <|begin_of_text|><|start_header_id|>ROLE<|end_header_id|>\\n\\nTEXT<|eot_id|>...
+- llama3:  <|begin_of_text|><|start_header_id|>ROLE<|end_header_id|>\\n\\nTEXT<|eot_id|>...   (<|eom_id|>
+           also ends a turn; an `ipython` turn is read as one, and refused by the conversation's roles)
            (Llama 3.1's default "Cutting Knowledge Date/Today Date" system preamble is dropped:
            the reward model's template writes its own)
 - chatml:  <|im_start|>ROLE\\nTEXT<|im_end|>\\n...   (Qwen, ChatML)
@@ -39,7 +40,7 @@ class Format:
 
 
 def _format(name: str, marker: str, start: str, turn: str, end: str, roles: dict[str, str]) -> Format:
-    return Format(name, marker, re.compile(start), re.compile(turn, re.DOTALL), re.compile(end), roles)
+    return Format(name, marker, re.compile(start), re.compile(turn, re.DOTALL), re.compile(end, re.DOTALL), roles)
 
 
 FORMATS = (
@@ -47,16 +48,17 @@ FORMATS = (
         "llama3",
         "<|start_header_id|>",
         r"(<\|begin_of_text\|>)?",
-        r"<\|start_header_id\|>(system|user|assistant)<\|end_header_id\|>\n\n(.*?)(?:<\|eot_id\|>|(?=<\|end_of_text\|>)|\Z)",
-        r"(<\|end_of_text\|>|<\|finetune_right_pad_id\|>|\s)*\Z",
-        {"system": "system", "user": "user", "assistant": "assistant"},
+        r"<\|start_header_id\|>(system|user|assistant|ipython)<\|end_header_id\|>\n\n(.*?)"
+        r"(?:<\|eot_id\|>|<\|eom_id\|>|(?=<\|end_of_text\|>)|\Z)",
+        r"(<\|eot_id\|>|<\|end_of_text\|>|<\|finetune_right_pad_id\|>|\s)*\Z",  # a policy may pad with its EOS
+        {"system": "system", "user": "user", "assistant": "assistant", "ipython": "ipython"},
     ),
     _format(
         "chatml",
         "<|im_start|>",
         r"",
         r"<\|im_start\|>(system|user|assistant)\n(.*?)(?:<\|im_end\|>\n?|(?=<\|endoftext\|>)|\Z)",
-        r"(<\|endoftext\|>|\s)*\Z",
+        r"(<\|im_end\|>|<\|endoftext\|>|\s)*\Z",
         {"system": "system", "user": "user", "assistant": "assistant"},
     ),
     _format(
@@ -125,6 +127,6 @@ def _mistral(text: str) -> list[Message]:
             messages.append(Message(role="user", content=match[4].strip()))
             messages.append(Message(role="assistant", content=match[5].strip()))
         position = match.end()
-    if text[position:].strip() not in ("", "</s>"):
+    if not re.fullmatch(r"(</s>|\s)*", text[position:]):
         raise UnknownFormat(f"mistral chat format: text at character {position} is not a mistral turn: {text[position:][:40]!r}")
     return messages

@@ -27,6 +27,7 @@ from reward_client.errors import (
 CLIENT = web.AppKey("reward_gateway_client", AsyncRewardClient)
 OPTIONS = web.AppKey("reward_gateway_options", object)
 METRICS = web.AppKey("reward_gateway_metrics", object)
+MAX_ITEMS = 4096  # inputs of one /get_reward, /classify or /pooling request (docs/gateway.md)
 NO_LIMIT = 2**31 - 1  # KEEP_LAST_TOKENS for "cut to the server's max_tokens" (vLLM's truncate_prompt_tokens -1)
 
 
@@ -113,7 +114,7 @@ async def json_object(request: web.Request) -> dict[str, Any]:
     """The request body as a JSON object; 400 otherwise."""
     try:
         body = json.loads(await request.read())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except (ValueError, RecursionError) as exc:  # not JSON, not UTF-8, nested too deep, an integer of > 4,300 digits
         raise bad_request(f"body: not valid JSON ({exc})", "encoding") from None
     if not isinstance(body, dict):
         raise bad_request(f"body: expected a JSON object, got {type(body).__name__}")
@@ -127,6 +128,21 @@ def optional(body: dict[str, Any], key: str, kind: type | tuple[type, ...], defa
     if not isinstance(value, kind) or (isinstance(value, bool) and kind is int):
         raise bad_request(f"{key}: expected {getattr(kind, '__name__', kind)}, got {type(value).__name__}")
     return value
+
+
+def request_items(values: Sequence[Any], make: Callable[[int, Any], dict[str, np.ndarray]], what: str) -> list[dict[str, np.ndarray]]:
+    """Each value's request tensors (`make(index, value)`), at most MAX_ITEMS of them: a value the client's
+    checks refuse is the request's 400, named `what[i]` (one coroutine and its tensors per item: the count
+    bounds the memory one request takes, where a 16 MiB body of tiny items would otherwise take gigabytes)."""
+    if len(values) > MAX_ITEMS:
+        raise bad_request(f"{what}: {len(values)} items is over the limit of {MAX_ITEMS} per request")
+    items = []
+    for i, value in enumerate(values):
+        try:
+            items.append(make(i, value))
+        except InvalidConversationError as exc:
+            raise bad_request(f"{what}[{i}]: {exc}", "invalid") from None
+    return items
 
 
 async def score_items(

@@ -57,16 +57,22 @@ async def chat_completions(request: web.Request) -> web.Response:
     )
 
 
+# Who spoke (`name`), and what an SDK's assistant reply carries unused (null): nothing of the text scored.
+NAMED = ("name",)
+UNUSED_WHEN_NULL = ("refusal", "tool_calls", "function_call", "audio")
+
+
 def _message(message: Any, index: int) -> Any:
-    """OpenAI's content parts ([{"type": "text", "text": ...}]) joined into one string; the rest is
-    checked by the conversation schema."""
-    if isinstance(message, dict) and isinstance(message.get("content"), list):
+    """OpenAI's content parts ([{"type": "text", "text": ...}]) joined into one string, `name` and null
+    reply fields dropped; the rest is checked by the conversation schema."""
+    if not isinstance(message, dict):
+        return message
+    message = {k: v for k, v in message.items() if k not in NAMED and not (k in UNUSED_WHEN_NULL and v is None)}
+    if isinstance(message.get("content"), list):
         parts = message["content"]
         if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in parts):
             raise bad_request(f"messages[{index}].content: only text parts are scored")
         return {**message, "content": "".join(p["text"] for p in parts)}
-    if isinstance(message, dict) and message.get("name") is not None:
-        return {k: v for k, v in message.items() if k != "name"}
     return message
 
 

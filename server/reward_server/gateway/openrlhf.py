@@ -17,7 +17,7 @@ from aiohttp import web
 from reward_client.errors import InvalidConversationError
 from reward_client.inputs import conversation_inputs, text_inputs
 from reward_server.gateway.chat_formats import UnknownFormat, parse
-from reward_server.gateway.common import OPTIONS, bad_request, json_object, optional, route, score_items
+from reward_server.gateway.common import OPTIONS, bad_request, json_object, optional, request_items, route, score_items
 
 
 @route("/get_reward")
@@ -28,7 +28,7 @@ async def get_reward(request: web.Request) -> web.Response:
         raise bad_request("query: expected a non-empty list of strings (prompt + response in the policy's chat template)")
     options = request.app[OPTIONS]
     raw = optional(body, "raw", bool, options.raw)
-    items = [_item(i, query, raw) for i, query in enumerate(queries)]
+    items = request_items(queries, lambda i, query: _item(i, query, raw), "query")
     scores, _ = await score_items(request, items, "query")
     rewards = [_normalized(float(s), options.normalize) for s in scores]
     extra_logs: dict[str, Any] = {"dummy_scores": rewards}

@@ -33,6 +33,7 @@ from reward_server.gateway.common import (
     json_object,
     now,
     optional,
+    request_items,
     route,
     score_items,
 )
@@ -117,7 +118,9 @@ async def _vllm_scores(request: web.Request, body: dict[str, Any]) -> tuple[list
         return await score_items(request, [item], "messages", indexed=False)
     special = optional(body, "add_special_tokens", bool, True)
     texts = _inputs(body["input"], "input")
-    items = [token_inputs(x, keep_last) if isinstance(x, list) else text_inputs(x, special, keep_last) for x in texts]
+    items = request_items(
+        texts, lambda _, x: token_inputs(x, keep_last) if isinstance(x, list) else text_inputs(x, special, keep_last), "input"
+    )
     return await score_items(request, items, "input")
 
 
@@ -171,7 +174,7 @@ async def sglang_classify(request: web.Request, body: dict[str, Any]) -> web.Res
         raise bad_request("text: expected a string or a list of strings (pairs of strings are for cross-encoders, not served)")
     single = isinstance(value, str) or (key == "input_ids" and all(_is_id(x) for x in value))
     start = time.perf_counter()
-    items = [text_inputs(x) if isinstance(x, str) else token_inputs(x) for x in inputs]
+    items = request_items(inputs, lambda _, x: text_inputs(x) if isinstance(x, str) else token_inputs(x), key)
     scores, tokens = await score_items(request, items, key, indexed=not single)
     latency = time.perf_counter() - start
     answers = [
