@@ -141,3 +141,50 @@ def test_default_client_rides_out_a_server_restart(fault_server, checkpoint, ref
     assert len(load.results) >= before + 4, "no answer from the restarted server"
     for scores in load.results:
         assert np.abs(scores - expected).max() <= 1e-4
+
+
+def test_a_server_that_keeps_exiting_soon_after_ready_is_restarted_after_growing_pauses(tmp_path):
+    """The supervisor over a stand-in for a tritonserver in a crash loop (it answers ready, then exits 139
+    half a second later: a poison request resent by its clients): the first restart at once, then after
+    1 s, then 2 s (they used to follow each other at once, forever); SIGTERM during a pause ends it."""
+    import asyncio
+    import os
+    import signal
+    import sys
+    import time
+
+    from reward_server.launcher.supervisor import restart_delay, supervise
+    from tests.live_server import free_port
+
+    assert [restart_delay(n) for n in range(1, 10)] == [0, 1, 2, 4, 8, 16, 32, 60, 60]
+    port = free_port()
+    crashing = tmp_path / "crashing_server.py"
+    crashing.write_text(
+        "import http.server, os, sys, threading, time\n"
+        "class Ready(http.server.BaseHTTPRequestHandler):\n"
+        "    def do_GET(self):\n"
+        "        self.send_response(200); self.send_header('Content-Length', '0'); self.end_headers()\n"
+        "    def log_message(self, *args): pass\n"
+        "class Server(http.server.ThreadingHTTPServer):\n"
+        "    allow_reuse_address = True\n"
+        f"threading.Thread(target=Server(('127.0.0.1', {port}), Ready).serve_forever, daemon=True).start()\n"
+        "time.sleep(0.5)\n"
+        "os._exit(139)\n"
+    )
+    lines: list[tuple[float, str]] = []
+
+    def log(line: str) -> None:
+        lines.append((time.monotonic(), line))
+        if "restart 3" in line:  # in the pause before the third restart (without pauses: at once, ending the loop anyway)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    code = asyncio.run(supervise([sys.executable, str(crashing)], dict(os.environ), f"http://127.0.0.1:{port}", log))
+    assert code == 139
+    exits = [(t, line) for t, line in lines if "exited with 139" in line]
+    assert [line.split("; ", 1)[1] for _, line in exits] == [
+        "restart 1",
+        "restart 2 in 1 s (2 exits in a row within 60 s of being ready)",
+        "restart 3 in 2 s (3 exits in a row within 60 s of being ready)",
+    ]
+    readies = [t for t, line in lines if "is ready" in line]
+    assert len(readies) == 3 and readies[2] - exits[1][0] >= 1.0  # the pause was waited out before the next start

@@ -221,3 +221,57 @@ def test_the_shipped_binary_has_no_body_limit_flag():
     help_text = subprocess.run([str(tritonserver_binary()), "--help"], capture_output=True, text=True, timeout=60)
     text = help_text.stdout + help_text.stderr
     assert "--http-restricted-api" in text and "--http-max-input-size" not in text
+
+
+def test_content_encodings_are_the_clients_own(server, reference_reward):
+    """A client that asks for no encoding gets none (aiohttp's session asked Triton for gzip on its behalf);
+    a gzip request body is decoded once (it reached Triton decoded and still labelled gzip); one that does not
+    decode is a 400 naming it, not a 500."""
+    import gzip
+    import http.client
+
+    url = "/v2/models/reward_model/infer"
+    connection = http.client.HTTPConnection("localhost", server.http_port, timeout=60)
+    for body, headers in (
+        (kserve_body(json.dumps(GOOD)), {}),
+        (gzip.compress(kserve_body(json.dumps(GOOD))), {"Content-Encoding": "gzip"}),
+    ):
+        connection.putrequest("POST", url, skip_accept_encoding=True)  # no Accept-Encoding at all, as curl sends
+        for name, value in {"Content-Type": "application/json", "Content-Length": str(len(body)), **headers}.items():
+            connection.putheader(name, value)
+        connection.endheaders(body)
+        answer = connection.getresponse()
+        payload = answer.read()
+        assert answer.status == 200 and answer.getheader("Content-Encoding") is None, (answer.status, payload[:200])
+        reward = next(o for o in json.loads(payload)["outputs"] if o["name"] == protocol.REWARD)["data"][0]
+        assert reward == pytest.approx(reference_reward(GOOD), abs=1e-4)
+    status, payload = request(
+        f"{server.http_url}{url}", b"\x1f\x8b not gzip", {"Content-Encoding": "gzip", "Content-Type": "application/json"}
+    )
+    assert status == 400 and b"content-encoding" in payload.lower(), (status, payload[:200])
+
+
+def test_forwarded_requests_keep_only_end_to_end_headers():
+    """What Triton is sent: not the headers a Connection header names (RFC 9110 7.6.1), not Content-Encoding
+    (the front has decoded the body), not Authorization (the front's API key never reaches tritonserver)."""
+    from aiohttp.test_utils import make_mocked_request
+
+    headers = {
+        "Connection": "close, X-Internal",
+        "X-Internal": "secret",
+        "Authorization": "Bearer key",
+        "Content-Encoding": "gzip",
+        "Content-Type": FORM,
+        "Inference-Header-Content-Length": "12",
+    }
+    forwarded = front._forwarded_headers(make_mocked_request("POST", "/v2/models/m/infer", headers=headers))
+    assert dict(forwarded) == {"Content-Type": "application/json", "Inference-Header-Content-Length": "12"}
+
+
+def test_a_client_ca_without_a_server_certificate_is_refused():
+    """It used to be ignored: HTTP and gRPC served in plain text, no client certificate asked for."""
+    from reward_server.launcher.serve import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--tls-client-ca", "ca.pem"])
+    assert exit_.value.code == 2

@@ -114,6 +114,8 @@ async def json_object(request: web.Request) -> dict[str, Any]:
     """The request body as a JSON object; 400 otherwise."""
     try:
         body = json.loads(await request.read())
+    except web.RequestPayloadError as exc:  # a body its Content-Encoding cannot decode
+        raise bad_request(f"body: {exc.args[0] if exc.args else exc}", "encoding") from None
     except (ValueError, RecursionError) as exc:  # not JSON, not UTF-8, nested too deep, an integer of > 4,300 digits
         raise bad_request(f"body: not valid JSON ({exc})", "encoding") from None
     if not isinstance(body, dict):

@@ -150,13 +150,18 @@ def too_large(request: web.Request, size: int | None) -> web.Response:
 
 
 async def read_body(request: web.Request) -> bytes | web.Response:
-    """The whole request body, or a 413 response when it is over the limit (never read past it)."""
+    """The whole request body, decoded as its Content-Encoding says (aiohttp does it; the limit counts the
+    decoded bytes), or a 413 response when it is over the limit (never read past it), or a 400 when it does
+    not decode."""
     limit, chunks, size = request.app[LIMIT], [], 0
-    while chunk := await request.content.readany():
-        size += len(chunk)
-        if size > limit:
-            return too_large(request, None)
-        chunks.append(chunk)
+    try:
+        while chunk := await request.content.readany():
+            size += len(chunk)
+            if size > limit:
+                return too_large(request, None)
+            chunks.append(chunk)
+    except web.RequestPayloadError as exc:  # a body its Content-Encoding cannot decode
+        return _error(400, f"request body: {exc.args[0] if exc.args else exc}")
     return b"".join(chunks)
 
 
@@ -166,7 +171,12 @@ def forwarded_content_type(content_type: str) -> str:
 
 
 def _forwarded_headers(request: web.Request) -> CIMultiDict:
-    headers = CIMultiDict((k, v) for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP)
+    """The request's end-to-end headers, less: those its Connection header names (RFC 9110 7.6.1), its
+    Content-Encoding (aiohttp has decoded the body already), and Authorization (the front's API key: it
+    never reaches tritonserver, docs/security.md)."""
+    named = {token.strip().lower() for value in request.headers.getall("Connection", []) for token in value.split(",")}
+    dropped = HOP_BY_HOP | named | {"content-encoding", "authorization"}
+    headers = CIMultiDict((k, v) for k, v in request.headers.items() if k.lower() not in dropped)
     if "Content-Type" in request.headers:
         headers["Content-Type"] = forwarded_content_type(request.headers["Content-Type"])  # exactly one
     return headers
@@ -211,7 +221,11 @@ async def passthrough(request: web.Request) -> web.StreamResponse:
 async def _session(app: web.Application):
     # One pooled session to Triton; bodies pass through as they are (no decompression, no timeout on long inferences).
     timeout = aiohttp.ClientTimeout(total=None, sock_connect=10)
-    async with aiohttp.ClientSession(timeout=timeout, auto_decompress=False, skip_auto_headers=("User-Agent",)) as session:
+    # Accept-Encoding only as the client sent it (aiohttp would add gzip: Triton then compresses for a client
+    # that never asked); no limit on connections (aiohttp's 100 queued health probes behind long inferences).
+    connector = aiohttp.TCPConnector(limit=0)
+    auto = ("User-Agent", "Accept-Encoding")
+    async with aiohttp.ClientSession(timeout=timeout, connector=connector, auto_decompress=False, skip_auto_headers=auto) as session:
         app[SESSION] = session
         yield
 

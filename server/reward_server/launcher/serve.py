@@ -185,6 +185,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
     if bool(args.tls_cert) != bool(args.tls_key):
         parser().error("--tls-cert and --tls-key go together")
+    if args.tls_client_ca and not args.tls_cert:  # else served in plain text, no client checked: refused, not ignored
+        parser().error("--tls-client-ca needs --tls-cert and --tls-key (client certificates are checked over TLS only)")
     admin_key = read_secret(args.admin_key_file, ADMIN_KEY_ENV)
     try:
         args.api_keys = read_api_keys(args.api_key_file)

@@ -10,8 +10,9 @@ ones) is not a fault.
 
 `reward-server` (serve.py) runs tritonserver under `supervise`.
 While it restarts, its ports are closed: clients see "unavailable" and retry. A server that exits on
-its own after having been ready is restarted too; one that never became ready is not (that is a
-configuration error, and its exit status is returned).
+its own after having been ready is restarted too (after a growing pause when it keeps exiting soon
+after becoming ready: restart_delay); one that never became ready is not (that is a configuration
+error, and its exit status is returned).
 
 Each start gets its own python-backend shared-memory prefix (`--backend-config=python,
 shm-region-prefix-name=...`); the regions a dead server leaves in /dev/shm (a crashed one never
@@ -33,6 +34,9 @@ from pathlib import Path
 
 STUB = b"triton_python_backend_stub"
 STOP_GRACE_S = 15
+# A server that exits within STABLE_S of becoming ready, again and again (a poison request its clients
+# resend), is restarted after 1, 2, 4 ... up to 60 s: a crash loop shows in the log and spares the host.
+STABLE_S, FIRST_BACKOFF_S, MAX_BACKOFF_S = 60.0, 1.0, 60.0
 SHM_DIR = Path("/dev/shm")
 
 
@@ -108,7 +112,7 @@ async def supervise(command: list[str], env: dict[str, str], http: str, log: Cal
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop, sig)
-    restarts = 0
+    restarts = quick_exits = 0
     while True:
         prefix = shm_prefix()
         server = subprocess.Popen([*command, f"--backend-config=python,shm-region-prefix-name={prefix}"], env=env)
@@ -120,6 +124,7 @@ async def supervise(command: list[str], env: dict[str, str], http: str, log: Cal
                 if await loop.run_in_executor(None, answers, f"{http}/v2/health/ready"):
                     # A stub that died between its model's load and this poll is still expected.
                     ready, expected = True, Counter(stubs(server.pid).values()) | Counter(loaded)
+                    ready_at = loop.time()
                     log(f"supervisor: tritonserver (pid {server.pid}) is ready")
                 continue
             live = Counter(stubs(server.pid).values())
@@ -140,7 +145,25 @@ async def supervise(command: list[str], env: dict[str, str], http: str, log: Cal
         if stopping.is_set() or not ready:
             return code
         restarts += 1
-        log(f"supervisor: tritonserver exited with {code}; restart {restarts}")
+        quick_exits = quick_exits + 1 if loop.time() - ready_at < STABLE_S else 1
+        delay = restart_delay(quick_exits)
+        log(
+            f"supervisor: tritonserver exited with {code}; restart {restarts}"
+            + (f" in {delay:g} s ({quick_exits} exits in a row within {STABLE_S:g} s of being ready)" if delay else "")
+        )
+        if delay:
+            try:
+                await asyncio.wait_for(stopping.wait(), delay)
+            except TimeoutError:
+                pass
+            if stopping.is_set():
+                return code
+
+
+def restart_delay(quick_exits: int) -> float:
+    """Seconds to wait before restarting a server that has exited `quick_exits` times in a row, each within
+    STABLE_S of becoming ready: none for the first, then FIRST_BACKOFF_S, doubling, at most MAX_BACKOFF_S."""
+    return 0.0 if quick_exits <= 1 else min(MAX_BACKOFF_S, FIRST_BACKOFF_S * 2 ** (quick_exits - 2))
 
 
 def _stop(server: subprocess.Popen) -> None:
