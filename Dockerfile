@@ -29,14 +29,17 @@ RUN if [ -n "$TORCH_INDEX_URL" ]; then pip install --no-cache-dir --index-url "$
  && pip install --no-cache-dir ".[server-core]" \
  && python3 -c "from reward_server.compat import check_numpy; check_numpy(); import torch, transformers"
 
+# A transformers reward checkpoint: mounted at /models/checkpoint, which the image's own repository names
+# (--checkpoint or $REWARD_CHECKPOINT override it). Its config parameters, not $REWARD_*: a repository given
+# with --model-repository keeps its own settings.
+RUN python3 -c "from reward_server.launcher.repository import set_parameters; \
+set_parameters('model_repository/reward_model/config.pbtxt', {'checkpoint': '/models/checkpoint', 'runtime': 'torch'})"
+
 # The library that keeps keys out of tritonserver's command line (docs/security.md, "No key on a command
 # line"), built with a C compiler into .build/triton/ under the WORKDIR, where the launcher finds it.
 RUN (command -v cc || (apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev && rm -rf /var/lib/apt/lists/*)) \
  && python3 -c "from reward_server.launcher.argv_secrets import build_library; print(build_library())"
 
-# A transformers reward checkpoint mounted here (or set --checkpoint / REWARD_CHECKPOINT).
-ENV REWARD_CHECKPOINT=/models/checkpoint \
-    REWARD_RUNTIME=torch
 EXPOSE 8000 8001 8002
 # nvidia_entrypoint.sh (the base image's entrypoint) sets up CUDA compatibility, then runs the launcher
 # with the container's tritonserver and backends; `docker run IMAGE FLAGS` / Kubernetes `args` add flags.

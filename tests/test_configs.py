@@ -77,6 +77,28 @@ def test_settings_come_from_the_environment_then_the_models_own_config_then_the_
         Settings.for_model(engine, {"checkpoint": "missing"}, environ={})
 
 
+@pytest.mark.parametrize(
+    ("argv", "environ", "said"),
+    [
+        (["--dtype", "BF16"], {}, "--dtype: 'BF16' is not one of auto"),
+        (["--max-turns", "abc"], {}, "--max-turns: 'abc' is not an integer"),
+        (["--cuda-graphs", "enabled"], {}, "--cuda-graphs: 'enabled' is not a boolean"),
+        (["--checkpoint", "missing-folder"], {}, "--checkpoint: folder"),
+        ([], {"REWARD_MIN_SHARED_PREFIX": "-1"}, "$REWARD_MIN_SHARED_PREFIX: -1 is below the minimum 0"),  # set so: named so
+    ],
+)
+def test_the_launcher_refuses_a_bad_setting_before_tritonserver_starts(monkeypatch, capsys, argv, environ, said):
+    """It used to pass it on: the models failed at load, the message naming a variable the operator never set."""
+    from reward_server.launcher import serve
+
+    for name, value in environ.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(serve, "supervise", lambda *args: pytest.fail("tritonserver started"))
+    with pytest.raises(SystemExit) as exit_:
+        serve.main(["--model-repository", str(REPOSITORY), *argv])
+    assert exit_.value.code == 2 and said in capsys.readouterr().err
+
+
 def test_the_repository_names_one_checkpoint_and_restates_no_default():
     """Settings live in the ensemble's config only; the other models' configs carry none."""
     ensemble = read_parameters(REPOSITORY / protocol.ENSEMBLE_MODEL / "config.pbtxt")

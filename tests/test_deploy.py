@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import re
 import shlex
-from dataclasses import fields
 from pathlib import PurePosixPath
 
 import kubernetes_validate
@@ -16,8 +15,9 @@ import pytest
 import tomllib
 import yaml
 
+from reward_client.protocol import ENGINE_MODEL, ENSEMBLE_MODEL, NEMO_MODEL, PREPROCESSING_MODEL
 from reward_server.launcher.serve import parser as launcher_parser
-from reward_server.settings import ENV_PREFIX, RUNTIMES, Settings
+from reward_server.settings import ENV_PREFIX, RUNTIMES, read_parameters
 from tests.live_server import REPO
 
 MANIFESTS = sorted((REPO / "deploy" / "kubernetes").glob("*.yaml"))
@@ -44,6 +44,11 @@ def test_manifests_fit_together():
     container = deployment["spec"]["template"]["spec"]["containers"][0]
     assert container["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
     assert container["livenessProbe"]["httpGet"]["path"] == "/v2/health/live"
+    # The supervisor's restart of a failed server is a load as long as the first: liveness waits it out (it gave up at 600 s
+    # of the startup probe's 900)
+    probes = ("startupProbe", "livenessProbe")
+    window = {probe: container[probe]["periodSeconds"] * container[probe]["failureThreshold"] for probe in probes}
+    assert window["livenessProbe"] >= window["startupProbe"]
     assert container["resources"]["limits"]["nvidia.com/gpu"] >= 1
     assert {p["containerPort"] for p in container["ports"]} == {8000, 8001, 8002}
     assert deployment["spec"]["template"]["metadata"]["annotations"]["prometheus.io/port"] == "8002"
@@ -120,9 +125,27 @@ def test_image_starts_the_launcher_on_the_containers_tritonserver(name, base, ru
     assert args.tritonserver == "/opt/tritonserver/bin/tritonserver" and args.backend_directory == "/opt/tritonserver/backends"
     assert PurePosixPath(args.model_repository) == workdir / "model_repository"
     env = dict(pair.split("=", 1) for op, rest in instructions if op == "ENV" for pair in shlex.split(rest))
-    assert env[ENV_PREFIX + "RUNTIME"] == runtime and runtime in RUNTIMES
-    assert {name[len(ENV_PREFIX) :].lower() for name in env} <= {f.name for f in fields(Settings)}
-    assert "ADMIN_KEY" not in " ".join(env)
+    assert not [name for name in env if name.startswith(ENV_PREFIX)]  # they would override a mounted repository's parameters
+
+
+@pytest.mark.parametrize(("name", "base", "runtime"), IMAGES, ids=[image[0] for image in IMAGES])
+def test_image_names_its_checkpoint_and_runtime_in_its_own_repository(tmp_path, name, base, runtime):
+    """The image's RUN, run on a copy of the repository: its ensemble names the mounted folder and the runtime,
+    for every model (the image used to set $REWARD_CHECKPOINT and $REWARD_RUNTIME, which
+    overrode the parameters of a repository given with --model-repository)."""
+    import shutil
+    import subprocess
+    import sys
+
+    (command,) = [shlex.split(rest) for op, rest in dockerfile(name) if op == "RUN" and "set_parameters" in rest]
+    assert command[:2] == ["python3", "-c"] and len(command) == 3
+    shutil.copytree(REPO / "model_repository", tmp_path / "model_repository", ignore=shutil.ignore_patterns("__pycache__"))
+    subprocess.run([sys.executable, "-c", command[2]], cwd=tmp_path, check=True)
+    mount = "/models/engine" if runtime == "tensorrt_llm" else "/models/checkpoint"
+    assert read_parameters(tmp_path / "model_repository" / ENSEMBLE_MODEL / "config.pbtxt") == {"checkpoint": mount, "runtime": runtime}
+    assert runtime in RUNTIMES
+    for model in (PREPROCESSING_MODEL, ENGINE_MODEL, NEMO_MODEL):  # none names its own instead (settings.py: it would win)
+        assert not {"checkpoint", "runtime"} & set(read_parameters(tmp_path / "model_repository" / model / "config.pbtxt"))
 
 
 @pytest.mark.parametrize("name", [image[0] for image in IMAGES])

@@ -174,4 +174,22 @@ def test_every_dashboard_query_names_an_exported_metric_and_parses(server, prome
         missing = names - exported - GPU_ONLY
         assert not missing, f"{query}: {sorted(missing)} not exported"
         if not query.startswith("label_values"):
-            prometheus.query(query.replace("$attribute", "reward"))  # Prometheus parses and runs it
+            prometheus.query(query.replace("$attribute", "reward").replace("$__rate_interval", "1m"))  # Prometheus parses and runs it
+
+
+def test_dashboard_panels_show_each_series_in_its_unit():
+    """Bytes in bytes and utilizations as ratios, on their own axis where a panel mixes them (utilization and
+    memory shared one unitless axis: the utilization a flat line at 0); rates over Grafana's $__rate_interval
+    (a fixed 1m window holds one sample at Prometheus's default scrape interval, 1m)."""
+    for panel in json.loads(DASHBOARD.read_text())["panels"]:
+        config = panel.get("fieldConfig") or {"defaults": {}, "overrides": []}
+        for target in panel["targets"]:
+            unit = config["defaults"].get("unit")
+            for override in config["overrides"]:
+                if override["matcher"] == {"id": "byFrameRefID", "options": target["refId"]}:
+                    unit = next((p["value"] for p in override["properties"] if p["id"] == "unit"), unit)
+            if re.search(r"_bytes\b", target["expr"]):
+                assert unit == "bytes", (panel["title"], target["expr"])
+            if re.search(r"_utilization\b", target["expr"]):
+                assert unit == "percentunit", (panel["title"], target["expr"])
+            assert "[1m]" not in target["expr"], (panel["title"], target["expr"])

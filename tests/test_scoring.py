@@ -9,8 +9,11 @@ import numpy as np
 import pytest
 
 from reward_client import protocol
+from reward_server.errors import RequestError
+from reward_server.inputs import Inputs
 from reward_server.runtimes.torch_runtime import TorchRewardEngine
-from reward_server.scoring import Rows, answers
+from reward_server.scoring import Rows, answers, request_rows
+from reward_server.templating import ChatTokenizer
 
 
 class Failing:
@@ -44,6 +47,11 @@ class Failing:
 @pytest.fixture(scope="module")
 def engine(checkpoint):
     return TorchRewardEngine(str(checkpoint), device="cpu", max_step_tokens=256)
+
+
+@pytest.fixture(scope="module")
+def inputs(checkpoint):
+    return Inputs(ChatTokenizer(str(checkpoint), max_tokens=4096))
 
 
 @pytest.fixture(scope="module")
@@ -103,9 +111,6 @@ def test_a_failure_outside_the_steps_answers_every_request_not_answered_yet(engi
     ],
 )
 def test_score_at_takes_minus_one_as_trailing_padding_only(engine, score_at, refused):
-    from reward_server.errors import RequestError
-    from reward_server.scoring import request_rows
-
     ids, lengths = np.arange(1, 11, dtype=np.int32)[None], np.array([[10]], dtype=np.int32)
     if refused:
         with pytest.raises(RequestError, match="then -1 padding"):
@@ -115,29 +120,19 @@ def test_score_at_takes_minus_one_as_trailing_padding_only(engine, score_at, ref
         assert request_rows(engine, 4096, ids, lengths, np.array(score_at, dtype=np.int32)).reads[0].tolist() == expected
 
 
-def test_a_request_of_no_rows_is_refused_not_left_unanswered(engine, checkpoint):
+def test_a_request_of_no_rows_is_refused_not_left_unanswered(engine, inputs):
     """It owned no row, so no step answered it: the scoring thread never sent it anything."""
-    from reward_server.errors import RequestError
-    from reward_server.inputs import Inputs
-    from reward_server.scoring import request_rows
-    from reward_server.templating import ChatTokenizer
-
     with pytest.raises(RequestError, match="rows >= 1") as caught:
         request_rows(engine, 4096, np.zeros((0, 5), dtype=np.int32), np.zeros((0, 1), dtype=np.int32), None)
     assert caught.value.reason == "tensors"
-    inputs = Inputs(ChatTokenizer(str(checkpoint), max_tokens=4096))
     for source in (protocol.CONVERSATION, protocol.TEXT):
         (refused,) = inputs.encode_requests([{source: np.zeros((0, 1), dtype=np.object_)}])  # was a ValueError: INTERNAL
         assert isinstance(refused, RequestError) and refused.reason == "tensors"
 
 
-def test_a_text_that_writes_its_bos_keeps_it_first_when_cut(checkpoint):
+def test_a_text_that_writes_its_bos_keeps_it_first_when_cut(inputs):
     """TEXT with its BOS written out and TEXT without it are one text, cut from the left or not (the cut
     used to drop a written-out BOS: another row, another score)."""
-    from reward_server.inputs import Inputs
-    from reward_server.templating import ChatTokenizer
-
-    inputs = Inputs(ChatTokenizer(str(checkpoint), max_tokens=4096))
     body = "<|start_header_id|>user<|end_header_id|>\n\nhello there, how are you<|eot_id|>"
     bos = inputs.chat.tokenizer.bos_token
     for keep in (0, 8):

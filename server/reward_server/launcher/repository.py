@@ -9,6 +9,7 @@ The models resolve their settings through the links to the user's folders, as wi
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 
 from google.protobuf import text_format  # with tritonclient's ModelConfig: Triton's own schema for config.pbtxt
@@ -56,3 +57,14 @@ def serving_repository(repository: Path, instances: int, view: Path) -> Path:
             (engine / entry.name).symlink_to(entry)
     (engine / CONFIG).write_text(text_format.MessageToString(config))
     return view
+
+
+def set_parameters(config: Path | str, values: Mapping[str, str]) -> None:
+    """Set `parameters` of a config.pbtxt. The images name their mounted checkpoint and their runtime so, in
+    their own repository's ensemble, not as $REWARD_*: the environment would override the parameters of a
+    repository given with --model-repository too (settings.py)."""
+    path, parsed = Path(config), model_config_pb2.ModelConfig()
+    text_format.Parse(path.read_text(), parsed)
+    for key, value in values.items():
+        parsed.parameters[key].string_value = value
+    path.write_text(text_format.MessageToString(parsed))

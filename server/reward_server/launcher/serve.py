@@ -49,7 +49,7 @@ from reward_server.launcher.argv_secrets import Secrets, build_library
 from reward_server.launcher.backend import DEFAULT_BACKENDS, layout_backend, pytriton_server_dir
 from reward_server.launcher.repository import engine_instances, serving_repository
 from reward_server.launcher.supervisor import supervise
-from reward_server.settings import ENV_PREFIX, Settings, read_parameters
+from reward_server.settings import ALL, ENV_PREFIX, Settings, read_parameters
 
 ADMIN_HEADER = front.ADMIN_HEADER
 ADMIN_APIS = ",".join(front.RESTRICTED)
@@ -187,6 +187,10 @@ def main(argv: list[str] | None = None) -> None:
         parser().error("--tls-cert and --tls-key go together")
     if args.tls_client_ca and not args.tls_cert:  # else served in plain text, no client checked: refused, not ignored
         parser().error("--tls-client-ca needs --tls-cert and --tls-key (client certificates are checked over TLS only)")
+    try:
+        check_settings(args, server_environment(args))
+    except ValueError as exc:
+        parser().error(str(exc))
     admin_key = read_secret(args.admin_key_file, ADMIN_KEY_ENV)
     try:
         args.api_keys = read_api_keys(args.api_key_file)
@@ -246,6 +250,25 @@ async def serve(args: argparse.Namespace, admin_key: str | None) -> int:
             await grpc.stop()
         for runner in runners:
             await runner.cleanup()
+
+
+def check_settings(args: argparse.Namespace, env: dict[str, str]) -> None:
+    """Resolve each model's settings as it will at load: a bad value (`--dtype BF16`) is refused before
+    tritonserver starts, not when its models load, and named by the flag it came from. ValueError says what
+    (the message names the environment variable or config.pbtxt otherwise)."""
+    repository = Path(args.model_repository).resolve()
+    for model in ALL:
+        config = repository / model / "config.pbtxt"
+        if not config.exists():
+            continue  # a repository without that model
+        try:
+            Settings.for_model(config.parent, read_parameters(config), env)
+        except ValueError as exc:
+            message = str(exc)
+            for f in fields(Settings):
+                if getattr(args, f"setting_{f.name}") is not None:
+                    message = message.replace(f"${ENV_PREFIX}{f.name.upper()}:", f"--{f.name.replace('_', '-')}:")
+            raise ValueError(message) from None
 
 
 def _gateway_settings(args: argparse.Namespace, env: dict[str, str]) -> dict:

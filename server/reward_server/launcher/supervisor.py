@@ -154,7 +154,7 @@ async def supervise(command: list[str], env: dict[str, str], http: str, log: Cal
         if delay:
             try:
                 await asyncio.wait_for(stopping.wait(), delay)
-            except TimeoutError:
+            except asyncio.TimeoutError:  # not the builtin TimeoutError before Python 3.11 (the NGC image's 3.10)
                 pass
             if stopping.is_set():
                 return code
