@@ -136,6 +136,35 @@ def test_a_shared_prefix_group_stays_in_one_step(checkpoint):
     assert any(set(range(8)) <= set(step) for step in steps)
 
 
+def test_a_group_over_the_budget_computes_in_forwards_within_it(checkpoint):
+    """A group stays in one step, but its forwards stay within the budget the memory plan sized: best-of-16 over a
+    100-token prompt (or 16 conversations sharing a system prompt) went into one forward of 3,200 rows beside a
+    1,024-token budget. The same bits as one forward, and with the prompt from the prefix cache too."""
+    rng = np.random.default_rng(11)
+    prompt = rng.integers(0, 128000, 128)
+    batch = [np.concatenate([prompt, rng.integers(0, 128000, 200)]) for _ in range(16)]
+    whole = TorchRewardEngine(str(checkpoint), device="cpu", dtype="fp32", max_step_tokens=4096).score(batch)
+    for cache in (0, 4096):
+        small = TorchRewardEngine(str(checkpoint), device="cpu", dtype="fp32", max_step_tokens=1024, prefix_cache_tokens=cache)
+        rows: list[int] = []
+
+        def counted(sequences, *args, forward=small._forward, rows=rows):
+            rows.append(sum(map(len, sequences)))
+            return forward(sequences, *args)
+
+        small._forward = counted
+        assert len(small.plan(batch)) == 1
+        scores = small.score(batch)
+        assert max(rows) <= 1024 and sum(rows) == 128 + 16 * 200, rows  # the prompt once, then the members
+        if not cache:
+            assert np.array_equal(scores, whole)
+            continue
+        assert np.abs(scores - whole).max() <= 1e-4  # attention in tiles with the cache on (README)
+        rows.clear()
+        assert np.array_equal(small.score(batch), scores)  # the prompt's blocks now from the cache
+        assert max(rows) <= 1024 and sum(rows) == 16 * 200, rows
+
+
 FAULTS_OF_THREE_STEPS = """
 import resource, sys
 import numpy as np

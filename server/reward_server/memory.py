@@ -11,8 +11,9 @@ the step: the engine's plan counts each as that share of a computed token (Torch
 Attention that cannot use the fused kernel (sliding windows, soft-capping) also holds one
 sequence's [heads, tokens, tokens] scores in fp32; the longest sequence is `max_tokens`.
 
-A prefix group stays in one step even beyond `max_step_tokens` (batching.plan), so a best-of-n
-group over a prompt longer than the step can exceed the plan; that is the one case not covered.
+A prefix group stays in one step even beyond `max_step_tokens` (TorchRewardEngine.plan), but not in one
+forward: its prompt (at most `max_tokens`) runs first, then its members in forwards of at most
+`max_step_tokens` tokens, the prompt's keys/values of every layer held meanwhile (shared-prefix tokens).
 """
 
 from __future__ import annotations

@@ -407,7 +407,7 @@ class TorchRewardEngine:
         `plan`): (length, positions in `sequences`) of each group sharing a prefix (best-of-n);
         that prefix is computed once for the group, as a segment of the same forward whose keys/values
         the members attend to at each layer (a group over `max_step_tokens`, alone in its step: in a
-        forward of its own first, so that no forward exceeds the budget by more than a plain step would).
+        forward of its own first, then its members in forwards within the budget, _pass_within_budget).
         With the prefix cache on, leading whole blocks
         found there are not computed, and the whole blocks computed are stored (prefix_cache.py)."""
         if self.ranks is not None:  # every rank runs this same step; rank 0 answers
@@ -429,16 +429,32 @@ class TorchRewardEngine:
                 before[i] = kv
         reads = [np.array([len(p) - 1]) for p in prompts] + list(positions)
         tokens = sum(map(len, prompts)) + sum(map(len, sequences)) - sum(length * len(members) for length, members in prefixes)
-        if prompts and tokens > self.max_step_tokens:  # a group over the budget (alone in its step): its prompt first
-            _, kept = self._pass(prompts, reads[: len(prompts)], prompt_before, whole=True, looked_up=len(prompts))
-            before = [kept[b] if isinstance(b, int) else b for b in before]
-            reads, prompts, prompt_before = reads[len(prompts) :], [], []
-        hidden, _ = self._pass([*prompts, *sequences], reads, [*prompt_before, *before], looked_up=len(prompts))
-        outputs = self.head(hidden[len(prompts) :])  # the prompts' reads dropped
+        if prefixes and tokens > self.max_step_tokens:  # a group over the budget, alone in its step
+            if prompts:  # its prompt in a forward of its own first
+                _, kept = self._pass(prompts, reads[: len(prompts)], prompt_before, whole=True, looked_up=len(prompts))
+                before = [kept[b] if isinstance(b, int) else b for b in before]
+            hidden = self._pass_within_budget(sequences, list(positions), before)
+        else:
+            hidden, _ = self._pass([*prompts, *sequences], reads, [*prompt_before, *before], looked_up=len(prompts))
+            hidden = hidden[len(prompts) :]  # the prompts' reads dropped
+        outputs = self.head(hidden)
         launched = time.perf_counter()  # on a GPU the work is queued: the copy below waits for it to finish
         scores = outputs.cpu().numpy()
         self.device_wait = time.perf_counter() - launched
         return scores
+
+    def _pass_within_budget(self, sequences: list[np.ndarray], reads: list[np.ndarray], before: list[torch.Tensor | None]) -> torch.Tensor:
+        """`_pass`'s hidden states of sequences continuing the keys/values `before` (a group's prompt), in forwards
+        of at most `max_step_tokens` computed tokens each (a longer sequence alone): a group's members are not
+        split over steps (each step would compute the prompt again), but their forwards stay within the
+        memory plan. A row does not depend on the others of its forward: the same bits as one forward."""
+        computed = [len(s) - (0 if kv is None else kv.shape[3]) for s, kv in zip(sequences, before, strict=True)]
+        rows: list[torch.Tensor | None] = [None] * len(sequences)
+        for chunk in plan_steps(computed, self.max_step_tokens):
+            hidden, _ = self._pass([sequences[i] for i in chunk], [reads[i] for i in chunk], [before[i] for i in chunk])
+            for i, read in zip(chunk, torch.split(hidden, [len(reads[i]) for i in chunk]), strict=True):
+                rows[i] = read
+        return torch.cat(rows)
 
     def _pass(
         self,
