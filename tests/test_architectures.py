@@ -16,13 +16,18 @@ from safetensors.torch import save_file
 from transformers import (
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
+    CohereConfig,
     Gemma2Config,
+    GPT2Config,
+    GraniteConfig,
     LlamaConfig,
     MistralConfig,
     NemotronConfig,
+    PhiConfig,
     Qwen2Config,
 )
 
+from reward_server import heads
 from reward_server.runtimes.torch_runtime import TorchRewardEngine
 
 VOCAB = 1000
@@ -86,6 +91,50 @@ def test_causal_lm_reward_is_logit_zero(family, tmp_path):
         expected = np.array([reference(torch.from_numpy(s)[None]).logits[0, -1, 0].item() for s in sequences])
     got = _engine(folder).score(sequences)[:, 0]
     assert np.abs(got - expected).max() <= TOLERANCE, f"{family}: {np.abs(got - expected).max():.2e}"
+
+
+# Causal LMs whose logits are not lm_head's plain rows: a bias (Phi), a scale (Cohere's logit_scale, Granite's
+# logits_scaling). Only for the -HF head: Phi's layers are not the ones tensor parallelism splits.
+TREATED_LOGITS = {
+    "phi": lambda: PhiConfig(**{k: v for k, v in SIZE.items() if k != "num_key_value_heads"}),
+    "cohere": lambda: CohereConfig(**SIZE, logit_scale=0.0625),
+    "granite": lambda: GraniteConfig(**SIZE, logits_scaling=8.0),
+}
+
+
+@pytest.mark.parametrize("family", sorted(TREATED_LOGITS))
+def test_causal_lm_reward_is_logit_zero_with_its_bias_and_scale(family, tmp_path):
+    """The LM's own logit 0, its lm_head bias and logit scale included (the head was lm_head's bare row: Phi's
+    rewards off by the bias, Cohere's 16x and Granite's 8x); a family that treats its logits in a way the
+    server does not know is refused at load (here: the scale forgotten)."""
+    torch.manual_seed(3)
+    model = AutoModelForCausalLM.from_config(TREATED_LOGITS[family]())
+    if model.lm_head.bias is not None:
+        torch.nn.init.normal_(model.lm_head.bias)  # initialized to zeros
+    folder = _save(model, tmp_path)
+    reference = _eager(AutoModelForCausalLM, folder)
+    sequences = _sequences()[:5]
+    with torch.inference_mode():
+        expected = np.array([reference(torch.from_numpy(s)[None]).logits[0, -1, 0].item() for s in sequences])
+    got = _engine(folder).score(sequences)[:, 0]
+    assert np.abs(got - expected).max() <= TOLERANCE, f"{family}: {np.abs(got - expected).max():.2e}"
+    if family == "phi":
+        return
+    lm_rows = heads._lm_rows
+    heads._lm_rows = lambda model, config, rows: (model.get_output_embeddings().weight[:rows].float(), None, None)
+    try:
+        with pytest.raises(ValueError, match="logits are not lm_head's rows as this server reads them"):
+            _engine(folder)
+    finally:
+        heads._lm_rows = lm_rows
+
+
+def test_a_trunk_without_decoder_layers_where_they_are_looked_for_is_refused(tmp_path):
+    """GPT-2 keeps them in `h`: a clear refusal at load, not an AttributeError."""
+    config = GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, pad_token_id=VOCAB - 1, num_labels=1)
+    folder = _save(AutoModelForSequenceClassification.from_config(config), tmp_path)
+    with pytest.raises(ValueError, match="GPT2Model keeps its decoder layers elsewhere than `layers`"):
+        _engine(folder)
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "gemma2"])

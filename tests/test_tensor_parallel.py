@@ -93,6 +93,19 @@ def test_splits_that_cannot_work_are_refused():
         shard_plan(config, 2)
 
 
+def test_a_rank_that_cannot_load_fails_the_load_with_its_reason(tmp_path):
+    """Any rank's load error is the engine's ValueError, with its reason (an OSError or AttributeError was "rank 0
+    died", and in a server, which exits on a rank's failure, the process exited inside initialize)."""
+    from tests.test_architectures import TREATED_LOGITS
+
+    torch.manual_seed(16)
+    phi = _save(AutoModelForCausalLM.from_config(TREATED_LOGITS["phi"]()), tmp_path / "phi")
+    cases = [(phi, "tensor_parallel 2: PhiDecoderLayer has no self_attn.o_proj"), (tmp_path / "missing", "OSError")]
+    for folder, reason in cases:
+        with pytest.raises(ValueError, match=reason):
+            _engine(str(folder), tensor_parallel=2, exit_on_rank_failure=True)
+
+
 def test_a_dead_rank_fails_the_engine(tmp_path):
     """A rank killed between steps: the engine's next step raises EngineError naming it, promptly."""
     torch.manual_seed(15)

@@ -14,8 +14,9 @@ Which head is used:
   else from `id2label` ("reward" for one unnamed output).
 - a causal LM with reward_head.safetensors: that head on the trunk (NeMo-Aligner's `rm_head`).
 - a causal LM without it: rows 0..N-1 of `lm_head` (the -HF convention, N = 1 unless
-  reward_head.json names more), with the model's final logit soft-capping if it has one. Only
-  those rows are kept: the full-vocabulary projection is never computed.
+  reward_head.json names more), with its bias, the model's logit scale and its final logit
+  soft-capping, checked at load against the LM's own logits (check_lm_rows). Only those rows
+  are kept: the full-vocabulary projection is never computed.
 """
 
 from __future__ import annotations
@@ -28,10 +29,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+from transformers.modeling_outputs import BaseModelOutputWithPast
 
 from reward_server.head_spec import HeadSpec, default_names, head_bias, read_head_spec, read_separate_head
 from reward_server.invariance import tile_calls
-from reward_server.parallel import shard_trunk
+from reward_server.parallel import decoder_layers, shard_trunk
 from reward_server.rank_loading import load_rank_model
 
 
@@ -83,6 +85,10 @@ def load_reward_model(
         model = auto.from_pretrained(checkpoint, dtype=dtype, attn_implementation=attn_implementation)
         if shard:
             shard_trunk(model.base_model, *shard)
+    try:
+        decoder_layers(model.base_model)
+    except ValueError as exc:
+        raise ValueError(f"{checkpoint}: {exc}") from None
     softcap = pad_token = None
     if classifier:
         weight, bias = model.score.weight, model.score.bias
@@ -91,10 +97,10 @@ def load_reward_model(
     elif (separate := read_separate_head(folder)) is not None:
         weight, bias = separate
         spec = read_head_spec(folder, default_names(weight.shape[0]))
-    else:  # -HF convention: the reward rows are the first rows of lm_head
+    else:  # -HF convention: the reward rows are the first rows of lm_head, as the LM computes its logits
         spec = read_head_spec(folder, ["reward"])
-        weight, bias = model.get_output_embeddings().weight[: len(spec.names)], None
-        softcap = getattr(config, "final_logit_softcapping", None)
+        weight, bias, softcap = _lm_rows(model, config, len(spec.names))
+        check_lm_rows(model, RewardHead(weight, bias, spec, softcap), checkpoint)
     bias = head_bias(folder, spec, bias)
     hidden_size = model.base_model.config.hidden_size
     if weight.ndim != 2 or weight.shape[1] != hidden_size:
@@ -109,6 +115,42 @@ def load_reward_model(
     trunk = model.base_model
     del model  # drops the full-vocabulary lm_head of a causal LM
     return trunk, head
+
+
+def _lm_rows(model, config, rows: int) -> tuple[torch.Tensor, torch.Tensor | None, float | None]:
+    """Weight, bias and soft-capping of the first `rows` logits of a causal LM: lm_head's rows and bias, with
+    the scale some families apply to their logits folded in (Cohere's logit_scale, Granite's logits_scaling)."""
+    lm_head = model.get_output_embeddings()
+    weight, bias = lm_head.weight[:rows], None if lm_head.bias is None else lm_head.bias[:rows]
+    scale = getattr(config, "logit_scale", None) or 1.0
+    scale /= getattr(config, "logits_scaling", None) or 1.0
+    if scale != 1.0:  # in fp32, where the head computes (RewardHead)
+        weight, bias = weight.float() * scale, None if bias is None else bias.float() * scale
+    return weight, bias, getattr(config, "final_logit_softcapping", None)
+
+
+@torch.inference_mode()
+def check_lm_rows(model, head: RewardHead, checkpoint: str) -> None:
+    """The head equals the LM's own first logits on a probe hidden state: the LM's forward runs with its trunk
+    stood in for (one vocabulary projection, whatever the model's size), so a family that treats its logits
+    in a way `_lm_rows` does not know is refused at load instead of served with other scores."""
+    trunk = model.base_model
+    hidden = torch.randn((1, 1, trunk.config.hidden_size), generator=torch.Generator().manual_seed(0))
+    hidden = hidden.to(model.get_output_embeddings().weight)
+    trunk.forward = lambda *args, **kwargs: BaseModelOutputWithPast(last_hidden_state=hidden)
+    try:
+        logits = model(input_ids=torch.zeros((1, 1), dtype=torch.long), logits_to_keep=1).logits[0, -1, : len(head.names)].float()
+    finally:
+        del trunk.forward
+    ours = head(hidden[0])[0]
+    # fp32: the same sums up to order; bf16/fp16: the LM rounds its logits to 8 or 11 bits of mantissa
+    tolerance = 1e-4 if hidden.dtype == torch.float32 else 2e-2
+    if not torch.allclose(ours, logits, rtol=tolerance, atol=tolerance):
+        raise ValueError(
+            f"{checkpoint}: {type(model).__name__}'s logits are not lm_head's rows as this server reads them ({ours.tolist()} "
+            f"against {logits.tolist()} on a probe): the architecture treats its logits in a way the server does not know; "
+            "give the head as reward_head.safetensors (README, checkpoints)"
+        )
 
 
 def _label_names(config) -> list[str]:

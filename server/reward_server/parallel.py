@@ -119,6 +119,21 @@ def shard_plan(config, world: int) -> tuple[int, int, int]:
     return heads // world, max(kv // world, 1), inter // world
 
 
+SHARDED = {"self_attn": ("q_proj", "k_proj", "v_proj", "o_proj"), "mlp": ("up_proj", "down_proj")}
+
+
+def decoder_layers(trunk: nn.Module) -> nn.ModuleList:
+    """The trunk's decoder layers, where the transformers LMs the torch runtime serves keep them; ValueError
+    for another layout (GPT-2's `h`): the runtime's swaps and shards walk `layers`."""
+    layers = getattr(trunk, "layers", None)
+    if not isinstance(layers, nn.ModuleList):
+        raise ValueError(
+            f"{type(trunk).__name__} keeps its decoder layers elsewhere than `layers`, where the transformers LMs the torch "
+            "runtime serves keep them (Llama, Mistral, Qwen, Gemma, Phi, Nemotron, ...)"
+        )
+    return layers
+
+
 def shard_trunk(trunk: nn.Module, rank: int, world: int, read: SliceReader | None = None) -> nn.Module:
     """Keep this rank's part of every decoder layer (see the module docstring): cut from the loaded
     weights, or, with `read`, read from the checkpoint into a trunk whose weights are not loaded
@@ -129,7 +144,13 @@ def shard_trunk(trunk: nn.Module, rank: int, world: int, read: SliceReader | Non
     group = config.num_attention_heads // (getattr(config, "num_key_value_heads", None) or config.num_attention_heads)
     first_q = rank * q_heads
     first_kv = first_q // group  # the KV head of this rank's first query head
-    for index, layer in enumerate(trunk.layers):
+    for index, layer in enumerate(decoder_layers(trunk)):
+        missing = [f"{part}.{name}" for part, names in SHARDED.items() for name in names if not hasattr(getattr(layer, part, None), name)]
+        if missing:
+            raise ValueError(
+                f"tensor_parallel {world}: {type(layer).__name__} has no {', '.join(missing)}, the layers the torch runtime "
+                "splits across ranks; serve this architecture with tensor_parallel 1"
+            )
         attention, mlp = layer.self_attn, layer.mlp
         prefix = f"layers.{index}"
         _keep_rows(attention.q_proj, f"{prefix}.self_attn.q_proj", first_q * head_dim, q_heads * head_dim, read)
@@ -172,7 +193,8 @@ class RankGroup:
     """The engine's handle on its N worker processes."""
 
     def __init__(self, world: int, options: dict[str, Any], exit_on_failure: bool = False) -> None:
-        self.world, self.exit_on_failure = world, exit_on_failure
+        # A rank lost before the group is ready fails the load (an error Triton reports), never exits the process
+        self.world, self.exit_on_failure = world, False
         self.failure: str | None = None
         self._closing = threading.Event()
         self._close_lock = threading.Lock()  # the watcher thread and the caller may both close
@@ -200,6 +222,7 @@ class RankGroup:
         finally:
             store.unlink(missing_ok=True)
             store.parent.rmdir()
+        self.exit_on_failure = exit_on_failure
         threading.Thread(target=self._watch, daemon=True, name="reward-tp-watch").start()
         atexit.register(self.close)  # before multiprocessing's own exit handler ends the ranks: not a failure
 
@@ -288,8 +311,8 @@ def worker_main(rank: int, world: int, store: str, options: dict[str, Any], conn
     dist.init_process_group("nccl" if on_gpu else "gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     try:
         engine = TorchRewardEngine(**{**options, "device": device, "first_device": 0}, tensor_parallel=world, rank=rank)
-    except ValueError as exc:
-        connection.send(("load_error", str(exc)))
+    except Exception as exc:  # the engine's own load error, as one device's would be (not "rank 0 died")
+        connection.send(("load_error", str(exc) if isinstance(exc, ValueError) else f"{type(exc).__name__}: {exc}"))
         return
     info = dict(vocab_size=engine.vocab_size, spec=engine.spec, pad_token=engine.pad_token, max_step_tokens=engine.max_step_tokens)
     info.update(cached_token_cost=engine.cached_token_cost)
