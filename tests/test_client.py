@@ -245,3 +245,31 @@ def test_a_refusal_by_the_server_says_so_in_its_reason():
 
     error = convert_error(InferenceServerException("conversation: 5000 tokens is over the limit", status="StatusCode.INVALID_ARGUMENT"))
     assert error.reason == "server"
+
+
+def test_per_turn_scores_are_one_per_assistant_turn_a_nan_kept_in_its_place(monkeypatch):
+    """A NaN the model computed for a turn is that turn's score, not padding (it was dropped: three turns in, two
+    scores out, the third turn's score in the second's place)."""
+    import asyncio
+    import math
+
+    import numpy as np
+
+    from reward_client import AsyncRewardClient, protocol
+
+    nan = float("nan")
+    answer = {
+        protocol.TURN_REWARDS: np.array([[0.5, nan, 0.7, nan]], dtype=np.float32),  # padded to another row's 4 turns
+        protocol.TURN_ATTRIBUTES: np.array([[[0.5], [nan], [0.7], [nan]]], dtype=np.float32),
+        protocol.ATTRIBUTE_NAMES: np.array([[b"reward"]], dtype=np.object_),
+    }
+    result = type("Result", (), {"as_numpy": lambda self, name: answer[name]})()
+
+    async def request(*args, **kwargs):
+        return result
+
+    client = AsyncRewardClient("localhost:1")
+    monkeypatch.setattr(client, "_request", request)
+    conversation = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}] * 3
+    scores = asyncio.run(client.score_turns(conversation))
+    assert [s.reward for s in scores[::2]] == [0.5, np.float32(0.7)] and len(scores) == 3 and math.isnan(scores[1].reward)

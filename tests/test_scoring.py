@@ -139,3 +139,22 @@ def test_a_text_that_writes_its_bos_keeps_it_first_when_cut(inputs):
         cut = {protocol.KEEP_LAST_TOKENS: np.array([[keep]])}
         rows = [inputs.encode({protocol.TEXT: np.array([[text.encode()]], dtype=np.object_), **cut})[0][0] for text in (body, bos + body)]
         assert rows[0].tolist() == rows[1].tolist() and rows[0][0] == inputs.prefix[0] and (keep == 0 or len(rows[0]) == keep)
+
+
+def test_a_failed_steps_cache_lookups_reach_on_step(checkpoint):
+    """The step looked its prompt up in the prefix cache before its forward failed: on_step sees it (no rows
+    answered), so the hits reach the metrics (they were lost: the next step's counts start after them)."""
+    cached = TorchRewardEngine(str(checkpoint), device="cpu", max_step_tokens=1024, prefix_cache_tokens=1024)
+    prompt = np.random.default_rng(8).integers(0, 128_000, 200)
+    cached.score([prompt])  # three whole blocks kept
+
+    def fails(*args):
+        raise RuntimeError("the forward fails")
+
+    cached._forward = fails
+    seen = []
+    row = np.concatenate([prompt, prompt[:40]])
+    (answer,) = answers(cached, [Rows([row], [np.array([len(row) - 1])])], lambda result, lengths: seen.append((result, lengths)))
+    assert answer.error is not None
+    ((result, lengths),) = seen
+    assert result.error is not None and lengths == [] and result.cache.hits == 3

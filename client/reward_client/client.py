@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-import math
 import re
 import socket
 import threading
@@ -226,7 +225,9 @@ class AsyncRewardClient:
         renders each cut as a prefix of the whole (Llama 3.1's does; SteerLM's, which ends the
         scored turn with <extra_id_2>, does not: the server answers InvalidConversationError).
         """
-        return _turn_scores(await self._request([conv.to_json(conversation)], score_turns=True))[0]
+        messages = conv.normalize(conversation)
+        turns = sum(message["role"] == "assistant" for message in messages)
+        return _turn_scores(await self._request([conv.to_json(messages)], score_turns=True), [turns])[0]
 
     async def score_text(self, text: str, *, add_special_tokens: bool = True, keep_last_tokens: int = 0) -> Score:
         """The reward of text already in a chat template (special tokens written out), scored as
@@ -446,11 +447,12 @@ def _scores(result: Any) -> list[Score]:
     return [_score(r, a, names) for r, a in zip(rewards, attributes, strict=True)]
 
 
-def _turn_scores(result: Any) -> list[list[Score]]:
-    """Each row's Score per assistant turn, in order (the padding is NaN)."""
+def _turn_scores(result: Any, turns: Sequence[int]) -> list[list[Score]]:
+    """Each row's Score per assistant turn, in order: its first `turns[row]` columns (the rest is NaN padding;
+    a NaN score among them is the model's, kept in its turn's place)."""
     names = _names(result)
-    rows = zip(result.as_numpy(protocol.TURN_REWARDS), result.as_numpy(protocol.TURN_ATTRIBUTES), strict=True)
-    return [[_score(r, a, names) for r, a in zip(rewards, attributes, strict=True) if not math.isnan(r)] for rewards, attributes in rows]
+    rows = zip(result.as_numpy(protocol.TURN_REWARDS), result.as_numpy(protocol.TURN_ATTRIBUTES), turns, strict=True)
+    return [[_score(r, a, names) for r, a in zip(rewards[:n], attributes[:n], strict=True)] for rewards, attributes, n in rows]
 
 
 def _score(reward: float, attributes: np.ndarray, names: list[str]) -> Score:

@@ -72,7 +72,8 @@ def answers(
     yield each request's Answer as soon as its last row is scored: short requests do not wait for long
     ones. A failing step fails only the requests with rows in it; should anything outside the steps fail
     (planning, say), every request not answered yet gets an EngineError: each request gets exactly one
-    answer, whatever fails. `on_step(result, lengths)` sees each step and the lengths of the rows it answered."""
+    answer, whatever fails. `on_step(result, lengths)` sees each step and the lengths of the rows it answered
+    (none for a failed step: its cache lookups and evictions still happened)."""
     answered: set[int] = set()
     try:
         sequences, reads, owner = [], [], []
@@ -85,8 +86,8 @@ def answers(
         outputs: list[np.ndarray | None] = [None] * len(sequences)  # row i's head outputs [reads, N]
         rows_left = np.bincount(owner, minlength=len(requests))
         for result in run_steps(engine, sequences, reads):
+            on_step(result, [] if result.error is not None else [len(sequences[i]) for i in result.indices])
             if result.error is None:
-                on_step(result, [len(sequences[i]) for i in result.indices])
                 for i, output in zip(result.indices, result.outputs, strict=True):
                     outputs[i] = output
             for i in result.indices:

@@ -44,7 +44,15 @@ class EngineMetrics:
     def step(self, result, scored: list[int]) -> None:
         """One engine step (batching.StepResult): the lengths of every sequence it answered (`scored`,
         duplicates included) and of the distinct ones it ran, of which groups shared a prefix. Each update is a
-        round trip to Triton while the device idles between steps: counters that did not move are left alone."""
+        round trip to Triton while the device idles between steps: counters that did not move are left alone.
+        A failed step scored nothing; its prefix cache lookups and evictions happened, and are counted."""
+        if result.cache is not None:
+            for name, count in (("hits", result.cache.hits), ("misses", result.cache.misses), ("evictions", result.cache.evictions)):
+                if count:
+                    self.cache[name].increment(count)
+            self.cache["cache_bytes"].set(result.cache.bytes_held)
+        if result.error is not None:
+            return
         self.tokens.increment(sum(scored))
         if result.reused:
             self.reused.increment(result.reused)
@@ -52,11 +60,6 @@ class EngineMetrics:
         self.step_seconds.observe(result.seconds)
         if result.device_wait is not None:
             self.device_wait.observe(result.device_wait)
-        if result.cache is not None:
-            for name, count in (("hits", result.cache.hits), ("misses", result.cache.misses), ("evictions", result.cache.evictions)):
-                if count:
-                    self.cache[name].increment(count)
-            self.cache["cache_bytes"].set(result.cache.bytes_held)
 
     def scored(self, outputs: np.ndarray) -> None:
         """Final-turn head outputs [rows, N] of an answered request."""
