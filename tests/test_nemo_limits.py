@@ -50,3 +50,28 @@ def test_memory_is_given_back_after_a_request_at_the_limit(server):
         assert time.monotonic() < deadline, f"nemo_reward_model stub RSS {before:.0f} MiB before, {after:.0f} MiB 10 s after"
         time.sleep(0.5)
     print(f"nemo_reward_model stub RSS: {before:.0f} MiB before, {after:.0f} MiB after a {LIMIT}-byte sentence")
+
+
+def test_ids_beyond_the_models_embeddings_are_refused_per_request(tmp_path, checkpoint):
+    """A tokenizer larger than the model's embedding table (its config's vocab_size): an id in between passed, and
+    the engine then refused the whole call of up to 64 rows, other requests' too. Refused here, by row."""
+    import json
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    shutil.copy(Path(checkpoint) / "config.json", tmp_path / "config.json")
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert nemo.vocabulary(tokenizer, tmp_path) == min(len(tokenizer), config["vocab_size"])
+    (tmp_path / "config.json").write_text(json.dumps({**config, "vocab_size": 1000}))
+    vocabulary = nemo.vocabulary(tokenizer, tmp_path)
+    assert vocabulary == 1000
+    tokens, lengths = np.array([[5, 6, 999], [5, 6, 1000]], dtype=np.int64), np.array([[3], [3]], dtype=np.int64)
+    rows = nemo.request_rows(tokenizer, None, None, tokens[:1], lengths[:1], vocabulary=vocabulary)
+    assert rows[0].tolist() == [5, 6, 999] and rows[0].dtype == np.int32
+    with pytest.raises(nemo.RequestError, match=r"row 1: token ids must lie in \[0, 1000\)"):
+        nemo.request_rows(tokenizer, None, None, tokens, lengths, vocabulary=vocabulary)
+    sentence = np.array([[b"a sentence whose ids go past 1000"]], dtype=np.object_)  # byte-level BPE: ids past 1000
+    with pytest.raises(nemo.RequestError, match=r"row 0: token ids must lie in \[0, 1000\)"):
+        nemo.request_rows(tokenizer, sentence, None, None, None, vocabulary=vocabulary)

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import json
+from pathlib import Path
 
 import numpy as np
 
@@ -21,20 +23,31 @@ def request_rows(
     tokens: np.ndarray | None,
     lengths: np.ndarray | None,
     max_bytes: int = 1 << 20,
+    vocabulary: int | None = None,
 ) -> list[np.ndarray]:
     """Token-id rows of one request: `sentences` (templated text, each at most `max_bytes`, tokenized
-    as NeMo-Aligner does: no BOS, EOS only if `add_eos`) or `tokens` [B, S] with `lengths` [B, 1].
-    RequestError names what is wrong."""
+    as NeMo-Aligner does: no BOS, EOS only if `add_eos`) or `tokens` [B, S] with `lengths` [B, 1], every
+    id below `vocabulary` (default: the tokenizer's size; see `vocabulary`). RequestError names what is wrong."""
     if (sentences is None) == (tokens is None):
         raise RequestError(f"send either '{SENTENCES}' or '{TOKENS}' with '{LENGTHS}'", "tensors")
-    if sentences is not None:
-        rows = _from_sentences(tokenizer, sentences, add_eos, max_bytes)
-    else:
-        rows = _from_tokens(tokens, lengths, len(tokenizer))
+    rows = _from_sentences(tokenizer, sentences, add_eos, max_bytes) if sentences is not None else _from_tokens(tokens, lengths)
+    vocabulary = len(tokenizer) if vocabulary is None else vocabulary
     for b, row in enumerate(rows):
         if not len(row):
             raise RequestError(f"row {b}: nothing to score (0 tokens)", "tensors")
-    return rows
+        if row.min() < 0 or row.max() >= vocabulary:
+            raise RequestError(f"row {b}: token ids must lie in [0, {vocabulary})", "tensors")
+    return [row.astype(np.int32, copy=False) for row in rows]
+
+
+def vocabulary(tokenizer, checkpoint: str | Path) -> int:
+    """Token ids a row may hold: below the tokenizer's size and the model's embedding table's (config.json's, of a
+    transformers checkpoint or a TensorRT-LLM engine), whichever is smaller. The engine refuses an id beyond its
+    table, and with it the whole call of up to 64 rows, other requests' too: refused here, per request."""
+    path = Path(checkpoint) / "config.json"
+    config = json.loads(path.read_text()) if path.exists() else {}
+    sizes = [config.get("vocab_size"), *(config.get(key, {}).get("vocab_size") for key in ("text_config", "pretrained_config"))]
+    return min([len(tokenizer), *(size for size in sizes if isinstance(size, int))])
 
 
 def _from_sentences(tokenizer, sentences: np.ndarray, add_eos: np.ndarray | None, max_bytes: int) -> list[np.ndarray]:
@@ -57,17 +70,14 @@ def _from_sentences(tokenizer, sentences: np.ndarray, add_eos: np.ndarray | None
     return rows
 
 
-def _from_tokens(tokens: np.ndarray, lengths: np.ndarray | None, vocabulary: int) -> list[np.ndarray]:
+def _from_tokens(tokens: np.ndarray, lengths: np.ndarray | None) -> list[np.ndarray]:
     if lengths is None:
         raise RequestError(f"'{TOKENS}' needs '{LENGTHS}'", "tensors")
     counts = lengths.reshape(-1)
     if tokens.ndim != 2 or len(counts) != tokens.shape[0] or np.any(counts < 1) or np.any(counts > tokens.shape[1]):
         raise RequestError(f"'{LENGTHS}' must give one length per '{TOKENS}' row, each between 1 and {tokens.shape[-1]}", "tensors")
     rows = [tokens[b, : counts[b]] for b in range(len(counts))]  # the padding is not looked at
-    for b, row in enumerate(rows):
-        if row.min() < 0 or row.max() >= vocabulary:
-            raise RequestError(f"'{TOKENS}' row {b}: ids must lie in [0, {vocabulary})", "tensors")
-    return [row.astype(np.int32) for row in rows]
+    return rows  # checked against the vocabulary before they are narrowed to INT32 (request_rows)
 
 
 def release_memory() -> None:

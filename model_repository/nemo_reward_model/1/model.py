@@ -32,6 +32,7 @@ class TritonPythonModel:
         check_numpy()
         settings = Settings.for_model(args["model_repository"], model_parameters(args))
         self.tokenizer = AutoTokenizer.from_pretrained(settings.require_checkpoint())
+        self.vocabulary = nemo.vocabulary(self.tokenizer, settings.require_checkpoint())
         self.max_tokens, self.max_bytes, self.merge = settings.max_tokens, settings.max_bytes, settings.merge_attributes
         # The family must outlive its metric: keep both.
         self.truncations = pb_utils.MetricFamily(metrics.TRUNCATED, "Rows cut to max_tokens", pb_utils.MetricFamily.COUNTER)
@@ -53,6 +54,7 @@ class TritonPythonModel:
                     self.tokenizer,
                     *(_input(request, name) for name in (nemo.SENTENCES, nemo.ADD_EOS, nemo.TOKENS, nemo.LENGTHS)),
                     max_bytes=self.max_bytes,
+                    vocabulary=self.vocabulary,
                 )
             except RequestError as exc:
                 responses[r] = pb_utils.InferenceResponse(error=pb_utils.TritonError(str(exc), pb_utils.TritonError.INVALID_ARG))
