@@ -178,6 +178,7 @@ def graphs_agree(checkpoint: str, ids: list[np.ndarray], short: list[np.ndarray]
     found["short_equal"] = bool(all(np.array_equal(graphed.score(c), plain.score(c)) for c in calls))  # also the warm-up
     found["short_tokens_per_s"] = interleaved_rates({"without": plain, "with": graphed}, calls)
     found["shapes_captured"] = len(graphed.graphs.graphs)
+    found["steps_replayed"] = graphed.graphs.replays  # none would mean the checks above compared Python with Python
     print(f"cuda graphs: {found}", flush=True)
     del plain, graphed
     torch.cuda.empty_cache()

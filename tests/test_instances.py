@@ -35,8 +35,11 @@ def test_the_instance_comes_from_tritons_name_and_config():
     assert engine_instance(_args("reward_engine_0_0", two)).index == 0
     with pytest.raises(ValueError, match="2 instance groups"):
         engine_instance(_args("reward_engine_0", {"count": 1}, {"count": 1}))
-    with pytest.raises(ValueError, match="use kind KIND_CPU"):
-        engine_instance(_args("reward_engine_0_1", {"kind": "KIND_GPU", "count": 2, "gpus": [0]}))
+    # count 1 without gpus: one instance on every GPU, each told it is the only one and on cuda:0 (was accepted)
+    gpu = {"kind": "KIND_GPU"}
+    for group in ({**gpu, "count": 2, "gpus": [0]}, {**gpu, "count": 1}, {**gpu, "count": 1, "gpus": [2]}):
+        with pytest.raises(ValueError, match="use kind KIND_CPU, count N"):
+            engine_instance(_args("reward_engine_0_0", group))
 
 
 def test_a_count_set_in_one_place_only_fails_the_load():

@@ -67,3 +67,15 @@ def test_engine_sizes_its_step_and_refuses_to_load(tmp_path):
     assert 512 <= engine.max_step_tokens < 2048 and engine.max_step_tokens % 64 == 0
     with pytest.raises(ValueError, match=r"memory: one 4096-token conversation needs"):
         TorchRewardEngine(folder, device="cpu", dtype="fp32", memory_budget=weights + (1 << 20), max_tokens=4096)
+
+
+def test_cuda_graphs_pool_holds_a_captured_steps_activations_only():
+    """A captured step shares no prefix and attends in the varlen kernel: the pool is its rows' activations, without
+    the shared-prefix keys/values or the explicit scores (`fixed`), which were counted a second time: Mistral's 6 GiB
+    of scores became 13.7 GiB with graphs)."""
+    config = LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8)
+    memory = step_memory(config, 2, 1, 4096)
+    assert memory.prefix_kv == int(32 * 2 * 8 * 128 * 2 * 1.5) and memory.fixed == 0
+    assert memory.with_graph_pool(4096) == StepMemory(memory.per_token, (memory.per_token - memory.prefix_kv) * 4096, memory.prefix_kv)
+    windowed = StepMemory(per_token=1000, fixed=6 << 30, prefix_kv=400)
+    assert windowed.with_graph_pool(4096).bytes(0) == (6 << 30) + 600 * 4096

@@ -213,11 +213,12 @@ def test_graphs_give_the_bits_of_steps_run_from_python(checkpoint, token_ids):
 
 
 def test_the_memory_plan_holds_the_graphs_step_beside_the_others(emulated_graphs, checkpoint):
-    """The graphs' pool keeps the activations of one step of MAX_ROWS rows (512 here) for good: a budget that
-    fits 2,048-token steps beside them and not one byte less gives 2,048-token steps with graphs, fewer below."""
+    """The graphs' pool keeps the activations of one step of MAX_ROWS rows (512 here; no shared-prefix keys/values)
+    for good: a budget that fits 2,048-token steps beside them and not one byte less gives 2,048-token steps with
+    graphs, fewer below."""
     plain = TorchRewardEngine(str(checkpoint), device="cpu", max_tokens=256)
     memory = step_memory(plain.trunk.config, 4, 1, 256)
-    budget = module_bytes(plain.trunk, plain.head.weight) + memory.bytes(2048) + memory.bytes(512)
+    budget = module_bytes(plain.trunk, plain.head.weight) + memory.bytes(2048) + (memory.per_token - memory.prefix_kv) * 512
     planned = {
         b: TorchRewardEngine(str(checkpoint), device="cpu", max_tokens=256, memory_budget=b, cuda_graphs=True) for b in (budget, budget - 1)
     }

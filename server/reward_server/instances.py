@@ -30,8 +30,11 @@ def engine_instance(args: Mapping[str, str]) -> EngineInstance:
     count = sum(int(group.get("count", 1)) for group in groups) or 1
     if len(groups) > 1:
         raise ValueError(f"reward_engine: {len(groups)} instance groups; engine_instances needs one (kind KIND_CPU, count N)")
-    if count > 1 and any(group.get("kind") == "KIND_GPU" for group in groups):
-        raise ValueError("reward_engine: several KIND_GPU instances; the engine places itself on GPUs: use kind KIND_CPU, count N")
+    if any(group.get("kind") == "KIND_GPU" for group in groups):  # its count is per GPU listed, or seen: not this count
+        raise ValueError(
+            "reward_engine: kind KIND_GPU runs `count` instances on every GPU the group lists (or, without `gpus`, sees), "
+            "each on GPUs of its own choosing; the engine places itself on GPUs: use kind KIND_CPU, count N (engine_instances)"
+        )
     name = args["model_instance_name"]
     suffix = name.rsplit("_", 1)[-1]
     return EngineInstance(name, int(suffix) if count > 1 and suffix.isdigit() else 0, count)

@@ -35,9 +35,15 @@ class StepMemory:
 
     per_token: int
     fixed: int
+    prefix_kv: int = 0  # of per_token, the keys/values a shared prefix holds
 
     def bytes(self, tokens: int) -> int:
         return self.fixed + self.per_token * tokens
+
+    def with_graph_pool(self, rows: int) -> StepMemory:
+        """Beside the steps run from Python, CUDA graphs' pool holding a captured step of `rows` rows (step_graphs.py):
+        its activations alone (a captured step shares no prefix, and attends in the varlen kernel: no `fixed` scores)."""
+        return StepMemory(self.per_token, self.fixed + (self.per_token - self.prefix_kv) * rows, self.prefix_kv)
 
 
 def step_memory(config, element_bytes: int, world: int, max_tokens: int, fp8: bool = False) -> StepMemory:
@@ -54,10 +60,10 @@ def step_memory(config, element_bytes: int, world: int, max_tokens: int, fp8: bo
         per_token += max(hidden, inter) * 5
     if world > 1:  # ordered_all_reduce: send, receive, gathered buffers and the fp32 sum
         per_token += 3 * hidden * element_bytes + hidden // world * 4
-    per_token += layers * 2 * kv_heads * head_dim * element_bytes  # shared-prefix keys/values
+    prefix_kv = layers * 2 * kv_heads * head_dim * element_bytes  # shared-prefix keys/values
     explicit_scores = getattr(config, "sliding_window", None) or getattr(config, "attn_logit_softcapping", None)
     fixed = 2 * heads * max_tokens * max_tokens * 4 if explicit_scores else 0
-    return StepMemory(per_token=int(per_token * SLACK), fixed=int(fixed * SLACK))
+    return StepMemory(per_token=int((per_token + prefix_kv) * SLACK), fixed=int(fixed * SLACK), prefix_kv=int(prefix_kv * SLACK))
 
 
 def module_bytes(*modules: nn.Module | torch.Tensor) -> int:

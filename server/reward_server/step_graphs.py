@@ -77,11 +77,14 @@ class StepGraphs:
         self.pool = torch.cuda.graph_pool_handle()
         self.stream = torch.cuda.Stream(self.device)  # the captures' (torch.cuda.graph's own is made on the current device)
         self.graphs: dict[tuple[int, int], _Graph] = {}
+        self.replays = 0  # steps run from a graph (the rest ran from Python)
         started = time.perf_counter()
         buckets = [1 << n for n in range(MIN_SEGMENTS.bit_length() - 1, MAX_SEGMENTS.bit_length())]
         try:
-            for rows in range(tile, len(output) + 1, tile):
-                for segments in buckets:
+            # Largest first, as vLLM captures: the shared pool's blocks are then the largest shape's, which the smaller
+            # ones reuse; smallest first, each larger capture would add blocks the earlier ones' cannot hold
+            for rows in reversed(range(tile, len(output) + 1, tile)):
+                for segments in reversed(buckets):
                     self.graphs[rows, segments] = self._capture(rows, segments)
         except RuntimeError as exc:
             raise ValueError(f"cuda_graphs: the model's forward cannot be captured in a CUDA graph: {exc}") from exc
@@ -105,6 +108,7 @@ class StepGraphs:
             made.position_ids[0].copy_(position_ids)
             made.bounds.copy_(torch.from_numpy(padded_bounds(lengths, made.bounds.numel() - 1)))
             made.graph.replay()
+        self.replays += 1
         return self.output[:rows]
 
     @torch.inference_mode()

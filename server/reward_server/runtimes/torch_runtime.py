@@ -32,7 +32,7 @@ from reward_server.fused import stack_siblings
 from reward_server.heads import load_reward_model
 from reward_server.host_memory import keep_freed_memory
 from reward_server.invariance import CPU_TILE_ROWS, TILE_ROWS, make_batch_invariant, settle_products, whole_tiles
-from reward_server.memory import SLACK, StepMemory, module_bytes, plan_step_tokens, step_memory
+from reward_server.memory import SLACK, module_bytes, plan_step_tokens, step_memory
 from reward_server.norms import fuse_rms_norms
 from reward_server.parallel import RankGroup, rank_device
 from reward_server.prefix_cache import BLOCK_TOKENS, CacheCounters, PrefixCache, block_keys, kv_bytes_per_token
@@ -307,7 +307,7 @@ class TorchRewardEngine:
         # A cached token is not computed, but a step holds its keys/values: its share of a computed token's memory (reserve)
         self.cached_token_cost = kv_per_token * SLACK / memory.per_token
         if cuda_graphs:  # the graphs' memory pool holds a captured step's activations, beside the allocator's for the others
-            memory = StepMemory(memory.per_token, memory.fixed + memory.bytes(step_graphs.most_rows(tile_rows)))
+            memory = memory.with_graph_pool(step_graphs.most_rows(tile_rows))
         self.max_step_tokens = plan_step_tokens(
             memory,
             weights=module_bytes(self.trunk, head.weight) + reserved,
