@@ -165,6 +165,28 @@ def test_a_group_over_the_budget_computes_in_forwards_within_it(checkpoint):
         assert max(rows) <= 1024 and sum(rows) == 16 * 200, rows
 
 
+def test_a_step_the_plan_filled_with_cached_tokens_stays_one_forward(checkpoint):
+    """With the prefix cache, the plan counts cached tokens cheap: three sequences of 710 tokens, 640 of them cached,
+    beside a group whose prompt is cached fill one 1,024-token step of 394 computed tokens, which is one forward
+    (split by full lengths, it was three)."""
+    rng = np.random.default_rng(7)
+    engine = TorchRewardEngine(str(checkpoint), device="cpu", dtype="fp32", max_step_tokens=1024, prefix_cache_tokens=1 << 16)
+    singles, prompt = [rng.integers(0, 128000, 700) for _ in range(3)], rng.integers(0, 128000, 200)
+    engine.score(singles + [np.concatenate([prompt, rng.integers(0, 128000, 30)]) for _ in range(3)])
+    batch = [np.concatenate([s, rng.integers(0, 128000, 10)]) for s in singles]
+    batch += [np.concatenate([prompt, rng.integers(0, 128000, 30)]) for _ in range(4)]
+    assert len(engine.plan(batch)) == 1
+    rows: list[list[int]] = []
+
+    def counted(sequences, *args, forward=engine._forward):
+        rows.append([len(s) for s in sequences])
+        return forward(sequences, *args)
+
+    engine._forward = counted
+    engine.score(batch)
+    assert len(rows) == 1 and sum(rows[0]) == 3 * 70 + 4 * 38, rows
+
+
 FAULTS_OF_THREE_STEPS = """
 import resource, sys
 import numpy as np

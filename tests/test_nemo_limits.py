@@ -67,6 +67,8 @@ def test_ids_beyond_the_models_embeddings_are_refused_per_request(tmp_path, chec
     (tmp_path / "config.json").write_text(json.dumps({**config, "vocab_size": 1000}))
     vocabulary = nemo.vocabulary(tokenizer, tmp_path)
     assert vocabulary == 1000
+    (tmp_path / "config.json").write_text(json.dumps({**config, "vocab_size": 1000, "text_config": None}))  # as some configs write it
+    assert nemo.vocabulary(tokenizer, tmp_path) == 1000
     tokens, lengths = np.array([[5, 6, 999], [5, 6, 1000]], dtype=np.int64), np.array([[3], [3]], dtype=np.int64)
     rows = nemo.request_rows(tokenizer, None, None, tokens[:1], lengths[:1], vocabulary=vocabulary)
     assert rows[0].tolist() == [5, 6, 999] and rows[0].dtype == np.int32

@@ -46,7 +46,8 @@ def vocabulary(tokenizer, checkpoint: str | Path) -> int:
     table, and with it the whole call of up to 64 rows, other requests' too: refused here, per request."""
     path = Path(checkpoint) / "config.json"
     config = json.loads(path.read_text()) if path.exists() else {}
-    sizes = [config.get("vocab_size"), *(config.get(key, {}).get("vocab_size") for key in ("text_config", "pretrained_config"))]
+    parts = [config, *(config.get(key) for key in ("text_config", "pretrained_config"))]
+    sizes = [part.get("vocab_size") for part in parts if isinstance(part, dict)]
     return min([len(tokenizer), *(size for size in sizes if isinstance(size, int))])
 
 

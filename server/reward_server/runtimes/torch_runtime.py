@@ -429,7 +429,8 @@ class TorchRewardEngine:
                 before[i] = kv
         reads = [np.array([len(p) - 1]) for p in prompts] + list(positions)
         tokens = sum(map(len, prompts)) + sum(map(len, sequences)) - sum(length * len(members) for length, members in prefixes)
-        if prefixes and tokens > self.max_step_tokens:  # a group over the budget, alone in its step
+        alone = len(prefixes) == 1 and len(prefixes[0][1]) == len(sequences)  # the plan's step of a group over the budget
+        if alone and tokens > self.max_step_tokens:  # (a step the plan filled counting cached tokens cheap stays one forward)
             if prompts:  # its prompt in a forward of its own first
                 _, kept = self._pass(prompts, reads[: len(prompts)], prompt_before, whole=True, looked_up=len(prompts))
                 before = [kept[b] if isinstance(b, int) else b for b in before]
