@@ -139,7 +139,7 @@ def test_a_shared_prefix_group_stays_in_one_step(checkpoint):
 def test_a_group_over_the_budget_computes_in_forwards_within_it(checkpoint):
     """A group stays in one step, but its forwards stay within the budget the memory plan sized: best-of-16 over a
     100-token prompt (or 16 conversations sharing a system prompt) went into one forward of 3,200 rows beside a
-    1,024-token budget. The same bits as one forward, and with the prompt from the prefix cache too."""
+    1,024-token budget. The same bits as one forward, and with the prompt from the prefix cache too (new responses)."""
     rng = np.random.default_rng(11)
     prompt = rng.integers(0, 128000, 128)
     batch = [np.concatenate([prompt, rng.integers(0, 128000, 200)]) for _ in range(16)]
@@ -161,7 +161,9 @@ def test_a_group_over_the_budget_computes_in_forwards_within_it(checkpoint):
             continue
         assert np.abs(scores - whole).max() <= 1e-4  # attention in tiles with the cache on (README)
         rows.clear()
-        assert np.array_equal(small.score(batch), scores)  # the prompt's blocks now from the cache
+        again = [np.concatenate([prompt, rng.integers(0, 128000, 200)]) for _ in range(16)]  # new responses, a cached prompt
+        alone = TorchRewardEngine(str(checkpoint), device="cpu", dtype="fp32", max_step_tokens=4096, prefix_cache_tokens=cache)
+        assert np.array_equal(small.score(again), alone.score(again))
         assert max(rows) <= 1024 and sum(rows) == 16 * 200, rows
 
 
@@ -185,6 +187,26 @@ def test_a_step_the_plan_filled_with_cached_tokens_stays_one_forward(checkpoint)
     engine._forward = counted
     engine.score(batch)
     assert len(rows) == 1 and sum(rows[0]) == 3 * 70 + 4 * 38, rows
+
+
+def test_conversations_the_cache_holds_whole_compute_their_tails_though_they_share_a_prompt(checkpoint):
+    """Eight conversations sharing a 100-token system prompt, scored again with the prefix cache on: each continues its
+    own cached blocks (16 tokens each), the same bits. Grouped by their shared prompt, each member continued the
+    prompt's one block and recomputed the rest: 2,688 tokens again, the cache's worth lost to a batch."""
+    rng = np.random.default_rng(1)
+    engine = TorchRewardEngine(str(checkpoint), device="cpu", dtype="fp32", prefix_cache_tokens=65536)
+    system = rng.integers(0, 128000, 100)
+    batch = [np.concatenate([system, rng.integers(0, 128000, 300)]) for _ in range(8)]
+    first = engine.score(batch)
+    rows: list[int] = []
+
+    def counted(sequences, *args, forward=engine._forward):
+        rows.append(sum(map(len, sequences)))
+        return forward(sequences, *args)
+
+    engine._forward = counted
+    assert np.array_equal(engine.score(batch), first) and rows == [8 * (400 - 384)]
+    assert not engine.plan(batch)[0].prefixes
 
 
 FAULTS_OF_THREE_STEPS = """

@@ -95,6 +95,10 @@ class PrefixCache:
         self.held.update(keys)
         return len(keys) * BLOCK_TOKENS
 
+    def cached(self, tokens: np.ndarray, limit: int) -> int:
+        """What `reserve` would return, holding and counting nothing."""
+        return len(self._cached_run(block_keys(tokens, limit // BLOCK_TOKENS))) * BLOCK_TOKENS
+
     def release(self) -> None:
         """Ends the holds of `reserve`: every block may be evicted again."""
         self.held.clear()

@@ -356,7 +356,8 @@ class TorchRewardEngine:
         and costs its prefix once plus each member's own suffix. A shared prefix always ends
         before a sequence's first read position, so every output is read in its own suffix.
         With the prefix cache, leading blocks it holds cost only their keys/values' share of the
-        step's memory, and stay there until the next plan (`reserve`)."""
+        step's memory, and stay there until the next plan (`reserve`); a sequence whose cached blocks reach
+        past its group's prompt leaves the group (a member continues the prompt, not its own cached blocks)."""
         firsts = [len(s) - 1 for s in sequences] if positions is None else [int(p[0]) for p in positions]
         groups = []
         if self.min_shared_prefix:
@@ -364,6 +365,9 @@ class TorchRewardEngine:
             groups = shared_prefixes(leading, self.min_shared_prefix)
             if self.attention_tile:
                 groups = [(n // self.attention_tile * self.attention_tile, m) for n, m in groups if n >= self.attention_tile]
+            if self.prefix_cache is not None:  # a sequence the cache holds beyond its group's prompt continues its own blocks
+                cached = {i: self.prefix_cache.cached(sequences[i], firsts[i]) for _, m in groups for i in m}
+                groups = [(n, kept) for n, m in groups if len(kept := [i for i in m if cached[i] <= n]) > 1]
         grouped = {i for _, members in groups for i in members}
         units = [members for _, members in groups] + [[i] for i in range(len(sequences)) if i not in grouped]
         # A unit's leading tokens, which the cache may hold (up to where score_step looks them up), and its own.
