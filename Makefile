@@ -62,8 +62,9 @@ soak: setup ## 60 s at concurrency 64 against a fresh server: 0 errors, memory f
 ENGINE ?= .build/engine
 TP ?= 1
 DTYPE ?= bf16
+ENGINE_ARGS ?=
 engine: ## convert + build a TensorRT-LLM reward engine (docs/tensorrt-llm.md)
-	$(PYTHON) build/trtllm_engine.py --checkpoint $(CHECKPOINT) --out $(ENGINE) --tp $(TP) --dtype $(DTYPE)
+	$(PYTHON) build/trtllm_engine.py --checkpoint $(CHECKPOINT) --out $(ENGINE) --tp $(TP) --dtype $(DTYPE) $(ENGINE_ARGS)
 
 BENCH_CHECKPOINT ?= .build/bench-checkpoint
 BENCH_ARGS ?=

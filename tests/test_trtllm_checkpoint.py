@@ -147,6 +147,21 @@ def test_engine_build_commands(tmp_path, monkeypatch):
         engine_commands(*fp8)
 
 
+def test_server_refuses_an_engine_built_for_shorter_prompts(tmp_path):
+    """An engine's max_input_len is fixed by trtllm-build: a server admitting longer prompts (max_tokens) would
+    have TensorRT-LLM refuse every request of a batch holding one; it refuses the engine at load instead."""
+    from reward_server.runtimes import load_engine
+    from reward_server.settings import Settings
+
+    config = {"pretrained_config": {"vocab_size": 128256}, "build_config": {"max_input_len": 4096, "max_seq_len": 4097}}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    settings = Settings(checkpoint=tmp_path, runtime="tensorrt_llm", max_tokens=8192)
+    with pytest.raises(ValueError, match=r"built with max_input_len 4096 but max_tokens is 8192.*--max-tokens 8192"):
+        load_engine(settings)
+    with pytest.raises(ImportError, match="tensorrt_llm"):  # within the limit: on to loading it (not here)
+        load_engine(Settings(checkpoint=tmp_path, runtime="tensorrt_llm", max_tokens=4096))
+
+
 def test_fp8_calibration_set_is_what_the_server_scores(checkpoint, tmp_path):
     """The calibration folder as quantize.py reads a local one (TensorRT-LLM 1.0: its train split's `text`
     column, each text tokenized with special tokens added): the ids it calibrates on are the server's ids."""

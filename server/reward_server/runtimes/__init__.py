@@ -56,7 +56,7 @@ def load_engine(settings: Settings, instance: int = 0) -> RewardEngine:
             raise ValueError("engine_instances > 1 needs runtime torch (a TensorRT-LLM engine sets its own GPUs)")
         from reward_server.runtimes.trtllm_runtime import TrtllmRewardEngine  # needs tensorrt_llm and a GPU
 
-        return TrtllmRewardEngine(checkpoint)
+        return TrtllmRewardEngine(checkpoint, settings.max_tokens)
     from reward_server.runtimes.torch_runtime import TorchRewardEngine
 
     share = settings.engine_instances * settings.tensor_parallel

@@ -9,9 +9,14 @@ logits are never gathered (~2 GB per 4,096-token request at a 128k vocabulary).
 Tensor parallelism (tensorrt_llm/runtime/model_runner_cpp.py, TensorRT-LLM 1.0): one process per MPI
 rank (one tritonserver each, docs/tensorrt-llm.md). `from_dir` builds `WorldConfig.mpi()` and asserts
 `rank == world_config.rank`, so each rank passes its own MPI rank (`tensorrt_llm.mpi_rank()`, as
-examples/run.py does). The executor runs in LEADER mode: only the rank whose executor
-`can_enqueue_requests()` (rank 0) takes requests, and `generate` returns `[]` on the others, which
-run their share of every step inside the executor. Those ranks load the engine and never score.
+examples/run.py does). The executor runs in LEADER mode: only MPI rank 0 takes requests (its executor
+`can_enqueue_requests()`; `ModelRunnerCpp` keeps it as `session`, a private name, so the rank decides
+here), and `generate` returns `[]` on the others, which run their share of every step inside the
+executor. Those ranks load the engine and never score.
+
+The engine's `max_input_len` is fixed when it is built: a server whose `max_tokens` is larger would
+pass longer requests to `generate`, which refuses the whole call (every request of the batch), so the
+engine is refused at load instead (`check_input_limit`).
 
 Precision: `lm_head` has the checkpoint's dtype (TensorRT-LLM's Llama builds it as
 `ColumnLinear(..., dtype=config.dtype)`; `--logits_dtype float32` only casts its bf16 output), so a bf16
@@ -43,15 +48,17 @@ class TrtllmRewardEngine:
     cache_counters = None  # no prefix cache
     device_wait = None  # not measured: the executor runs and waits in its own threads
 
-    def __init__(self, engine_dir: str) -> None:
+    def __init__(self, engine_dir: str, max_tokens: int) -> None:
+        config = json.loads((Path(engine_dir) / "config.json").read_text())
+        check_input_limit(config, max_tokens)
         import tensorrt_llm  # imported here: the torch runtime must not need it
         from tensorrt_llm.runtime import ModelRunnerCpp
 
         self.spec = read_head_spec(Path(engine_dir), ["reward"])
-        self.vocab_size = json.loads((Path(engine_dir) / "config.json").read_text())["pretrained_config"]["vocab_size"]
+        self.vocab_size = config["pretrained_config"]["vocab_size"]
         self.rank = tensorrt_llm.mpi_rank()
         self.runner = ModelRunnerCpp.from_dir(engine_dir, rank=self.rank, gather_generation_logits=True)
-        self.leader = self.runner.executor.can_enqueue_requests()
+        self.leader = self.rank == 0
 
     def read_positions(self, sequences: Sequence[np.ndarray], positions: Sequence[np.ndarray] | None = None) -> list[np.ndarray]:
         return [np.array([len(s) - 1]) for s in sequences]
@@ -86,3 +93,13 @@ class TrtllmRewardEngine:
         if len(sequences) > 1 and not np.all(np.any(logits != 0, axis=1)):
             raise RuntimeError("TensorRT-LLM returned all-zero generation logits for a row (NVIDIA/TensorRT-LLM#2615)")
         return logits if self.spec.bias is None else logits + self.spec.bias
+
+
+def check_input_limit(config: dict, max_tokens: int) -> None:
+    """Refuses an engine (its config.json) built for shorter inputs than the server's `max_tokens` admits."""
+    built = config.get("build_config", {}).get("max_input_len")
+    if built is not None and max_tokens > built:
+        raise ValueError(
+            f"the engine was built with max_input_len {built} but max_tokens is {max_tokens}: rebuild it with "
+            f'make engine ENGINE_ARGS="--max-tokens {max_tokens}", or set max_tokens to {built} or less'
+        )
