@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from reward_client import protocol
+from reward_server import metrics
 from reward_server.runtimes.torch_runtime import TorchRewardEngine
 from tests.live_server import REPO
 
@@ -49,20 +50,26 @@ def _stand_in_pb_utils() -> types.ModuleType:
             super().__init__(message)
             self.code = code
 
-    class Metric:
-        def __init__(self, *args, **kwargs):
-            pass
+    pb.counted = {}  # (family name, sorted labels) -> what its counter was incremented by
 
-        increment = observe = set = lambda self, value: None
+    class Metric:
+        def __init__(self, key):
+            self.key = key
+            pb.counted.setdefault(key, 0)
+
+        def increment(self, value):
+            pb.counted[self.key] += value
+
+        observe = set = lambda self, value: None
 
     class MetricFamily:
         COUNTER, HISTOGRAM, GAUGE = "counter", "histogram", "gauge"
 
-        def __init__(self, *args):
-            pass
+        def __init__(self, name, *args):
+            self.name = name
 
         def Metric(self, labels, buckets=None):
-            return Metric()
+            return Metric((self.name, tuple(sorted(labels.items()))))
 
     pb.TritonError, pb.MetricFamily = TritonError, MetricFamily
     pb.InferenceResponse = lambda output_tensors=None, error=None: SimpleNamespace(outputs=output_tensors, error=error)
@@ -103,3 +110,26 @@ def test_an_answer_that_cannot_be_sent_costs_no_other_request_its_answer(model):
     (reward,) = [t.value for t in returned[2].outputs if t.name == protocol.REWARD]
     assert reward[0, 0] == model.engine.score([last.tensors[protocol.INPUT_IDS][0]])[0, 0]
     assert len([line for line in pb.logged if "an answer could not be sent" in line]) == 2
+
+
+def test_failed_and_refused_requests_are_counted_by_outcome(model, monkeypatch):
+    """Triton counts a python model's error answers as successes: the engine counts its own, a refused request
+    under its reason and one whose step failed as a failure (none of the batch's other requests)."""
+    model, pb = model
+    labels = (("engine_instance", "reward_engine_0"), ("model", "reward_engine"))
+    failed, refused = (metrics.FAILED, labels), (metrics.REJECTED, (*labels, ("reason", "tensors")))
+    score_step = model.engine.score_step
+
+    def failing_for_the_40_token_row(sequences, *args, **kwargs):
+        if any(len(s) == 40 for s in sequences):
+            raise RuntimeError("CUDA out of memory")
+        return score_step(sequences, *args, **kwargs)
+
+    monkeypatch.setattr(model.engine, "score_step", failing_for_the_40_token_row)
+    refused_request, failing, last = _request(10), _request(40), _request(50)
+    refused_request.tensors[protocol.INPUT_IDS][0, 3] = model.engine.vocab_size  # an id beyond the vocabulary
+    returned = model.execute([refused_request, failing, last])  # the 40-token row's step answers through its sender
+    assert refused_request.sent[0].error.code == "INVALID_ARG" and failing.sent[0].error.code == "INTERNAL"
+    assert returned[2].error is None and pb.counted[failed] == 1 and pb.counted[refused] == 1
+    assert sum(n for (name, _), n in pb.counted.items() if name in (metrics.FAILED, metrics.REJECTED)) == 2
+    assert pb.counted[(metrics.TOKENS, labels)] == 50  # the scored request's tokens only

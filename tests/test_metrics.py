@@ -86,6 +86,9 @@ def test_prometheus_scrapes_the_project_metrics(server, prometheus):
     assert prometheus.value(f'sum({rejected}{{reason="too_long"}})') - before["too_long"] == 1
     assert prometheus.value(f'sum({rejected}{{reason="order"}})') - before["order"] == 1
     assert prometheus.value(f"sum({metrics.PREFIX_REUSED})") - before["reused"] > 0  # best-of-3 shared its prompt
+    # The engine's instance label as the server wrote it (one named "instance" became exported_instance).
+    (series,) = prometheus.query(metrics.TOKENS)
+    assert series["metric"]["engine_instance"] == "reward_engine_0_0" and "exported_instance" not in series["metric"]
     assert prometheus.value(f"sum({metrics.STEP_TOKENS}_count)") > 0 and prometheus.value(f"sum({metrics.STEP_SECONDS}_sum)") > 0
     # every step's wait for the device observed; on this CPU little of the steps' time (a wait measuring the step: all)
     assert prometheus.value(f"sum({metrics.STEP_DEVICE_WAIT}_count)") == prometheus.value(f"sum({metrics.STEP_SECONDS}_count)")
@@ -175,6 +178,26 @@ def test_every_dashboard_query_names_an_exported_metric_and_parses(server, prome
         assert not missing, f"{query}: {sorted(missing)} not exported"
         if not query.startswith("label_values"):
             prometheus.query(query.replace("$attribute", "reward").replace("$__rate_interval", "1m"))  # Prometheus parses and runs it
+
+
+def test_dashboard_heatmaps_read_buckets_as_buckets():
+    """Prometheus's buckets are cumulative: a heatmap shows them only with the target's "heatmap" format (else every
+    bucket above the observations is as hot as theirs)."""
+    heatmaps = [panel for panel in json.loads(DASHBOARD.read_text())["panels"] if panel["type"] == "heatmap"]
+    assert heatmaps
+    for panel in heatmaps:
+        for target in panel["targets"]:
+            assert "_bucket" in target["expr"] and target.get("format") == "heatmap", panel["title"]
+
+
+def test_dashboard_counts_errors_with_the_models_own_counters():
+    """Triton 2.51 counts a python model's error answers as successes and an ensemble's failures twice: errors on
+    the dashboard are the models' own rejected and failed counters, and nemo_reward_model's successes less them."""
+    queries = dashboard_queries()
+    assert not [q for q in queries if "nv_inference_request_failure" in q]
+    for name in (metrics.REJECTED, metrics.FAILED):
+        assert f'{name}{{model="nemo_reward_model"}}' in next(q for q in queries if 'request_success{model="nemo_reward_model"}' in q)
+        assert any(q.startswith(f"sum by (model) (rate({name}[") for q in queries)
 
 
 def test_dashboard_panels_show_each_series_in_its_unit():

@@ -10,9 +10,10 @@ import pytest
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from reward_server import nemo
+from reward_server import metrics, nemo
 from reward_server.launcher.supervisor import stubs
 from reward_server.settings import Settings
+from tests.live_server import metric
 from tests.test_front import tritonserver_pid
 
 LIMIT = Settings().max_bytes
@@ -33,10 +34,16 @@ def score(server, text: bytes):
 
 
 def test_a_sentence_over_max_bytes_is_refused_by_name(server):
+    """Refused by name, and counted: Triton counts a python model's error answer as a success, so the model's
+    own rejection counter is the only trace of it in the metrics."""
+    labels = {"model": "nemo_reward_model", "reason": "too_large"}
+    before = metric(server.metrics(), metrics.REJECTED, **labels), metric(server.metrics(), metrics.FAILED, model="nemo_reward_model")
     with pytest.raises(InferenceServerException) as caught:
         score(server, b"a" * (LIMIT + 1))
     assert caught.value.status() == "StatusCode.INVALID_ARGUMENT"
     assert f"{nemo.SENTENCES}[0]: {LIMIT + 1} bytes is over the limit of {LIMIT} bytes" in caught.value.message()
+    assert metric(server.metrics(), metrics.REJECTED, **labels) == before[0] + 1
+    assert metric(server.metrics(), metrics.FAILED, model="nemo_reward_model") == before[1]  # exported, and not a failure
 
 
 def test_memory_is_given_back_after_a_request_at_the_limit(server):

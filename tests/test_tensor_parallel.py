@@ -165,7 +165,8 @@ def test_tensor_parallel_server_rides_out_a_killed_rank(tmp_path, checkpoint, re
 
 def _steps_by_instance(server) -> dict[str, float]:
     """reward_engine's steps so far, per instance label, from :8002."""
-    return {s.labels["instance"]: s.value for s in server.metrics() if s.name == f"{metrics.STEP_TOKENS}_count" and "instance" in s.labels}
+    steps = [s for s in server.metrics() if s.name == f"{metrics.STEP_TOKENS}_count" and "engine_instance" in s.labels]
+    return {s.labels["engine_instance"]: s.value for s in steps}
 
 
 def test_two_engine_instances_of_tensor_parallel_2_both_serve(tmp_path, checkpoint, reference_reward):

@@ -37,6 +37,7 @@ class TritonPythonModel:
         # The family must outlive its metric: keep both.
         self.truncations = pb_utils.MetricFamily(metrics.TRUNCATED, "Rows cut to max_tokens", pb_utils.MetricFamily.COUNTER)
         self.truncated = self.truncations.Metric(labels={"model": args["model_name"]})
+        self.outcomes = metrics.RequestOutcomes(pb_utils.MetricFamily, {"model": args["model_name"]})
 
     def execute(self, requests):
         responses, tokens = self._execute(requests)
@@ -57,6 +58,7 @@ class TritonPythonModel:
                     vocabulary=self.vocabulary,
                 )
             except RequestError as exc:
+                self.outcomes.rejected(exc.reason)
                 responses[r] = pb_utils.InferenceResponse(error=pb_utils.TritonError(str(exc), pb_utils.TritonError.INVALID_ARG))
                 continue
             rows += request_rows
@@ -70,6 +72,7 @@ class TritonPythonModel:
             mine = [i for i, o in enumerate(owner) if o == r]
             failed = next((errors[i] for i in mine if errors[i] is not None), None)
             if failed is not None:
+                self.outcomes.failed()  # the engine's own call failed or was refused: counted there, and here as a failure
                 code = pb_utils.TritonError.INVALID_ARG if failed.invalid else pb_utils.TritonError.INTERNAL
                 responses[r] = pb_utils.InferenceResponse(error=pb_utils.TritonError(str(failed), code))
                 continue

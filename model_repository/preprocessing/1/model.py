@@ -17,7 +17,7 @@ import triton_python_backend_utils as pb_utils
 from reward_client import protocol
 from reward_server import metrics
 from reward_server.compat import check_numpy
-from reward_server.errors import REJECTION_REASONS, RequestError
+from reward_server.errors import RequestError
 from reward_server.inputs import Inputs
 from reward_server.settings import Settings, model_parameters
 from reward_server.templating import ChatTokenizer
@@ -42,10 +42,7 @@ class TritonPythonModel:
         )
         self.inputs = Inputs(self.tokenizer)
         self.pad_id = self.tokenizer.tokenizer.pad_token_id or 0
-        # The family must outlive its metrics: keep both.
-        self.rejections = pb_utils.MetricFamily(metrics.REJECTED, "Requests rejected, by reason", pb_utils.MetricFamily.COUNTER)
-        labels = {"model": args["model_name"]}
-        self.rejected = {reason: self.rejections.Metric(labels={**labels, "reason": reason}) for reason in REJECTION_REASONS}
+        self.outcomes = metrics.RequestOutcomes(pb_utils.MetricFamily, {"model": args["model_name"]})
 
     def execute(self, requests):
         """The requests Triton batched, their texts tokenized in one call (Inputs.encode_requests); each
@@ -55,9 +52,10 @@ class TritonPythonModel:
 
     def _respond(self, encoded):
         if isinstance(encoded, RequestError):
-            self.rejected[encoded.reason].increment(1)
+            self.outcomes.rejected(encoded.reason)
             return pb_utils.InferenceResponse(error=pb_utils.TritonError(str(encoded), pb_utils.TritonError.INVALID_ARG))
         if isinstance(encoded, Exception):
+            self.outcomes.failed()
             pb_utils.Logger.log_error(f"preprocessing failed: {''.join(traceback.format_exception(encoded))}")
             return pb_utils.InferenceResponse(error=pb_utils.TritonError(f"preprocessing failed: {type(encoded).__name__}"))
         rows, reads = zip(*encoded, strict=True)

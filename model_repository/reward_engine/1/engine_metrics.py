@@ -4,16 +4,17 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from reward_server import metrics
-from reward_server.errors import REJECTION_REASONS
 
 
 class EngineMetrics:
     def __init__(self, model: str, instance: str, attributes: list[str]) -> None:
-        labels = {"model": model, "instance": instance}  # one series per instance (engine_instances > 1)
+        # One series per instance (engine_instances > 1). Not "instance": Prometheus sets that one to the scrape
+        # target's address, and would rename this to exported_instance.
+        labels = {"model": model, "engine_instance": instance}
+        self.outcomes = metrics.RequestOutcomes(pb_utils.MetricFamily, labels)
         counter, histogram, gauge = pb_utils.MetricFamily.COUNTER, pb_utils.MetricFamily.HISTOGRAM, pb_utils.MetricFamily.GAUGE
         # The families must outlive their metrics: keep both.
         self.families = {
-            "rejected": pb_utils.MetricFamily(metrics.REJECTED, "Requests rejected, by reason", counter),
             "tokens": pb_utils.MetricFamily(metrics.TOKENS, "Tokens of every scored sequence", counter),
             "reused": pb_utils.MetricFamily(metrics.PREFIX_REUSED, "Prompt tokens not recomputed (shared prefixes, prefix cache)", counter),
             "hits": pb_utils.MetricFamily(metrics.CACHE_HITS, "Blocks of 64 tokens found in the prefix cache", counter),
@@ -27,7 +28,6 @@ class EngineMetrics:
                 metrics.STEP_DEVICE_WAIT, "Of a packed engine step, the wait for the device's results after the last launch", histogram
             ),
         }
-        self.rejections = {r: self.families["rejected"].Metric(labels={**labels, "reason": r}) for r in REJECTION_REASONS}
         self.tokens = self.families["tokens"].Metric(labels=labels)
         self.reused = self.families["reused"].Metric(labels=labels)
         self.cache = {name: self.families[name].Metric(labels=labels) for name in ("hits", "misses", "evictions", "cache_bytes")}
@@ -37,9 +37,6 @@ class EngineMetrics:
         self.step_tokens = self.families["step_tokens"].Metric(labels=labels, buckets=metrics.STEP_TOKEN_BUCKETS)
         self.step_seconds = self.families["step_seconds"].Metric(labels=labels, buckets=metrics.STEP_SECONDS_BUCKETS)
         self.device_wait = self.families["device_wait"].Metric(labels=labels, buckets=metrics.DEVICE_WAIT_BUCKETS)
-
-    def rejected(self, reason: str) -> None:
-        self.rejections[reason].increment(1)
 
     def step(self, result, scored: list[int]) -> None:
         """One engine step (batching.StepResult): the lengths of every sequence it answered (`scored`,

@@ -50,7 +50,7 @@ class TritonPythonModel:
                 handles.append(request)
                 places.append(place)
             except RequestError as exc:
-                self.metrics.rejected(exc.reason)
+                self.metrics.outcomes.rejected(exc.reason)
                 _send(request, pb_utils.InferenceResponse(error=pb_utils.TritonError(str(exc), pb_utils.TritonError.INVALID_ARG)))
         if self.loop is not None:
             self.loop.submit(handles, batch)
@@ -76,6 +76,7 @@ class TritonPythonModel:
 
     def _response(self, answer):
         if answer.error is not None:
+            self.metrics.outcomes.failed()
             pb_utils.Logger.log_error(f"{answer.error}: {''.join(traceback.format_exception(answer.error.__cause__))}")
             return pb_utils.InferenceResponse(error=pb_utils.TritonError(str(answer.error), pb_utils.TritonError.INTERNAL))
         self.metrics.scored(answer.outputs[protocol.ATTRIBUTES])
