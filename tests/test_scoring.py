@@ -5,12 +5,14 @@ Triton, and sends the earlier ones at once); whatever fails, each request gets e
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
 from reward_client import protocol
 from reward_server.errors import RequestError
-from reward_server.inputs import Inputs
+from reward_server.inputs import Inputs, leading_special_tokens
 from reward_server.runtimes.torch_runtime import TorchRewardEngine
 from reward_server.scoring import Rows, answers, request_rows
 from reward_server.templating import ChatTokenizer
@@ -141,6 +143,21 @@ def test_a_text_that_writes_its_bos_keeps_it_first_when_cut(inputs):
         assert rows[0].tolist() == rows[1].tolist() and rows[0][0] == inputs.prefix[0] and (keep == 0 or len(rows[0]) == keep)
 
 
+def test_the_bos_prefix_is_found_whether_or_not_the_tokenizer_appends_an_eos(checkpoint):
+    """A tokenizer saved with add_eos_token puts EOS after the text: its BOS was missed (TEXT got no BOS)."""
+    from tokenizers.processors import TemplateProcessing
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    assert leading_special_tokens(tokenizer) == [tokenizer.bos_token_id]
+    bos, eos = tokenizer.bos_token, tokenizer.eos_token
+    specials = [(bos, tokenizer.bos_token_id), (eos, tokenizer.eos_token_id)]
+    tokenizer._tokenizer.post_processor = TemplateProcessing(single=f"{bos} $A {eos}", special_tokens=specials)
+    assert tokenizer.encode("a")[-1] == tokenizer.eos_token_id and leading_special_tokens(tokenizer) == [tokenizer.bos_token_id]
+    tokenizer._tokenizer.post_processor = TemplateProcessing(single=f"$A {eos}", special_tokens=specials)
+    assert leading_special_tokens(tokenizer) == []
+
+
 def test_a_failed_steps_cache_lookups_reach_on_step(checkpoint):
     """The step looked its prompt up in the prefix cache before its forward failed: on_step sees it (no rows
     answered), so the hits reach the metrics (they were lost: the next step's counts start after them)."""
@@ -158,3 +175,49 @@ def test_a_failed_steps_cache_lookups_reach_on_step(checkpoint):
     assert answer.error is not None
     ((result, lengths),) = seen
     assert result.error is not None and lengths == [] and result.cache.hits == 3
+
+
+def _cut_conversation(tokenizer, messages: list, limit: int) -> list[int]:
+    """What KEEP_LAST_TOKENS gives, by brute force: the conversation less its fewest earliest exchanges that fit."""
+    head = 1 if messages[0]["role"] == "system" else 0
+    for dropped in range((len(messages) - head) // 2):
+        ids = tokenizer.apply_chat_template(messages[:head] + messages[head + 2 * dropped :], tokenize=True, return_dict=False)
+        if len(ids) <= limit:
+            return ids
+    raise AssertionError("no cut fits")
+
+
+def test_keep_last_tokens_drops_the_fewest_exchanges_in_a_few_renders(checkpoint, monkeypatch):
+    """A cut conversation is what the brute force gives, found in a few renders (one per dropped exchange took a
+    256-turn conversation 127 renders of everything left: a stalled preprocessing), and non-ASCII text within
+    max_bytes stays within it (the cut re-encoded the messages as escaped JSON: 3 bytes of UTF-8 became 6)."""
+    from reward_client.conversation import to_json
+
+    chat = ChatTokenizer(str(checkpoint), max_tokens=4096, max_bytes=20_000)
+    inputs = Inputs(chat)
+    cjk = [{"role": role, "content": "海" * 400 + str(k)} for k in range(6) for role in ("user", "assistant")]
+    many = [{"role": "system", "content": "Be brief."}]
+    many += [{"role": role, "content": f"turn {k}: " + "word " * (k % 7 + 1)} for k in range(64) for role in ("user", "assistant")]
+    renders = []
+    monkeypatch.setattr(chat, "render", lambda messages, render=chat.render: renders.append(1) or render(messages))
+    for messages, kept in ((cjk, 4), (many, 10), (many, 50)):
+        head = messages[:1] if messages[0]["role"] == "system" else []
+        limit = len(chat.tokenizer.apply_chat_template(head + messages[-kept:], tokenize=True, return_dict=False)) + 3
+        payload = to_json(messages)
+        assert len(payload) < chat.max_bytes < len(json.dumps(messages)) or messages is many  # within max_bytes; escaped, over
+        renders.clear()
+        ids, reads = inputs.conversation(payload, all_turns=False, keep_last=limit)
+        expected = _cut_conversation(chat.tokenizer, messages, limit)
+        assert ids.tolist() == expected and reads.tolist() == [len(expected) - 1]
+        assert len(renders) <= 2 + int(np.ceil(np.log2(len(messages) // 2)))
+
+
+def test_keep_last_tokens_names_the_length_of_what_is_never_cut(inputs):
+    system = {"role": "system", "content": "Rules. " * 300}
+    last = [{"role": "user", "content": "Hi."}, {"role": "assistant", "content": "Hello."}]
+    tokenizer = inputs.chat.tokenizer
+    for messages, words in (([system, *last, *last], "its system turn and last exchange are"), (last, "its last exchange alone is")):
+        kept = len(tokenizer.apply_chat_template([m for m in messages if m["role"] == "system"] + last, tokenize=True, return_dict=False))
+        with pytest.raises(RequestError, match=f"conversation: {words} {kept} tokens, over the limit of 20 tokens") as caught:
+            inputs.conversation(json.dumps(messages).encode(), all_turns=False, keep_last=20)
+        assert caught.value.reason == "too_long"

@@ -12,13 +12,11 @@ Exactly one of CONVERSATION, TEXT and TOKENS per request:
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 
 import numpy as np
 
 from reward_client import protocol
-from reward_client.conversation import parse_json
 from reward_server.errors import RequestError
 from reward_server.templating import ChatTokenizer
 
@@ -30,12 +28,8 @@ class Inputs:
 
     def __init__(self, chat: ChatTokenizer) -> None:
         self.chat = chat
-        tokenizer = chat.tokenizer
-        with_special = tokenizer.encode("a", add_special_tokens=True)
-        without = tokenizer.encode("a", add_special_tokens=False)
-        # The special tokens the tokenizer puts before a text (Llama's BOS; none for Qwen's).
-        self.prefix = with_special[: len(with_special) - len(without)] if with_special[-len(without) :] == without else []
-        self.vocab_size = len(tokenizer)
+        self.prefix = leading_special_tokens(chat.tokenizer)
+        self.vocab_size = len(chat.tokenizer)
 
     def encode(self, tensors: Mapping[str, np.ndarray | None]) -> list[tuple[np.ndarray, np.ndarray]]:
         """(token ids, read positions) of each row of one request; `tensors`: its inputs by name (None:
@@ -129,26 +123,39 @@ class Inputs:
         if all_turns:
             raise RequestError(f"{protocol.KEEP_LAST_TOKENS} with {protocol.SCORE_TURNS}: a cut conversation loses turns", "per_turn")
         limit = min(keep_last, self.chat.max_tokens)
-        try:
-            ids, reads = self.chat.encode(payload)
-            if len(ids) <= limit:
-                return ids, reads
-        except RequestError as exc:
-            if exc.reason != "too_long":
-                raise
-        messages = parse_json(payload)  # valid: encode parsed it
+        messages = self.chat.messages(payload)
+        ids = self._rendered_ids(messages)
+        if len(ids) <= limit:
+            return self.chat.read_last(ids)
+        # The fewest earliest user + assistant exchanges dropped that make it fit, found by bisection (a template's
+        # render shrinks as exchanges go): a few renders, not one per exchange (a 256-turn conversation took 127).
         head = 1 if messages[0]["role"] == "system" else 0
-        while len(messages) - head > 2:  # drop the earliest user + assistant exchange
-            messages = messages[:head] + messages[head + 2 :]
-            try:
-                ids, reads = self.chat.encode(json.dumps(messages).encode())
-            except RequestError as exc:
-                if exc.reason != "too_long":
-                    raise
-                continue
+
+        def without(dropped: int) -> list:
+            return messages[:head] + messages[head + 2 * dropped :]
+
+        too_few, enough = 0, (len(messages) - head) // 2 - 1  # dropped: too few to fit; enough (all but the last exchange)
+        fitting = self._rendered_ids(without(enough))
+        if len(fitting) > limit:
+            kept = "its system turn and last exchange are" if head else "its last exchange alone is"
+            never_cut = "the system turn and the scored turn are" if head else "the scored turn is"
+            raise RequestError(
+                f"conversation: {kept} {len(fitting)} tokens, over the limit of {limit} tokens "
+                f"(earlier exchanges are dropped; {never_cut} never cut)",
+                "too_long",
+            )
+        while enough - too_few > 1:
+            middle = (too_few + enough) // 2
+            ids = self._rendered_ids(without(middle))
             if len(ids) <= limit:
-                return ids, reads
-        raise RequestError(f"conversation: its last exchange alone is over {limit} tokens (the scored turn is never cut)", "too_long")
+                enough, fitting = middle, ids
+            else:
+                too_few = middle
+        return self.chat.read_last(fitting)
+
+    def _rendered_ids(self, messages: list) -> list[int]:
+        """Token ids of messages in the chat template, whatever their length."""
+        return self.chat.tokenize([self.chat.render(messages)])[0]
 
     def _decoded(self, payload: bytes) -> str:
         if len(payload) > self.chat.max_bytes:
@@ -179,6 +186,15 @@ class Inputs:
         if len(row) > self.chat.max_tokens:
             raise RequestError(f"{what}: {len(row)} tokens is over the limit of {self.chat.max_tokens} tokens", "too_long")
         return np.asarray(row, dtype=np.int32)
+
+
+def leading_special_tokens(tokenizer) -> list[int]:
+    """The special tokens the tokenizer puts before a text (Llama's BOS; none for Qwen's), whatever it puts after
+    it (a tokenizer saved with add_eos_token appends its EOS: the text is then not at the end)."""
+    with_special = tokenizer.encode("a", add_special_tokens=True)
+    without = tokenizer.encode("a", add_special_tokens=False)
+    starts = [s for s in range(len(with_special) - len(without) + 1) if with_special[s : s + len(without)] == without]
+    return with_special[: starts[0]] if starts else []
 
 
 _FLAGS = {protocol.SCORE_TURNS: False, protocol.ADD_SPECIAL_TOKENS: True, protocol.KEEP_LAST_TOKENS: 0}
