@@ -19,10 +19,13 @@ from transformers import (
     CohereConfig,
     Gemma2Config,
     GPT2Config,
+    GptOssConfig,
     GraniteConfig,
     LlamaConfig,
     MistralConfig,
+    MixtralConfig,
     NemotronConfig,
+    Phi3Config,
     PhiConfig,
     Qwen2Config,
 )
@@ -134,6 +137,58 @@ def test_a_trunk_without_decoder_layers_where_they_are_looked_for_is_refused(tmp
     config = GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, pad_token_id=VOCAB - 1, num_labels=1)
     folder = _save(AutoModelForSequenceClassification.from_config(config), tmp_path)
     with pytest.raises(ValueError, match="GPT2Model keeps its decoder layers elsewhere than `layers`"):
+        _engine(folder)
+
+
+def test_a_mixture_of_experts_serves_its_logit_zero_and_refuses_fp8(tmp_path):
+    """Mixtral's -HF head (its LM reads router_logits: the load-time probe failed with an AttributeError); dtype fp8
+    would leave its 3-D expert weights in bf16 (fp8.py swaps nn.Linear layers): refused."""
+    torch.manual_seed(4)
+    folder = _save(AutoModelForCausalLM.from_config(MixtralConfig(**SIZE, num_local_experts=4, num_experts_per_tok=2)), tmp_path)
+    reference = _eager(AutoModelForCausalLM, folder)
+    sequences = _sequences()[:5]
+    with torch.inference_mode():
+        expected = np.array([reference(torch.from_numpy(s)[None]).logits[0, -1, 0].item() for s in sequences])
+    got = _engine(folder).score(sequences)[:, 0]
+    assert np.abs(got - expected).max() <= TOLERANCE
+    with pytest.raises(ValueError, match=r"dtype fp8 quantizes nn.Linear layers; layers.0.mlp.experts.\w+ holds 4 experts' weights"):
+        TorchRewardEngine(folder, device="cpu", dtype="fp8")
+
+
+HALF_ROTARY = SIZE["hidden_size"] // SIZE["num_attention_heads"] // 2
+GROWING_ROTARY = {  # frequencies that follow the longest sequence of a forward past 64 tokens
+    "dynamic": lambda: LlamaConfig(**SIZE, max_position_embeddings=64, rope_scaling={"rope_type": "dynamic", "factor": 2.0}),
+    "longrope": lambda: Phi3Config(
+        **SIZE,
+        max_position_embeddings=512,
+        original_max_position_embeddings=64,
+        rope_scaling={"type": "longrope", "short_factor": [1.0] * HALF_ROTARY, "long_factor": [4.0 + i for i in range(HALF_ROTARY)]},
+    ),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(GROWING_ROTARY))
+def test_a_rotary_scaling_that_grows_with_the_batch_is_refused_past_its_start(kind, tmp_path):
+    """Within 64 tokens the scores are the model's, alone or batched; past it a 40-token sequence scored beside a
+    200-token one was rotated as if 200 tokens long (another score): max_tokens above 64 is refused at load."""
+    torch.manual_seed(5)
+    folder = _save(AutoModelForCausalLM.from_config(GROWING_ROTARY[kind]()), tmp_path)
+    reference = _eager(AutoModelForCausalLM, folder)
+    sequences = [s for s in _sequences() if len(s) <= 64]
+    with torch.inference_mode():
+        expected = np.array([reference(torch.from_numpy(s)[None]).logits[0, -1, 0].item() for s in sequences])
+    engine = _engine(folder, max_tokens=64)
+    assert np.abs(engine.score(sequences)[:, 0] - expected).max() <= TOLERANCE
+    with pytest.raises(ValueError, match=f"rotary scaling '{kind}' changes its frequencies .* past 64 tokens.*max_tokens to 64"):
+        _engine(folder, max_tokens=65)
+
+
+def test_attention_sinks_are_refused(tmp_path):
+    """gpt-oss's learned sinks go to attention as s_aux, which the packed attention does not add: served, its
+    scores were off by up to 0.9."""
+    config = GptOssConfig(**{**SIZE, "head_dim": 16}, num_local_experts=4, num_experts_per_tok=2, sliding_window=16)
+    folder = _save(AutoModelForCausalLM.from_config(config), tmp_path)
+    with pytest.raises(ValueError, match=r"attention sinks \(layers.0.self_attn.sinks\)"):
         _engine(folder)
 
 

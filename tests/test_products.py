@@ -98,6 +98,18 @@ def test_a_product_the_device_cannot_make_keeps_the_tiles():
     assert list(settle_products(model, 512).values()) == ["batched tiles"] and model[0].one_call_rows == 0
 
 
+def test_a_layer_whose_every_product_fails_is_refused_at_load():
+    """Left to one call per tile, it failed at every step of the server (FP8 shapes the tensor cores refuse)."""
+    model = make_batch_invariant(nn.Sequential(nn.Linear(32, 32, bias=False)))
+
+    def refuses(self, rows):
+        raise RuntimeError("no such kernel here")
+
+    model[0].product = model[0].batched_tiles = types.MethodType(refuses, model[0])
+    with pytest.raises(RuntimeError, match="no such kernel here"):
+        settle_products(model, 512)
+
+
 @pytest.mark.parametrize("tile_rows", [64, 256])
 def test_fp8_one_call_keeps_each_tiles_bits_where_proven(tile_rows):
     torch.manual_seed(2)

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
-from transformers.modeling_outputs import BaseModelOutputWithPast
+from transformers.modeling_outputs import MoeModelOutputWithPast
 
 from reward_server.head_spec import HeadSpec, default_names, head_bias, read_head_spec, read_separate_head
 from reward_server.invariance import tile_calls
@@ -137,7 +137,8 @@ def check_lm_rows(model, head: RewardHead, checkpoint: str) -> None:
     trunk = model.base_model
     hidden = torch.randn((1, 1, trunk.config.hidden_size), generator=torch.Generator().manual_seed(0))
     hidden = hidden.to(model.get_output_embeddings().weight)
-    trunk.forward = lambda *args, **kwargs: BaseModelOutputWithPast(last_hidden_state=hidden)
+    # a mixture of experts' LM reads router_logits too (None: no auxiliary loss)
+    trunk.forward = lambda *args, **kwargs: MoeModelOutputWithPast(last_hidden_state=hidden)
     try:
         logits = model(input_ids=torch.zeros((1, 1), dtype=torch.long), logits_to_keep=1).logits[0, -1, : len(head.names)].float()
     finally:

@@ -144,6 +144,9 @@ def settle_products(model: nn.Module, max_rows: int, coarse_tile: int | None = N
                 if _keeps_rows(product, sample[: whole_tiles(max_rows, rows)], rows):
                     settled[key] = (way, rows)
                     break
+            else:  # one call per tile: a product the device cannot make at all fails here, at load, not at every step
+                module.tile_rows = coarse
+                module.product(sample[:coarse])
             del sample
         way, module.tile_rows = settled[key]
         module.one_call_rows = whole_tiles(max_rows, module.tile_rows) if way == "one call" else 0

@@ -33,6 +33,7 @@ from reward_server.heads import load_reward_model
 from reward_server.host_memory import keep_freed_memory
 from reward_server.invariance import CPU_TILE_ROWS, TILE_ROWS, make_batch_invariant, settle_products, whole_tiles
 from reward_server.memory import SLACK, module_bytes, plan_step_tokens, step_memory
+from reward_server.model_checks import check_trunk
 from reward_server.norms import fuse_rms_norms
 from reward_server.parallel import RankGroup, rank_device
 from reward_server.prefix_cache import BLOCK_TOKENS, CacheCounters, PrefixCache, block_keys, kv_bytes_per_token
@@ -286,6 +287,7 @@ class TorchRewardEngine:
             )
         shard = (rank, tensor_parallel) if tensor_parallel > 1 else None
         trunk, head = load_reward_model(checkpoint, DTYPES[dtype], PACKED_ATTENTION, shard)
+        check_trunk(trunk, max_tokens, fp8=dtype == "fp8")
         stack_siblings(trunk)  # q/k/v and gate/up: one product each (fused.py)
         fuse_rms_norms(trunk)  # one kernel per norm where torch has one (norms.py)
         coarse_tile = tile_rows or TILE_ROWS  # auto: a CPU's products at CPU_TILE_ROWS where one call is proven (invariance.py)
