@@ -43,24 +43,45 @@ def read_conversations(path: Path) -> list[list]:
     return [parse_json(line.encode("utf-8")) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
-def write_calibration_set(checkpoint: Path, conversations: Path, out: Path) -> int:
+def write_calibration_set(checkpoint: Path, conversations: Path, out: Path, max_tokens: int = Settings.max_tokens) -> int:
     """quantize.py's --calib_dataset: a folder whose `train` split has a `text` column. TensorRT-LLM 1.0
     (tensorrt_llm/quantization/quantize_by_modelopt.py, get_calib_dataloader) reads a local folder as
-    load_dataset(folder, split="train")["text"], then tokenizes each text with special tokens added
-    and truncates it to --calib_max_seq_length. So each text is the conversation rendered with the
-    checkpoint's chat template, less the BOS token that tokenizer adds again: the ids it calibrates
-    on are the ids the server scores. Returns the number of conversations."""
+    load_dataset(folder, split="train")["text"] and tokenizes all texts in one call, with special tokens,
+    truncated to --calib_max_seq_length and left-padded to the longest, keeping no attention mask: every
+    calibration forward attends to the padding. One conversation per text padded the 22 of the default set
+    to their longest (90 % of the tokens fed were padding), so whole conversations are packed into texts of
+    near-equal token counts (pack_rows). Each conversation is rendered with the checkpoint's chat template, its
+    tokens the server's; a text is its conversations back to back, less the first one's BOS, which the tokenizer
+    adds again. Returns the number of texts."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(checkpoint)
-    texts = []
-    for messages in read_conversations(conversations):
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=False)
-        bos = tokenizer.bos_token
-        texts.append(text[len(bos) :] if bos and text.startswith(bos) else text)
+    texts = [tokenizer.apply_chat_template(m, tokenize=False, add_generation_prompt=False) for m in read_conversations(conversations)]
+    lengths = [len(ids) for ids in tokenizer(texts, add_special_tokens=False).input_ids]
+    bos = tokenizer.bos_token
+    rows = ["".join(texts[i] for i in row) for row in pack_rows(lengths, max_tokens)]
+    rows = [row[len(bos) :] if bos and row.startswith(bos) else row for row in rows]
     out.mkdir(parents=True, exist_ok=True)
-    (out / "train.jsonl").write_text("".join(json.dumps({"text": text}, ensure_ascii=False) + "\n" for text in texts), encoding="utf-8")
-    return len(texts)
+    (out / "train.jsonl").write_text("".join(json.dumps({"text": row}, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
+    return len(rows)
+
+
+def pack_rows(lengths: list[int], capacity: int) -> list[list[int]]:
+    """Which items (by index) go in each row: whole items, longest first, each onto the shortest row it fits in,
+    rows opened as few as the total needs (one more where none has room; an item over `capacity` alone in one),
+    so that rows end near one length and padding them to the longest adds little."""
+    rows: list[list[int]] = [[] for _ in range(max(1, -(-sum(lengths) // capacity)))]
+    sizes = [0] * len(rows)
+    for item in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        room = [r for r in range(len(rows)) if sizes[r] + lengths[item] <= capacity or (not rows[r] and lengths[item] > capacity)]
+        if not room:
+            rows.append([])
+            sizes.append(0)
+            room = [len(rows) - 1]
+        row = min(room, key=sizes.__getitem__)
+        rows[row].append(item)
+        sizes[row] += lengths[item]
+    return [row for row in rows if row]
 
 
 def commands(
@@ -74,7 +95,8 @@ def commands(
     calib_size: int = 0,
 ) -> list[list[str]]:
     """The conversion (or quantization) and the trtllm-build command lines; fp8 calibrates on the
-    `calib_size` conversations that write_calibration_set puts in <engine>/calibration."""
+    texts that write_calibration_set puts in <engine>/calibration (`calib_size`: the number of conversations, which
+    are packed into as many texts or fewer; quantize.py takes that many from the start)."""
     converted = engine / "trtllm-checkpoint"
     if dtype == "bf16":
         convert = [sys.executable, str(BUILD / "trtllm_checkpoint.py"), "--checkpoint", str(checkpoint)]
@@ -136,8 +158,8 @@ def main() -> None:
         if not args.calibration_only:
             sys.exit(f"error: {exc}")
     if args.dtype == "fp8" and not args.dry_run:
-        write_calibration_set(args.checkpoint, args.calib_conversations, args.out / "calibration")
-        print(f"calibration set: {calib_size} conversations from {args.calib_conversations} in {args.out / 'calibration'}", flush=True)
+        texts = write_calibration_set(args.checkpoint, args.calib_conversations, args.out / "calibration", args.max_tokens)
+        print(f"calibration set: {calib_size} conversations of {args.calib_conversations} as {texts} texts", flush=True)
         if args.calibration_only:
             return
     for step in steps:

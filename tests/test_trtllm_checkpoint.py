@@ -3,6 +3,7 @@ Llama forward on TensorRT-LLM's names, scores like the transformers reference (f
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import shlex
 import subprocess
@@ -164,7 +165,9 @@ def test_server_refuses_an_engine_built_for_shorter_prompts(tmp_path):
 
 def test_fp8_calibration_set_is_what_the_server_scores(checkpoint, tmp_path):
     """The calibration folder as quantize.py reads a local one (TensorRT-LLM 1.0: its train split's `text`
-    column, each text tokenized with special tokens added): the ids it calibrates on are the server's ids."""
+    column, all texts tokenized in one call with special tokens, left-padded to the longest, no attention mask):
+    each text is whole conversations back to back in the server's ids, every conversation once, and padding them
+    to the longest adds little (one conversation per text: 90 % of the tokens fed were padding)."""
     from transformers import AutoTokenizer
 
     from reward_server.templating import ChatTokenizer
@@ -173,10 +176,34 @@ def test_fp8_calibration_set_is_what_the_server_scores(checkpoint, tmp_path):
     subprocess.run([*command, "--dtype", "fp8", "--calibration-only"], check=True, capture_output=True)
     rows = [json.loads(line) for line in (tmp_path / "calibration" / "train.jsonl").read_text().splitlines()]
     lines = [line for line in (REPO / "build" / "calibration_conversations.jsonl").read_text().splitlines() if line]
-    assert len(rows) == len(lines) and all(set(row) == {"text"} for row in rows)
+    assert all(set(row) == {"text"} for row in rows) and 1 < len(rows) < len(lines)
     tokenizer, server = AutoTokenizer.from_pretrained(checkpoint), ChatTokenizer(str(checkpoint), max_tokens=1 << 20)
-    for row, line in zip(rows, lines, strict=True):
-        assert tokenizer(row["text"])["input_ids"] == server.encode(line.encode())[0].tolist()
+    conversations = {tuple(server.encode(line.encode())[0].tolist()) for line in lines}
+    fed = tokenizer([row["text"] for row in rows], padding=True, truncation=True, max_length=4096, return_tensors="pt")
+    assert fed.attention_mask.shape[1] <= 4096 and fed.attention_mask.float().mean() > 0.9
+    seen = []
+    for row in rows:
+        ids = tokenizer(row["text"])["input_ids"]
+        while ids:  # each conversation starts with the BOS
+            end = next((i for i in range(1, len(ids)) if ids[i] == tokenizer.bos_token_id), len(ids))
+            seen.append(tuple(ids[:end]))
+            ids = ids[end:]
+    assert sorted(seen) == sorted(conversations) and len(seen) == len(lines)
+
+
+@pytest.mark.parametrize(
+    ("lengths", "capacity", "rows"),
+    [
+        ([3100, 900, 800, 700, 600, 400, 90], 4096, [[0, 6], [1, 2, 3, 4, 5]]),
+        ([10, 10, 10, 10], 20, [[0, 2], [1, 3]]),
+        ([5000, 10, 10], 4096, [[0], [1, 2]]),  # over capacity: alone (quantize.py truncates it)
+    ],
+)
+def test_calibration_rows_are_whole_items_of_near_equal_length(lengths, capacity, rows):
+    spec = importlib.util.spec_from_file_location("trtllm_engine", REPO / "build" / "trtllm_engine.py")  # build/: no package
+    engine = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(engine)
+    assert engine.pack_rows(lengths, capacity) == rows
 
 
 def test_bf16_lm_head_rounds_rewards_to_8_significant_bits():
