@@ -37,7 +37,8 @@ $(STEERLM_CHECKPOINT)/model.safetensors: build/demo_checkpoint.py build/steerlm_
 PROMETHEUS := .build/prometheus/usr/bin/prometheus
 $(PROMETHEUS):
 	mkdir -p .build/prometheus
-	cd .build && apt-get download prometheus 2>/dev/null && dpkg -x prometheus_*.deb prometheus && rm prometheus_*.deb
+	cd .build && (apt-get download prometheus || (echo 'make test needs apt-get with a Debian mirror to fetch prometheus (apt-get update)' >&2; false)) \
+	  && dpkg -x prometheus_*.deb prometheus && rm prometheus_*.deb
 	$(PROMETHEUS) --version | head -1
 
 test: setup $(PROMETHEUS) ## the whole suite; end-to-end tests start their own tritonserver on free ports

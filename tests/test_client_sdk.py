@@ -113,9 +113,19 @@ def test_retries_give_up_with_server_unavailable():
 
 
 def test_headers_reach_the_server(server):
-    """Custom headers (e.g. a bearer token) travel with every request; Triton ignores unknown ones."""
-    with RewardClient(server.http_url, headers={"Authorization": "Bearer test-token"}) as client:
-        assert math.isfinite(client.score(conversations()[0]))
+    """Custom headers (a bearer token) travel with every HTTP request: the launcher's front, keyed, scores with
+    the key and refuses without it (Triton ignores unknown headers: against it alone this could not fail)."""
+    from reward_client import PermissionDeniedError
+    from tests.test_gateway import Running
+
+    front = Running(server, api_keys=("sdk-key",))
+    try:
+        with RewardClient(front.url, headers={"Authorization": "Bearer sdk-key"}) as client:
+            assert math.isfinite(client.score(conversations()[0]))
+        with RewardClient(front.url, retry=Retry(attempts=1)) as keyless, pytest.raises(PermissionDeniedError):
+            keyless.score(conversations()[0])
+    finally:
+        front.close()
 
 
 def test_rank_compare_best_of_n(server):

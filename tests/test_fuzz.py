@@ -3,7 +3,8 @@
 Every answer is either a score equal to the reference (for a valid conversation) or INVALID_ARG
 carrying exactly the message the shared validator gives locally; a good conversation sent at the
 same moment (so the dynamic batcher puts it next to the fuzzed one) always gets its exact score; the
-server stays ready. A few hundred examples in `make test`; `make fuzz` runs 10,000 (FUZZ_EXAMPLES).
+server stays ready. A few hundred examples in `make test`, the same ones every run; `make fuzz` runs 10,000 new ones
+(FUZZ_EXAMPLES).
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from reward_client.conversation import parse_json
 from reward_client.errors import InvalidConversationError
 
 EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "300"))
+# make test draws the same examples every run (a CI run is red only for a commit's own reasons); make fuzz, new ones
+DERANDOMIZE = "FUZZ_EXAMPLES" not in os.environ
 BATCHMATE = [{"role": "user", "content": "Is this scored exactly?"}, {"role": "assistant", "content": "Always."}]
 ROLES = ["system", "user", "assistant", "bot", "User", "", "tool"]
 
@@ -121,7 +124,12 @@ def batchmate_score(reference_reward):
     return reference_reward(BATCHMATE)
 
 
-@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@settings(
+    max_examples=EXAMPLES,
+    derandomize=DERANDOMIZE,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
 @given(payload=payloads)
 def test_fuzzed_inputs_get_a_score_or_a_named_error(raw_client, tokenizer, reference_reward, batchmate_score, payload):
     fuzzed, mate = send(raw_client, [payload, json.dumps(BATCHMATE).encode()])

@@ -4,7 +4,6 @@ own (the oracle), on the shipped templates and on templates built to defeat the 
 from __future__ import annotations
 
 import json
-import os
 import random
 
 import pytest
@@ -13,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from reward_server.errors import RequestError
 from reward_server.templating import ChatTokenizer
 from reward_server.turn_cuts import render_cuts
-from tests.test_fuzz import valid  # the fuzz test's conversations: any text, template syntax and special tokens included
+from tests.test_fuzz import DERANDOMIZE, EXAMPLES, valid  # its conversations: any text, template syntax, special tokens
 
 LOOP = "{%- for m in messages -%}<|start_header_id|>{{ m.role }}<|end_header_id|>{{ m.content }}<|eot_id|>{%- endfor -%}"
 TEMPLATES = {
@@ -139,7 +138,7 @@ def test_one_render_and_one_tokenization_per_request(chat, monkeypatch):
     assert positions.tolist() == oracle(chat, messages)
 
 
-@settings(max_examples=int(os.environ.get("FUZZ_EXAMPLES", "300")), deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=EXAMPLES, derandomize=DERANDOMIZE, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(messages=valid)
 def test_fuzzed_conversations_per_turn_equal_rendering_every_cut(chat, messages):
     """`make fuzz` runs it 10,000 times (FUZZ_EXAMPLES): content with turn-end tokens, template syntax,
