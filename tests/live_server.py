@@ -122,18 +122,23 @@ def start_server(
 
 
 def stop_server(server: Server) -> None:
-    """SIGTERM the server's process group (tritonserver and its stubs), then SIGKILL what is left."""
+    """SIGTERM the server's process group (tritonserver and its stubs), then SIGKILL what is left. A launcher
+    that had to be killed never removed its shared-memory regions (the python backend's): removed here."""
+    killed = False
     if server.process.poll() is None:
         os.killpg(server.process.pid, signal.SIGTERM)
         try:
             server.process.wait(timeout=30)
         except subprocess.TimeoutExpired:
-            pass
+            killed = True
     try:
         os.killpg(server.process.pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
     server.process.wait()
+    if killed:
+        for region in Path("/dev/shm").glob(f"reward_server_{server.process.pid}_*"):
+            region.unlink(missing_ok=True)
 
 
 def session_processes(server: Server) -> dict[int, tuple[bytes, bytes]]:
