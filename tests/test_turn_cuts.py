@@ -102,6 +102,21 @@ def test_per_turn_positions_equal_rendering_every_cut(chat, name, monkeypatch):
             assert ids.tolist() == chat.tokenizer.apply_chat_template(messages, tokenize=True, return_dict=False)
 
 
+def test_an_assistant_turn_the_template_renders_nothing_of_is_refused_by_name(chat, monkeypatch):
+    """Empty turns rendered as nothing end where the turn before them ends: one position for two scores (the engine
+    refused it as tensors: "SCORE_AT must list ascending positions", a tensor the client never sent)."""
+    skipping = "{{- bos_token -}}{%- for m in messages if m.content -%}" + LOOP.split("-%}", 1)[1]
+    monkeypatch.setattr(chat.tokenizer, "chat_template", skipping)
+    turns = ["q", "a1", "", "", "q2", "x"]
+    messages = [{"role": ("user", "assistant")[k % 2], "content": text} for k, text in enumerate(turns)]
+    with pytest.raises(RequestError, match=r"conversation\[3\]: ends where the assistant turn before it ends") as caught:
+        chat.encode(json.dumps(messages).encode(), all_turns=True)
+    assert caught.value.reason == "per_turn"
+    turns[3] = "a2"
+    messages = [{"role": ("user", "assistant")[k % 2], "content": text} for k, text in enumerate(turns)]
+    assert chat.encode(json.dumps(messages).encode(), all_turns=True)[1].tolist() == oracle(chat, messages)
+
+
 @pytest.mark.parametrize("template", ["demo", "steerlm"])
 def test_shipped_templates_are_read_in_one_render(chat, steerlm, template):
     """The Llama 3.1 and SteerLM templates: every cut told by the one render (SteerLM's then refused:

@@ -42,12 +42,17 @@ class ChatTokenizer:
         ids = encoding.input_ids  # what apply_chat_template(tokenize=True) gives: it encodes its text so
         self._check_length(ids)
         ends = [end for _, end in encoding.offset_mapping] if self.split_ids else []
-        positions = [
-            self._turn_end(cuts.cut(k) or self.render(messages[: k + 1]), cuts.text, ids, ends, k)
-            for k, m in enumerate(messages[:-1])
-            if m["role"] == "assistant"
-        ]
-        return np.asarray(ids, dtype=np.int32), np.asarray([*positions, len(ids) - 1], dtype=np.int32)
+        turns = [k for k, m in enumerate(messages) if m["role"] == "assistant"]
+        positions = [self._turn_end(cuts.cut(k) or self.render(messages[: k + 1]), cuts.text, ids, ends, k) for k in turns[:-1]]
+        positions.append(len(ids) - 1)
+        for k, before, end in zip(turns[1:], positions, positions[1:], strict=False):
+            if end <= before:  # the template rendered nothing of this turn and those between: no score of its own
+                raise RequestError(
+                    f"conversation[{k}]: ends where the assistant turn before it ends (the chat template renders "
+                    "nothing of it); per-turn scores need every assistant turn to end at a token of its own",
+                    "per_turn",
+                )
+        return np.asarray(ids, dtype=np.int32), np.asarray(positions, dtype=np.int32)
 
     def messages(self, payload: bytes) -> list:
         """The messages of one wire-format conversation, within the size and turn limits."""
