@@ -221,3 +221,16 @@ def test_keep_last_tokens_names_the_length_of_what_is_never_cut(inputs):
         with pytest.raises(RequestError, match=f"conversation: {words} {kept} tokens, over the limit of 20 tokens") as caught:
             inputs.conversation(json.dumps(messages).encode(), all_turns=False, keep_last=20)
         assert caught.value.reason == "too_long"
+
+
+def test_keep_last_tokens_with_per_turn_scores_scores_what_fits_and_refuses_a_cut(inputs):
+    """A client sending KEEP_LAST_TOKENS with every request gets per-turn scores of what fits (it was refused
+    whenever both were sent); a conversation that would be cut is refused: it would lose turns."""
+    messages = [{"role": role, "content": f"turn {k}"} for k in range(3) for role in ("user", "assistant")]
+    payload = json.dumps(messages).encode()
+    whole = inputs.chat.encode(payload, all_turns=True)
+    ids, reads = inputs.conversation(payload, all_turns=True, keep_last=len(whole[0]))
+    assert ids.tolist() == whole[0].tolist() and reads.tolist() == whole[1].tolist() and len(reads) == 3
+    with pytest.raises(RequestError, match=f"{len(ids)} tokens is over KEEP_LAST_TOKENS {len(ids) - 1}, and with SCORE_TURNS") as caught:
+        inputs.conversation(payload, all_turns=True, keep_last=len(ids) - 1)
+    assert caught.value.reason == "per_turn"

@@ -7,7 +7,8 @@ Exactly one of CONVERSATION, TEXT and TOKENS per request:
 - TOKENS are token ids, right-padded with -1 (rows of one request differ in length);
 - KEEP_LAST_TOKENS N > 0 cuts from the left to at most N tokens: TEXT and TOKENS lose their earliest
   tokens (the BOS of a TEXT, added or written out, stays first), a conversation loses whole earliest exchanges (a system
-  turn stays), never its scored turn. Without it, over `max_tokens` is refused as for conversations.
+  turn stays), never its scored turn (with SCORE_TURNS, one that would be cut is refused: it would lose turns).
+  Without it, over `max_tokens` is refused as for conversations.
 """
 
 from __future__ import annotations
@@ -120,9 +121,16 @@ class Inputs:
     def conversation(self, payload: bytes, all_turns: bool, keep_last: int) -> tuple[np.ndarray, np.ndarray]:
         if not keep_last:
             return self.chat.encode(payload, all_turns)
-        if all_turns:
-            raise RequestError(f"{protocol.KEEP_LAST_TOKENS} with {protocol.SCORE_TURNS}: a cut conversation loses turns", "per_turn")
         limit = min(keep_last, self.chat.max_tokens)
+        if all_turns:  # scored whole if it fits: a client may send a KEEP_LAST_TOKENS with every request
+            ids, reads = self.chat.encode(payload, all_turns)
+            if len(ids) > limit:
+                raise RequestError(
+                    f"conversation: {len(ids)} tokens is over {protocol.KEEP_LAST_TOKENS} {limit}, and with "
+                    f"{protocol.SCORE_TURNS} it is not cut (a cut conversation loses turns)",
+                    "per_turn",
+                )
+            return ids, reads
         messages = self.chat.messages(payload)
         ids = self._rendered_ids(messages)
         if len(ids) <= limit:
