@@ -33,22 +33,30 @@ import json
 import platform
 import re
 import shutil
+import signal
 import statistics
+import sys
 import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from benchmarks import server_times
 from reward_server.batching import shared_prefixes
 from reward_server.prefix_cache import BLOCK_TOKENS, block_keys
 from reward_server.runtimes.torch_runtime import DTYPES, TorchRewardEngine
-from tests.live_server import REPO, Server
+
+if TYPE_CHECKING:
+    from tests.live_server import Server
+
+# The server's side (server_times, tests.live_server) is imported where a server starts: they need reward_client and
+# tritonclient, which a bare GPU machine lacks; (a)-(c) run without them (--no-server).
+REPO = Path(__file__).resolve().parent.parent
 
 Conversation = list[dict[str, str]]
 MIXES = {"long": (64, 100, 3000), "short": (256, 30, 300)}  # conversations, fewest and most tokens (WorkloadMaker.mix)
@@ -300,6 +308,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=REPO / "bench-results.json")
     args = parser.parse_args()
     args.checkpoint = args.checkpoint.resolve()
+    if args.cuda_graphs and "rlhf" in args.workloads.split(","):  # its cache-on side runs the loop, which graphs cannot capture
+        parser.error("--cuda-graphs with the rlhf workload would compare graphs and the prefix cache at once: run rlhf without it")
 
     systems = Systems(args.checkpoint, args.dtype, args.device, args.cuda_graphs)
     maker = WorkloadMaker(systems.tokenizer, seed=2024)
@@ -309,8 +319,9 @@ def main() -> None:
     chosen = args.workloads.split(",")
 
     size = 8192 if args.device.startswith("cuda") else 2048
-    peak = {name: matmul_peak(DTYPES[name], args.device, size) for name in ("fp32", "bf16")}
-    print(f"matmul peak on {args.device}: fp32 {peak['fp32'] / 1e9:.1f} GFLOP/s, bf16 {peak['bf16'] / 1e9:.1f} GFLOP/s", flush=True)
+    # fp8 against the peak of the dtype its activations compute in (DTYPES: bf16)
+    peak = {name: matmul_peak(DTYPES[name], args.device, size) for name in sorted({"fp32", "bf16", args.dtype})}
+    print(f"matmul peak on {args.device}: " + ", ".join(f"{k} {v / 1e9:.1f} GFLOP/s" for k, v in peak.items()), flush=True)
 
     results: list[Result] = []
     request_costs: dict[str, dict[str, float]] = {}
@@ -318,14 +329,18 @@ def main() -> None:
     alternating: dict[str, float] = {}  # (c) x (a) by alternating_ratio, per mix
     server = None
     workdir = Path(tempfile.mkdtemp(prefix="reward-bench-"))
+    stop_on_sigterm()
+    interrupted = False
     if not args.no_server:  # the server side needs the client and tritonclient; a bare GPU box may lack them
+        from benchmarks import server_times
         from reward_client import RewardClient
         from tests.live_server import start_server, stop_server
 
         settings = {"REWARD_CHECKPOINT": str(args.checkpoint), "REWARD_DTYPE": args.dtype, "REWARD_DEVICE": args.device, **server_times.ENV}
         settings["REWARD_CUDA_GRAPHS"] = str(args.cuda_graphs).lower()
-        server = start_server(workdir / "server.log", env=settings)
     try:
+        if not args.no_server:
+            server = start_server(workdir / "server.log", env=settings)
 
         def record(
             system: str,
@@ -428,7 +443,11 @@ def main() -> None:
                                 request_costs[system] = group_costs(latencies, echo=True)
                 finally:
                     stop_server(cache_server)
+    except Interrupted:
+        interrupted = True
+        print("interrupted (SIGTERM): what was measured follows", flush=True)
     finally:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # measuring is over (a SIGTERM now would leave the server running)
         if server is not None:
             stop_server(server)
         shutil.rmtree(workdir, ignore_errors=True)
@@ -458,6 +477,21 @@ def main() -> None:
     }
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"written to {args.out}")
+    if interrupted:
+        sys.exit(143)
+
+
+class Interrupted(Exception):
+    """SIGTERM (e.g. `timeout`'s) during a benchmark: it stops measuring, stops its servers (else left running: they
+    run in sessions of their own) and reports what it measured."""
+
+
+def stop_on_sigterm() -> None:
+    def interrupt(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # once: the servers' stop must not be cut short in turn
+        raise Interrupted
+
+    signal.signal(signal.SIGTERM, interrupt)
 
 
 def print_table(results: list[Result]) -> None:

@@ -11,7 +11,8 @@
 # checkpoint in bf16 (/tmp/rm-8b, kept between runs), runs benchmarks/gpu_checks.py, then
 # benchmarks/benchmark.py on the long, short, best-of-8 and rlhf workloads side by side, then one profiled
 # engine step of the long mix.
-# CUDA_GRAPHS=1 runs (c) and (d) with cuda_graphs on. benchmarks/server_settings.py compares server settings on one mix.
+# CUDA_GRAPHS=1 runs (c) and (d) with cuda_graphs on (with WORKLOADS not naming rlhf). benchmarks/server_settings.py compares
+# server settings on one mix.
 # REWARD_* variables reach the server rows (d): REWARD_ENGINE_INSTANCES=2 REWARD_MEMORY_BUDGET=38000000000
 # runs two engine instances sharing the GPU (one computes while the other waits on its requests).
 # OVERHEAD_ROUNDS (default 0) adds benchmarks/gateway_overhead.py's rounds. DEVICE, DTYPE, PRESET,
@@ -40,7 +41,7 @@ bin=$(dirname "$(command -v "$python")")
 [ -x "$bin/reward-server" ] || printf '#!%s\nfrom reward_server.launcher.serve import main\nmain()\n' "$(command -v "$python")" > "$bin/reward-server"
 chmod +x "$bin/reward-server"
 
-if [ ! -f "$checkpoint/model.safetensors" ]; then
+if [ ! -f "$checkpoint/demo_checkpoint.json" ]; then  # written last: a build cut short is built again
   "$python" build/demo_checkpoint.py --preset "$preset" --device "$device" --dtype "$dtype" --tokenizer-from "$tokenizer" --out "$checkpoint"
 fi
 # CHECKS=0 skips what a CPU cannot check (benchmarks/gpu_checks.py: batch invariance per configuration, the

@@ -15,6 +15,8 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import signal
+import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -22,7 +24,8 @@ from pathlib import Path
 import torch
 
 from benchmarks import server_times
-from benchmarks.benchmark import DTYPES, MIXES, Systems, WorkloadMaker, through_server, timed
+from benchmarks.benchmark import DTYPES, MIXES, Interrupted, Systems, WorkloadMaker, stop_on_sigterm, through_server, timed
+from reward_server.settings import parse_bool
 from tests.live_server import start_server, stop_server
 
 
@@ -65,24 +68,39 @@ def main() -> None:
 
     report = {"mix": args.mix, "tokens": tokens, "dtype": args.dtype, "systems": {}}
     base = {"REWARD_CHECKPOINT": str(checkpoint), "REWARD_DTYPE": args.dtype, "REWARD_DEVICE": args.device, **server_times.ENV}
-    for setting in args.settings:
-        env = {**base, **dict(assignment.split("=", 1) for assignment in setting.split())}
-        server = start_server(Path(tempfile.mkdtemp(prefix="reward-settings-")) / "server.log", env=env)
-        try:
-            through_server(server.grpc_url, conversations)  # the warm-up
-            before = server_times.snapshot(server)
+    stop_on_sigterm()
+    try:
+        for setting in args.settings:
+            env = {**base, **dict(assignment.split("=", 1) for assignment in setting.split())}
             system = f"d server gRPC c=16 {setting or '(defaults)'}"
-            rates[system] = tokens / timed(lambda url=server.grpc_url: through_server(url, conversations))[0]
-            report["systems"][system] = server_times.since(server, before)
-        finally:
-            stop_server(server)
-        print(f"  {system:<60} {rates[system]:>9.0f} tokens/s  {server_times.describe(report['systems'][system])}", flush=True)
+            server = start_server(Path(tempfile.mkdtemp(prefix="reward-settings-")) / "server.log", env=env)
+            try:
+                through_server(server.grpc_url, conversations)  # the warm-up
+                before = server_times.snapshot(server)
+                rates[system] = tokens / timed(lambda url=server.grpc_url: through_server(url, conversations))[0]
+                thread = parse_bool(env.get("REWARD_SCORING_THREAD", "false"), "REWARD_SCORING_THREAD")
+                report["systems"][system] = server_times.since(server, before, scoring_thread=thread)
+            finally:
+                signal.signal(signal.SIGTERM, signal.SIG_IGN)  # not while its server stops (left running: a session of its own)
+                stop_server(server)
+                stop_on_sigterm()
+            print(f"  {system:<60} {rates[system]:>9.0f} tokens/s  {server_times.describe(report['systems'][system])}", flush=True)
+            write(report, rates, args.out)  # each server's figures kept as they come: a timeout loses none
+    except Interrupted:
+        print("interrupted (SIGTERM): what was measured follows", flush=True)
+        write(report, rates, args.out, echo=True)
+        sys.exit(143)
+    write(report, rates, args.out, echo=True)
 
+
+def write(report: dict, rates: dict[str, float], out: Path, echo: bool = False) -> None:
+    """The report with every rate against (a) and (c), to `out` (and printed, if `echo`)."""
     a, c = rates["a transformers 1-by-1"], rates["c engine in-process"]
     for system, rate in rates.items():
         report["systems"].setdefault(system, {}).update(tokens_per_s=rate, x_a=rate / a, x_c=rate / c)
-        print(f"{system:<60} {rate:>9.0f} tokens/s  {rate / a:5.2f}x (a)  {rate / c:5.2f}x (c)")
-    args.out.write_text(json.dumps(report, indent=2))
+        if echo:
+            print(f"{system:<60} {rate:>9.0f} tokens/s  {rate / a:5.2f}x (a)  {rate / c:5.2f}x (c)")
+    out.write_text(json.dumps(report, indent=2))
 
 
 if __name__ == "__main__":

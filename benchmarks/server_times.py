@@ -54,9 +54,11 @@ def snapshot(server: Server) -> dict[str, float]:
     return {**counters, "started": started, "ended": time.perf_counter()}
 
 
-def since(server: Server, before: dict[str, float], one_at_a_time: bool = False) -> dict[str, float]:
+def since(server: Server, before: dict[str, float], one_at_a_time: bool = False, scoring_thread: bool = False) -> dict[str, float]:
     """What the server spent since `before` (a snapshot): its steps, how busy each model was, and per request;
-    `one_at_a_time` (the requests were): also what neither model spent of each."""
+    `one_at_a_time` (the requests were): also what neither model spent of each. With `scoring_thread` (the
+    server's setting) the engine's execute only hands its requests over: Triton's figures of reward_engine
+    (busy, per execution, queueing) are not its work, and are left out; engine_steps_busy is."""
     now = snapshot(server)
     spent = {name: now[name] - before[name] for name in now}
     wall, steps = now["started"] - before["ended"], max(spent["steps"], 1)
@@ -67,13 +69,13 @@ def since(server: Server, before: dict[str, float], one_at_a_time: bool = False)
         "device_wait_ms_per_step": 1e3 * spent["step_device_wait"] / steps,
         "engine_steps_busy": spent["step_seconds"] / wall,
     }
-    for model in MODELS:
+    for model in MODELS if not scoring_thread else [m for m in MODELS if m != "reward_engine"]:
         executions, requests = max(spent[f"{model}_executions"], 1), max(spent[f"{model}_requests"], 1)
         found[f"{model}_requests_per_execution"] = spent[f"{model}_requests"] / executions
         found[f"{model}_ms_per_execution"] = 1e3 * spent[f"{model}_seconds"] / executions
         found[f"{model}_busy"] = spent[f"{model}_seconds"] / wall
         found[f"{model}_queue_ms_per_request"] = 1e3 * spent[f"{model}_queued"] / requests
-    if one_at_a_time:
+    if one_at_a_time and not scoring_thread:
         outside = wall - spent["preprocessing_seconds"] - spent["reward_engine_seconds"]
         found["outside_models_ms_per_request"] = 1e3 * outside / max(spent["reward_engine_requests"], 1)
     return found

@@ -112,12 +112,15 @@ def start_server(
         )
     server = Server(*ports, process=process, log=log, ca_file=ca_file)
     deadline = time.monotonic() + START_DEADLINE_S
-    with RewardClient(server.grpc_url, tls=server.tls) as client:
-        while not (client.is_ready() and answers(server.metrics_url)):  # the metrics service starts last
-            if process.poll() is not None or time.monotonic() > deadline:
-                stop_server(server)
-                raise RuntimeError(f"tritonserver did not become ready; log:\n{log.read_text()[-4000:]}")
-            time.sleep(0.5)
+    try:
+        with RewardClient(server.grpc_url, tls=server.tls) as client:
+            while not (client.is_ready() and answers(server.metrics_url)):  # the metrics service starts last
+                if process.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"tritonserver did not become ready; log:\n{log.read_text()[-4000:]}")
+                time.sleep(0.5)
+    except BaseException:  # not ready, or interrupted while waiting (Ctrl-C, a benchmark's SIGTERM): nothing left running
+        stop_server(server)
+        raise
     return server
 
 
