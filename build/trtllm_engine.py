@@ -98,6 +98,8 @@ def commands(
     texts that write_calibration_set puts in <engine>/calibration (`calib_size`: the number of conversations, which
     are packed into as many texts or fewer; quantize.py takes that many from the start)."""
     converted = engine / "trtllm-checkpoint"
+    if max_num_tokens < max_tokens:  # without chunked context a prompt must fit one step of the engine
+        raise ValueError(f"--max-num-tokens {max_num_tokens} is below --max-tokens {max_tokens}: a longest prompt would not fit a step")
     if dtype == "bf16":
         convert = [sys.executable, str(BUILD / "trtllm_checkpoint.py"), "--checkpoint", str(checkpoint)]
         convert += ["--tp", str(tp), "--dtype", "bfloat16", "--out", str(converted)]

@@ -143,6 +143,8 @@ def test_engine_build_commands(tmp_path, monkeypatch):
     assert quantize[quantize.index("--calib_size") + 1] == str(len(conversations)) and len(conversations) >= 20
     assert quantize[quantize.index("--calib_max_seq_length") + 1] == "4096"
     assert engine_commands(*fp8, "--max-tokens", "8192")[1][build.index("--max_input_len") + 1] == "8192"  # the max_tokens setting
+    with pytest.raises(ValueError, match="--max-num-tokens 8192 is below --max-tokens 16384"):
+        engine_commands(*fp8, "--max-tokens", "16384")
     monkeypatch.delenv("TRTLLM_EXAMPLES")
     with pytest.raises(ValueError, match="TRTLLM_EXAMPLES"):
         engine_commands(*fp8)
