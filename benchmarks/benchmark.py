@@ -41,22 +41,16 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from benchmarks import server_times
 from reward_server.batching import shared_prefixes
 from reward_server.prefix_cache import BLOCK_TOKENS, block_keys
 from reward_server.runtimes.torch_runtime import DTYPES, TorchRewardEngine
-
-if TYPE_CHECKING:
-    from tests.live_server import Server
-
-# The server's side (server_times, tests.live_server) is imported where a server starts: they need reward_client and
-# tritonclient, which a bare GPU machine lacks; (a)-(c) run without them (--no-server).
-REPO = Path(__file__).resolve().parent.parent
+from tests.live_server import REPO, Server
 
 Conversation = list[dict[str, str]]
 MIXES = {"long": (64, 100, 3000), "short": (256, 30, 300)}  # conversations, fewest and most tokens (WorkloadMaker.mix)
@@ -332,7 +326,6 @@ def main() -> None:
     stop_on_sigterm()
     interrupted = False
     if not args.no_server:  # the server side needs the client and tritonclient; a bare GPU box may lack them
-        from benchmarks import server_times
         from reward_client import RewardClient
         from tests.live_server import start_server, stop_server
 

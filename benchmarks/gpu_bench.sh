@@ -4,9 +4,10 @@
 #   benchmarks/gpu_bench.sh OUT [WHEELS]
 #
 # OUT: folder for bench-gpu.json, the log and one engine step's profiler trace (step-trace.json).
-# WHEELS: optional folder made by ../shared/gpu/wheels.sh (numpy 1.26.4, tritonclient and its HTTP
-# dependencies) plus pytriton/ + nvidia_pytriton.libs/ folders; with it the server rows (d) run too,
-# without it (a)-(c) only. Needs, carried with the tree: .build/demo-checkpoint (its tokenizer).
+# WHEELS: folder made by ../shared/gpu/wheels.sh (numpy 1.26.4, tritonclient and its HTTP dependencies) plus
+# pytriton/ + nvidia_pytriton.libs/ folders: needed where the machine lacks tritonclient (the server package imports
+# reward_client's wire contract, and reward_client imports tritonclient); its pytriton folders run the server rows (d),
+# without them (a)-(c) only. Needs, carried with the tree: .build/demo-checkpoint (its tokenizer).
 # What it does, in about 7 minutes on an H200 (measured; the checkpoint's build ≈ 1 of them): builds the Llama-3.1-8B-shape random
 # checkpoint in bf16 (/tmp/rm-8b, kept between runs), runs benchmarks/gpu_checks.py, then
 # benchmarks/benchmark.py on the long, short, best-of-8 and rlhf workloads side by side, then one profiled
