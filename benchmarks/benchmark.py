@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import platform
 import re
@@ -174,6 +175,7 @@ class Systems:
         self.device = device
         self.tokenizer = AutoTokenizer.from_pretrained(checkpoint)
         self.hf = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=DTYPES[dtype]).to(device).eval()
+        self.config = self.hf.config
         self.engine = TorchRewardEngine(str(checkpoint), device=device, dtype=dtype, cuda_graphs=cuda_graphs)
 
     def ids(self, conversations: list[Conversation]) -> list[np.ndarray]:
@@ -369,7 +371,7 @@ def main() -> None:
                     seconds,
                     1000 * statistics.median(latencies),
                     1000 * float(np.percentile(latencies, 99)),
-                    model_flops(systems.hf.config, lengths, reused),
+                    model_flops(systems.config, lengths, reused),
                 )
             )
             print(f"  {system:<28} {workload:<10} {sum(lengths) / seconds:>10.0f} tokens/s", flush=True)
@@ -407,6 +409,12 @@ def main() -> None:
                     run = lambda: client.score_responses(prompt, responses)  # noqa: E731
                     record("d server score_responses", "best-of-8", ids, run, True, in_step, observed=server, repeats=BEST_OF_REPEATS)
         if "rlhf" in chosen:
+            # No (a) here: transformers' copy of the weights makes room for the cache's engine and server (five copies of
+            # an 8B model and two caches did not fit an 80 GB GPU)
+            systems.hf = None
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
             # Every measurement of a cache-on system on prompts it has not seen (warm-up included): the cache remembers.
             convs, warm = rlhf_groups(maker, args.rlhf_prompts), rlhf_groups(maker, 1)
             ids, warm_ids = systems.ids(convs), systems.ids(warm)
@@ -420,22 +428,21 @@ def main() -> None:
             if server is not None:
                 # the cache runs the per-sequence loop, which graphs cannot capture
                 env = {**settings, "REWARD_PREFIX_CACHE_TOKENS": str(args.prefix_cache_tokens), "REWARD_CUDA_GRAPHS": "false"}
-                cache_server = start_server(workdir / "server-cache.log", env=env)
-                try:
-                    for label, observed, cache in (("off", server, False), ("on", cache_server, True)):
-                        # a group's 8 requests at once (in-step reuse computes its prompt about once), then 8 groups
-                        # in flight, each a stream of one request after another (only the cache can reuse a prompt)
-                        arrangements = ((1, convs, False, "c=1"), (8, concurrent, False, "c=8"), (8, in_flight, True, "8 streams"))
-                        url = observed.grpc_url
-                        for c, timed_convs, streams, name in arrangements:
-                            run, warm_run = (lambda u=url, w=w, c=c, s=streams: through_server(u, w, c, s) for w in (timed_convs, warm))
-                            system, timed_ids = f"d gRPC {name}, cache {label}", systems.ids(timed_convs)
-                            reused = reused_tokens(timed_ids, c, cache)
-                            latencies = record(system, "rlhf", timed_ids, run, reused=reused, warmup=warm_run, observed=observed)
-                            if c == 1:
-                                request_costs[system] = group_costs(latencies, echo=True)
-                finally:
-                    stop_server(cache_server)
+                for label, cache in (("off", False), ("on", True)):
+                    if cache:  # one server at a time on the device: the cache-off one makes way
+                        stop_server(server)
+                        server = start_server(workdir / "server-cache.log", env=env)
+                    # a group's 8 requests at once (in-step reuse computes its prompt about once), then 8 groups
+                    # in flight, each a stream of one request after another (only the cache can reuse a prompt)
+                    arrangements = ((1, convs, False, "c=1"), (8, concurrent, False, "c=8"), (8, in_flight, True, "8 streams"))
+                    for c, timed_convs, streams, name in arrangements:
+                        url = server.grpc_url
+                        run, warm_run = (lambda u=url, w=w, c=c, s=streams: through_server(u, w, c, s) for w in (timed_convs, warm))
+                        system, timed_ids = f"d gRPC {name}, cache {label}", systems.ids(timed_convs)
+                        reused = reused_tokens(timed_ids, c, cache)
+                        latencies = record(system, "rlhf", timed_ids, run, reused=reused, warmup=warm_run, observed=server)
+                        if c == 1:
+                            request_costs[system] = group_costs(latencies, echo=True)
     except Interrupted:
         interrupted = True
         print("interrupted (SIGTERM): what was measured follows", flush=True)
