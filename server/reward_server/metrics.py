@@ -22,7 +22,8 @@ STEP_SECONDS = "reward_engine_step_duration_seconds"  # histogram {model}
 # histogram {model}: of a step's duration, the time spent waiting for the device's results after its last launch
 STEP_DEVICE_WAIT = "reward_engine_step_device_wait_seconds"
 
-REWARD_BUCKETS = [-32.0, -16.0, -8.0, -4.0, -2.0, -1.0, -0.5, 0.0, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0]
+# Powers of two both ways, and half steps over 0-4: the HelpSteer attributes' scale (NeMo-Aligner and Nemotron-4-340B heads)
+REWARD_BUCKETS = [-32.0, -16.0, -8.0, -4.0, -2.0, -1.0, -0.5, 0.0, 0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 3.5, 4.0, 8.0, 16.0, 32.0]
 STEP_TOKEN_BUCKETS = [float(2**k) for k in range(4, 18)]  # 16 .. 131,072 (a best-of-n group may exceed max_step_tokens)
 STEP_SECONDS_BUCKETS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]
 DEVICE_WAIT_BUCKETS = [0.0001, 0.0005, 0.001, 0.0025, *STEP_SECONDS_BUCKETS]  # 0.1 ms .. 30 s: near 0 when launching is the bottleneck
