@@ -87,6 +87,7 @@ def test_the_client_installs_and_imports_without_torch():
         ),
         ("anything", "StatusCode.CANCELLED", "ServerUnavailableError"),
         ("internal", "StatusCode.INTERNAL", "ServerError"),
+        ("Internal error from Core", "StatusCode.INTERNAL", "ServerUnavailableError"),  # grpc's: the call's connection failed
         # Triton 2.51's answers to a restricted API without its key (gRPC says UNAVAILABLE): never retried.
         ("This protocol is restricted, expecting header 'triton-grpc-protocol-api-key'", "StatusCode.UNAVAILABLE", "PermissionDeniedError"),
         ("This API is restricted, expecting header 'api-key'", "403", "PermissionDeniedError"),

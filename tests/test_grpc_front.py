@@ -15,6 +15,7 @@ from tritonclient.utils import InferenceServerException
 
 from reward_client import InvalidConversationError, PermissionDeniedError, Retry, RewardClient, ServerUnavailableError, protocol
 from reward_client.inputs import conversation_inputs, token_inputs
+from reward_client.protocol import GRPC_LOST_CALL
 from reward_server.gateway.auth import ApiKeys
 from reward_server.launcher.grpc_front import GrpcFront, GrpcMetrics
 from tests.live_server import BackgroundLoop, free_port
@@ -124,6 +125,44 @@ def test_errors_come_back_as_upstream_gave_them(grpc_front):
             client.get_log_settings(headers=bearer("key-one"))
     finally:
         client.close()
+
+
+def test_a_call_lost_with_its_upstream_is_unavailable():
+    """A call tritonserver was killed in the middle of ends in grpc's own INTERNAL "Internal error from Core" (a stream
+    still being written when its peer went away): passed on as it was, the client took it for a server error and gave
+    up (seen once in five runs of the launcher's restart test). Answered UNAVAILABLE, which clients retry."""
+    import grpc
+
+    upstream_loop = BackgroundLoop()
+
+    async def lose_every_call() -> grpc.aio.Server:
+        async def lost(requests, context):
+            await context.abort(grpc.StatusCode.INTERNAL, GRPC_LOST_CALL)
+            yield b""  # a generator, as the front's own handler
+
+        upstream = grpc.aio.server()
+        upstream.add_generic_rpc_handlers(
+            (
+                grpc.method_handlers_generic_handler(
+                    "inference.GRPCInferenceService", {"ModelInfer": grpc.stream_stream_rpc_method_handler(lost)}
+                ),
+            )
+        )
+        port = upstream.add_insecure_port("127.0.0.1:0")
+        await upstream.start()
+        return upstream, port
+
+    upstream, port = upstream_loop.call(lose_every_call())
+    running = RunningFront(f"127.0.0.1:{port}")
+    try:
+        with RewardClient(running.url, headers=bearer("key-one"), retry=Retry(attempts=1)) as client:
+            with pytest.raises(ServerUnavailableError, match="tritonserver went away during the call"):
+                client.score(MESSAGES)
+    finally:
+        running.close()
+        upstream_loop.call(upstream.stop(0))
+        upstream_loop.stop_loop()
+    assert running.calls("ModelInfer", "UNAVAILABLE") == 1 and running.calls("ModelInfer", "INTERNAL") == 0
 
 
 def test_no_upstream_is_unavailable():

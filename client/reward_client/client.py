@@ -75,8 +75,9 @@ def convert_error(exc: BaseException) -> RewardClientError:
         if status in _FORBIDDEN or _RESTRICTED.match(message):
             return PermissionDeniedError(message)
         # What is worth retrying: not ready, not loaded (yet), a crashed python-backend stub (the
-        # supervisor restarts the server), a call cancelled by a server shutting down.
-        if status in _UNAVAILABLE or status == "StatusCode.CANCELLED" or _RETRYABLE.match(message):
+        # supervisor restarts the server), a call cancelled by a server shutting down or lost with its connection.
+        lost = status == "StatusCode.INTERNAL" and message == protocol.GRPC_LOST_CALL
+        if status in _UNAVAILABLE or status == "StatusCode.CANCELLED" or lost or _RETRYABLE.match(message):
             return ServerUnavailableError(message)
         if status in _INVALID:
             return InvalidConversationError(message, "server")

@@ -29,3 +29,6 @@ TURN_REWARDS = "TURN_REWARDS"  # FP32 [-1]: the reward at the end of each assist
 TURN_ATTRIBUTES = "TURN_ATTRIBUTES"  # FP32 [-1, -1]: the N outputs at the end of each assistant turn, NaN padded
 
 MAX_BATCH_SIZE = 64  # rows one request may carry (max_batch_size of the ensemble and its models)
+# grpc's own INTERNAL status details for a call whose connection failed under it (a server killed mid-call), never an
+# answer of Triton's: both sides treat it as the outage it is (the gRPC front answers UNAVAILABLE, the client retries)
+GRPC_LOST_CALL = "Internal error from Core"

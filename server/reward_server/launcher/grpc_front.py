@@ -13,7 +13,9 @@ ModelInfer and ModelStreamInfer alike. The caller's metadata (less its key), dea
 cancellation go upstream; answers, status, details and trailing metadata come back. Triton's own
 admin-key restriction of the model-repository, logging, trace, shared-memory and statistics APIs still
 applies (their `triton-grpc-protocol-admin-key` metadata is forwarded). While tritonserver restarts,
-calls are answered UNAVAILABLE, which clients retry. Message sizes are unlimited, as on Triton's gRPC.
+calls are answered UNAVAILABLE, which clients retry: also a call it was killed in the middle of, which grpc
+ends with its own INTERNAL "Internal error from Core" (a stream still being written when its peer went away).
+Message sizes are unlimited, as on Triton's gRPC.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import grpc
 import prometheus_client
 from tritonclient.grpc import service_pb2
 
+from reward_client.protocol import GRPC_LOST_CALL
 from reward_server.gateway.auth import ApiKeys
 
 SERVICE = service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"]
@@ -60,8 +63,11 @@ class Forwarder(grpc.GenericRpcHandler):
                 async for answer in self._forward(details.method, requests, context):
                     yield answer
             except grpc.aio.AioRpcError as exc:  # upstream's status, passed on as it is
-                count(exc.code())
-                await context.abort(exc.code(), exc.details() or "", exc.trailing_metadata() or ())
+                code, message = exc.code(), exc.details() or ""
+                if code == grpc.StatusCode.INTERNAL and message == GRPC_LOST_CALL:  # grpc's, not Triton's: tritonserver went away
+                    code, message = grpc.StatusCode.UNAVAILABLE, "tritonserver went away during the call (restarting?)"
+                count(code)
+                await context.abort(code, message, exc.trailing_metadata() or ())
             except _Refused:
                 count(grpc.StatusCode.UNAUTHENTICATED)
                 await context.abort(grpc.StatusCode.UNAUTHENTICATED, "Unauthorized")
