@@ -48,10 +48,11 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from benchmarks import server_times
+from reward_client import AsyncRewardClient, RewardClient
 from reward_server.batching import shared_prefixes
 from reward_server.prefix_cache import BLOCK_TOKENS, block_keys
 from reward_server.runtimes.torch_runtime import DTYPES, TorchRewardEngine
-from tests.live_server import REPO, Server
+from tests.live_server import REPO, Server, start_server, stop_server
 
 Conversation = list[dict[str, str]]
 MIXES = {"long": (64, 100, 3000), "short": (256, 30, 300)}  # conversations, fewest and most tokens (WorkloadMaker.mix)
@@ -265,7 +266,6 @@ def through_server(url: str, conversations: list[Conversation], concurrency: int
     """Client-side latency per conversation with `concurrency` requests in flight (one asyncio client).
     `streams`: conversation i is sent by stream i % concurrency, each stream one request after another
     (rlhf_in_flight's order: a stream is one group); else each goes out as soon as a slot is free."""
-    from reward_client import AsyncRewardClient
 
     async def run() -> list[float]:
         slots = asyncio.Semaphore(concurrency)
@@ -327,10 +327,7 @@ def main() -> None:
     workdir = Path(tempfile.mkdtemp(prefix="reward-bench-"))
     stop_on_sigterm()
     interrupted = False
-    if not args.no_server:  # the server side needs the client and tritonclient; a bare GPU box may lack them
-        from reward_client import RewardClient
-        from tests.live_server import start_server, stop_server
-
+    if not args.no_server:
         settings = {"REWARD_CHECKPOINT": str(args.checkpoint), "REWARD_DTYPE": args.dtype, "REWARD_DEVICE": args.device, **server_times.ENV}
         settings["REWARD_CUDA_GRAPHS"] = str(args.cuda_graphs).lower()
     try:
@@ -430,7 +427,7 @@ def main() -> None:
                 env = {**settings, "REWARD_PREFIX_CACHE_TOKENS": str(args.prefix_cache_tokens), "REWARD_CUDA_GRAPHS": "false"}
                 for label, cache in (("off", False), ("on", True)):
                     if cache:  # one server at a time on the device: the cache-off one makes way
-                        stop_server(server)
+                        stop_uninterrupted(server)
                         server = start_server(workdir / "server-cache.log", env=env)
                     # a group's 8 requests at once (in-step reuse computes its prompt about once), then 8 groups
                     # in flight, each a stream of one request after another (only the cache can reuse a prompt)
@@ -484,6 +481,15 @@ def main() -> None:
 class Interrupted(Exception):
     """SIGTERM (e.g. `timeout`'s) during a benchmark: it stops measuring, stops its servers (else left running: they
     run in sessions of their own) and reports what it measured."""
+
+
+def stop_uninterrupted(server: Server) -> None:
+    """stop_server with SIGTERM held off: a server whose stop is cut short is left running (a session of its own)."""
+    previous = signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    try:
+        stop_server(server)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def stop_on_sigterm() -> None:

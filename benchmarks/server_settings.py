@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import signal
 import sys
 import tempfile
 from collections.abc import Callable
@@ -24,9 +23,19 @@ from pathlib import Path
 import torch
 
 from benchmarks import server_times
-from benchmarks.benchmark import DTYPES, MIXES, Interrupted, Systems, WorkloadMaker, stop_on_sigterm, through_server, timed
+from benchmarks.benchmark import (
+    DTYPES,
+    MIXES,
+    Interrupted,
+    Systems,
+    WorkloadMaker,
+    stop_on_sigterm,
+    stop_uninterrupted,
+    through_server,
+    timed,
+)
 from reward_server.settings import parse_bool
-from tests.live_server import start_server, stop_server
+from tests.live_server import start_server
 
 
 def timed_rate(tokens: int, run: Callable[[], object]) -> float:
@@ -81,9 +90,7 @@ def main() -> None:
                 thread = parse_bool(env.get("REWARD_SCORING_THREAD", "false"), "REWARD_SCORING_THREAD")
                 report["systems"][system] = server_times.since(server, before, scoring_thread=thread)
             finally:
-                signal.signal(signal.SIGTERM, signal.SIG_IGN)  # not while its server stops (left running: a session of its own)
-                stop_server(server)
-                stop_on_sigterm()
+                stop_uninterrupted(server)
             print(f"  {system:<60} {rates[system]:>9.0f} tokens/s  {server_times.describe(report['systems'][system])}", flush=True)
             write(report, rates, args.out)  # each server's figures kept as they come: a timeout loses none
     except Interrupted:

@@ -79,6 +79,12 @@ def _engine(folder, **options):
 
 
 @torch.inference_mode()
+def _logit_zero(reference, sequences) -> np.ndarray:
+    """The causal LM's own reward (the -HF convention): logit 0 at each sequence's last position."""
+    return np.array([reference(torch.from_numpy(s)[None]).logits[0, -1, 0].item() for s in sequences])
+
+
+@torch.inference_mode()
 def _eager(cls, folder):
     return cls.from_pretrained(folder, dtype=torch.float32, attn_implementation="eager").eval()
 
@@ -90,8 +96,7 @@ def test_causal_lm_reward_is_logit_zero(family, tmp_path):
     folder = _save(AutoModelForCausalLM.from_config(CONFIGS[family]()), tmp_path)
     reference = _eager(AutoModelForCausalLM, folder)
     sequences = _sequences()
-    with torch.inference_mode():
-        expected = np.array([reference(torch.from_numpy(s)[None]).logits[0, -1, 0].item() for s in sequences])
+    expected = _logit_zero(reference, sequences)
     got = _engine(folder).score(sequences)[:, 0]
     assert np.abs(got - expected).max() <= TOLERANCE, f"{family}: {np.abs(got - expected).max():.2e}"
 
@@ -117,8 +122,7 @@ def test_causal_lm_reward_is_logit_zero_with_its_bias_and_scale(family, tmp_path
     folder = _save(model, tmp_path)
     reference = _eager(AutoModelForCausalLM, folder)
     sequences = _sequences()[:5]
-    with torch.inference_mode():
-        expected = np.array([reference(torch.from_numpy(s)[None]).logits[0, -1, 0].item() for s in sequences])
+    expected = _logit_zero(reference, sequences)
     got = _engine(folder).score(sequences)[:, 0]
     assert np.abs(got - expected).max() <= TOLERANCE, f"{family}: {np.abs(got - expected).max():.2e}"
     if family == "phi":
@@ -147,8 +151,7 @@ def test_a_mixture_of_experts_serves_its_logit_zero_and_refuses_fp8(tmp_path):
     folder = _save(AutoModelForCausalLM.from_config(MixtralConfig(**SIZE, num_local_experts=4, num_experts_per_tok=2)), tmp_path)
     reference = _eager(AutoModelForCausalLM, folder)
     sequences = _sequences()[:5]
-    with torch.inference_mode():
-        expected = np.array([reference(torch.from_numpy(s)[None]).logits[0, -1, 0].item() for s in sequences])
+    expected = _logit_zero(reference, sequences)
     got = _engine(folder).score(sequences)[:, 0]
     assert np.abs(got - expected).max() <= TOLERANCE
     with pytest.raises(ValueError, match=r"dtype fp8 quantizes nn.Linear layers; layers.0.mlp.experts.\w+ holds 4 experts' weights"):
@@ -175,8 +178,7 @@ def test_a_rotary_scaling_that_grows_with_the_batch_is_refused_past_its_start(ki
     folder = _save(AutoModelForCausalLM.from_config(GROWING_ROTARY[kind]()), tmp_path)
     reference = _eager(AutoModelForCausalLM, folder)
     sequences = [s for s in _sequences() if len(s) <= 64]
-    with torch.inference_mode():
-        expected = np.array([reference(torch.from_numpy(s)[None]).logits[0, -1, 0].item() for s in sequences])
+    expected = _logit_zero(reference, sequences)
     engine = _engine(folder, max_tokens=64)
     assert np.abs(engine.score(sequences)[:, 0] - expected).max() <= TOLERANCE
     with pytest.raises(ValueError, match=f"rotary scaling '{kind}' changes its frequencies .* past 64 tokens.*max_tokens to 64"):
@@ -328,6 +330,5 @@ def test_two_prefix_groups_longer_than_the_window_in_one_step(family, tmp_path):
     sequences = [np.concatenate([p, rng.integers(0, VOCAB, n)]) for p in prompts for n in (4, 9, 20)]
     engine = _engine(folder, min_shared_prefix=8)
     assert len(engine.plan(sequences)) == 1 and len(engine.plan(sequences)[0].prefixes) == 2
-    with torch.inference_mode():
-        expected = np.array([reference(torch.from_numpy(s)[None]).logits[0, -1, 0].item() for s in sequences])
+    expected = _logit_zero(reference, sequences)
     assert np.abs(engine.score(sequences)[:, 0] - expected).max() <= TOLERANCE

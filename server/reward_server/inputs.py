@@ -132,7 +132,7 @@ class Inputs:
                 )
             return ids, reads
         messages = self.chat.messages(payload)
-        ids = self._rendered_ids(messages)
+        ids = self.chat.rendered_ids(messages)
         if len(ids) <= limit:
             return self.chat.read_last(ids)
         # The fewest earliest user + assistant exchanges dropped that make it fit, found by bisection (a template's
@@ -143,7 +143,7 @@ class Inputs:
             return messages[:head] + messages[head + 2 * dropped :]
 
         too_few, enough = 0, (len(messages) - head) // 2 - 1  # dropped: too few to fit; enough (all but the last exchange)
-        fitting = self._rendered_ids(without(enough))
+        fitting = self.chat.rendered_ids(without(enough))
         if len(fitting) > limit:
             kept = "its system turn and last exchange are" if head else "its last exchange alone is"
             never_cut = "the system turn and the scored turn are" if head else "the scored turn is"
@@ -154,16 +154,12 @@ class Inputs:
             )
         while enough - too_few > 1:
             middle = (too_few + enough) // 2
-            ids = self._rendered_ids(without(middle))
+            ids = self.chat.rendered_ids(without(middle))
             if len(ids) <= limit:
                 enough, fitting = middle, ids
             else:
                 too_few = middle
         return self.chat.read_last(fitting)
-
-    def _rendered_ids(self, messages: list) -> list[int]:
-        """Token ids of messages in the chat template, whatever their length."""
-        return self.chat.tokenize([self.chat.render(messages)])[0]
 
     def _decoded(self, payload: bytes) -> str:
         if len(payload) > self.chat.max_bytes:

@@ -36,7 +36,7 @@ class ChatTokenizer:
         last token, or the end of every assistant turn. RequestError names any problem."""
         messages = self.messages(payload)
         if not all_turns:
-            return self.read_last(self.tokenize([self.render(messages)])[0])
+            return self.read_last(self.rendered_ids(messages))
         cuts = self._cuts(messages)
         encoding = self.tokenizer(cuts.text, add_special_tokens=False, return_offsets_mapping=bool(self.split_ids))
         ids = encoding.input_ids  # what apply_chat_template(tokenize=True) gives: it encodes its text so
@@ -77,6 +77,10 @@ class ChatTokenizer:
         """Token ids of rendered texts, as apply_chat_template(tokenize=True) gives them (it encodes its text
         without special tokens), in one call: a fast tokenizer spreads a batch over the CPU's cores."""
         return self.tokenizer(texts, add_special_tokens=False).input_ids if texts else []
+
+    def rendered_ids(self, messages: list) -> list[int]:
+        """Token ids of messages in the chat template, whatever their length."""
+        return self.tokenize([self.render(messages)])[0]
 
     def read_last(self, ids: list[int]) -> tuple[np.ndarray, np.ndarray]:
         """A conversation's ids, within `max_tokens`, and its one read position: its last token."""
